@@ -1,0 +1,105 @@
+"""The adapter interface: where a family keeps its layers, projections and head geometry."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The prunable widths of one decoder layer."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AttentionNames:
+    """Qualified module names of one attention block."""
+
+    q: str
+    k: str
+    v: str
+    o: str
+
+
+@dataclass(frozen=True)
+class MlpNames:
+    """Qualified module names of one gated MLP block."""
+
+    gate: str
+    up: str
+    down: str
+
+
+class Adapter:
+    """Facts about one architecture family. Subclasses set ``model_types`` and the name templates."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    layers_path: ClassVar[str] = "model.layers"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # -- geometry -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layers_path)
+
+    @property
+    def head_dim(self) -> int:
+        c = self.config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def layer_shape(self, i: int) -> LayerShape:
+        """Current widths of layer ``i``, read from the modules (correct after pruning too)."""
+        a, m = self.attention_names(i), self.mlp_names(i)
+        get = self.model.get_submodule
+        return LayerShape(
+            num_attention_heads=get(a.q).out_features // self.head_dim,
+            num_key_value_heads=get(a.k).out_features // self.head_dim,
+            intermediate_size=get(m.gate).out_features,
+        )
+
+    def attention_names(self, i: int) -> AttentionNames:
+        raise NotImplementedError
+
+    def mlp_names(self, i: int) -> MlpNames:
+        raise NotImplementedError
+
+    # -- tracing --------------------------------------------------------------------------------
+    def example_inputs(self, seq_len: int = 8) -> torch.Tensor:
+        """Input ids for tracing the dependency graph."""
+        device = next(self.model.parameters()).device
+        return torch.arange(seq_len, device=device).unsqueeze(0) % self.config.vocab_size
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Context in which torch-pruning may trace the model (work-arounds for known failures)."""
+        yield
+
+    def forward_for_trace(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits only, no KV cache: a cache tuple in the output breaks torch-pruning's tracer."""
+        return model(input_ids=inputs, use_cache=False).logits
+
+    # -- after pruning --------------------------------------------------------------------------
+    def sync_config(self) -> list[LayerShape]:
+        """Make modules and config agree with the pruned weights; returns per-layer shapes."""
+        raise NotImplementedError
+
+    def rebuild(self, shapes: list[LayerShape]) -> None:
+        """Resize a freshly built model's layers to ``shapes`` before loading pruned weights."""
+        raise NotImplementedError

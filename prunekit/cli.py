@@ -1,0 +1,137 @@
+"""``prunekit`` command line: run | methods | plugins | eval. Bad input: one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from prunekit.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="prune a model, evaluate it before and after, save it")
+    run.add_argument("--method", help="importance method (see `prunekit methods`); default moreau-gs")
+    run.add_argument("--model", help="hub id or local path; default: the embedded SmolLM2-135M-Instruct")
+    run.add_argument("--ratio", type=float, help="fraction of attention units and MLP channels removed per pruned layer")
+    run.add_argument("--output", type=Path, help="output directory (default ./pruned-METHOD)")
+    run.add_argument("--config", type=Path, help="YAML or TOML run config; flags override it")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--device", choices=["cpu", "cuda"])
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    run.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
+    run.add_argument("--no-eval", action="store_true", help="skip evaluation before and after pruning")
+    run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                     help="method option, e.g. -o variant=second (repeatable; value parsed as JSON if it can be)")
+
+    sub.add_parser("methods", help="list methods with their provider and options")
+    sub.add_parser("plugins", help="installed plugins and their hooks as JSON")
+
+    ev = sub.add_parser("eval", help="evaluate one model (perplexity and zero-shot)")
+    ev.add_argument("--model", help="hub id or local path; default: the embedded model")
+    ev.add_argument("--config", type=Path, help="YAML/TOML file whose `evaluation` section is used")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ev.add_argument("--limit", type=int, help="zero-shot examples per task (default from config)")
+    ev.add_argument("--full", action="store_true", help="full evaluation sets (no window or example limits)")
+    ev.add_argument("--json", type=Path, help="also write the metrics to this file")
+    return parser
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option: expected KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prunekit.config import read_config_file, resolve_config
+    from prunekit.pipeline import run
+    from prunekit.report import print_run_summary
+
+    file_values = read_config_file(args.config) if args.config else {}
+    overrides = {"method": args.method, "model": args.model, "ratio": args.ratio, "output": args.output,
+                 "seed": args.seed, "device": args.device, "dtype": args.dtype, "overwrite": args.overwrite}
+    if args.option:
+        overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
+    if args.no_eval:
+        overrides["evaluation"] = {**file_values.get("evaluation", {}), "enabled": False}
+    config = resolve_config(file_values, overrides)
+    ctx = run(config)
+    print_run_summary(ctx.manifest, config.output or Path(f"pruned-{config.method}"))
+    return 0
+
+
+def cmd_methods(_: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from prunekit.registry import get_registry
+
+    table = Table(title="prunekit methods")
+    for col in ("method", "provider", "calibration", "options (defaults)"):
+        table.add_column(col)
+    for name, entry in sorted(get_registry().methods.items()):
+        d = entry.describe()
+        opts = ", ".join(f"{k}={v}" for k, v in d["options"].items())
+        table.add_row(name, d["provider"], "yes" if d["needs_calibration"] else "no", opts)
+    Console(width=200).print(table)
+    return 0
+
+
+def cmd_plugins(_: argparse.Namespace) -> int:
+    from prunekit.plugins import get_host
+
+    print(json.dumps(get_host().describe(), indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from prunekit.config import read_config_file, resolve_config
+    from prunekit.pipeline import load_model
+    from prunekit.report import print_metrics
+
+    file_values = read_config_file(args.config) if args.config else {}
+    spec = resolve_config({"evaluation": file_values.get("evaluation", {})}, {}).evaluation
+    if args.full:
+        spec = spec.model_copy(update={"ppl_max_windows": None, "zero_shot_limit": None})
+    if args.limit is not None:
+        spec = spec.model_copy(update={"zero_shot_limit": args.limit})
+    from prunekit.pipeline import _default_evaluate
+
+    model, tokenizer, source = load_model(args.model, args.dtype, "cpu")
+    metrics = _default_evaluate(model, tokenizer, spec, True)
+    print_metrics({"model": metrics}, title=f"evaluation of {source}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": source, "metrics": metrics}, indent=2, default=str) + "\n")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "methods": cmd_methods, "plugins": cmd_plugins, "eval": cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; the input model and output directory were left untouched", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The configuration of one run: pydantic models, unknown fields forbidden, loaded from YAML/TOML + flags."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from prunekit.errors import UserError
+from prunekit.grouping import GrouperOptions
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SelectionConfig(_Strict):
+    """Which layers are pruned and how units are ranked."""
+
+    scope: Literal["local", "global"] = "local"
+    layers: tuple[int, int] | None = Field(
+        default=None, description="[start, end) decoder layers to prune; default keeps the first 4/32 and last 2/32 of the depth")
+    round_to: int = Field(default=1, ge=1, description="keep MLP widths a multiple of this")
+
+
+class CalibrationConfig(_Strict):
+    """Text the gradient-based methods estimate importance on."""
+
+    source: str = "ptb"
+    n_samples: int = Field(default=10, ge=1)
+    seq_len: int = Field(default=64, ge=2)
+    batch_size: int = Field(default=10, ge=1)
+    seed: int = 42
+
+
+class RecoveryConfig(_Strict):
+    """Optional fine-tuning after pruning (``none`` or a registered trainer such as ``lora``)."""
+
+    method: str = "none"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationConfig(_Strict):
+    """What to measure before and after pruning; ``enabled: false`` skips evaluation."""
+
+    enabled: bool = True
+    perplexity: list[str] = Field(default_factory=lambda: ["wikitext2", "ptb"])
+    ppl_window: int = Field(default=128, ge=2)
+    ppl_max_windows: int | None = Field(default=40, ge=1)
+    zero_shot: list[str] = Field(default_factory=lambda: ["boolq", "piqa", "hellaswag", "winogrande",
+                                                             "arc_easy", "arc_challenge", "openbookqa"])
+    zero_shot_limit: int | None = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+
+
+class RunConfig(_Strict):
+    """Everything one ``prunekit run`` needs; the resolved copy is written to run.json."""
+
+    method: str = "moreau-gs"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = Field(default=None, description="hub id or local path; default: the embedded SmolLM2-135M")
+    output: Path | None = None
+    overwrite: bool = False
+    ratio: float = Field(default=0.25, gt=0, lt=1)
+    seed: int = 42
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    grouper: GrouperOptions = Field(default_factory=GrouperOptions)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("selection")
+    @classmethod
+    def _layers_ordered(cls, v: SelectionConfig) -> SelectionConfig:
+        if v.layers is not None and not (0 <= v.layers[0] < v.layers[1]):
+            raise ValueError("layers must be [start, end) with 0 <= start < end")
+        return v
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML or TOML file as a dict; malformed files are a :class:`UserError`."""
+    if not path.is_file():
+        raise UserError(f"config: file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise UserError(f"config: {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"config: {path} is malformed: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config: {path} must hold a mapping at the top level")
+    return data
+
+
+def resolve_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    """File values, then flags on top (flags set to None are 'not given')."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig(**merged)
+    except ValidationError as exc:
+        from prunekit.registry import format_validation_error
+
+        raise UserError(format_validation_error("", exc)) from None

@@ -1,0 +1,96 @@
+"""The importance-method interface every method plugin implements, and helpers they share.
+
+A method turns a model and its pruning groups into one score per unit (higher = keep). Most methods
+only supply a per-weight *salience* (|w|, |w*g|, |w*delta|, ...); the shared reduction in
+:func:`prunekit.groups.unit_scores` turns it into unit scores, so methods differ in their signal and
+nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from prunekit.groups import PruningGroup, prunable_param_names, unit_scores
+
+
+class Options(BaseModel):
+    """Base for method options: unknown fields are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reduction: str = "sum"
+
+
+@dataclass
+class ScoringContext:
+    """What a method sees: the float32 model, its groups, calibration batches and the run seed."""
+
+    model: torch.nn.Module
+    groups: list[PruningGroup]
+    batches: list[torch.Tensor]  # each LongTensor [batch, seq_len] of input ids
+    seed: int = 0
+    info: dict = field(default_factory=dict)  # methods record effective settings here (goes to run.json)
+
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        """The prunable weights by name (the ones some group slices)."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for n in prunable_param_names(self.groups)}
+
+    def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of one calibration batch."""
+        batch = batch.to(next(self.model.parameters()).device)
+        out = self.model(input_ids=batch, labels=batch, use_cache=False)
+        return out.loss
+
+    def iter_losses(self) -> Iterator[torch.Tensor]:
+        """Loss of each calibration batch, scaled so their sum is the mean over batches."""
+        for batch in self.batches:
+            yield self.batch_loss(batch) / len(self.batches)
+
+
+class Importance:
+    """Base class of importance methods. Subclasses set ``Options`` and implement :meth:`salience`."""
+
+    Options: ClassVar[type[Options]] = Options
+    needs_calibration: ClassVar[bool] = False
+    signed: ClassVar[bool] = False  # True: salience is signed, channel scores are |sum| (vector-wise)
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    def salience(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        """Per-weight salience for every prunable weight (same shape as the weight)."""
+        raise NotImplementedError
+
+    def scores(self, ctx: ScoringContext) -> list[torch.Tensor]:
+        """One float32 score per unit of every group; override only to bypass the shared reduction."""
+        return unit_scores(ctx.groups, self.salience(ctx), self.options.reduction, signed=self.signed)
+
+
+def accumulate_gradients(ctx: ScoringContext) -> dict[str, torch.Tensor]:
+    """float32 gradient of the mean calibration loss for every prunable weight (one pass per batch)."""
+    params = ctx.params()
+    wanted = set(params)
+    for name, p in ctx.model.named_parameters():
+        p.requires_grad_(name in wanted)
+        p.grad = None
+    for loss in ctx.iter_losses():
+        check_finite(loss, "loss")
+        loss.backward()
+    grads = {}
+    for name, p in params.items():
+        check_finite(p.grad, name)
+        grads[name] = p.grad.detach().float()
+        p.grad = None
+    return grads
+
+
+def check_finite(t: torch.Tensor, what: str, step: int | None = None) -> None:
+    """Stop with a clear error when a loss or gradient holds NaN/Inf."""
+    if not torch.isfinite(t).all():
+        where = f" at iteration {step}" if step is not None else ""
+        raise FloatingPointError(f"non-finite values in {what}{where}")
