@@ -44,3 +44,30 @@ def calibration_ids():
     """Two seeded batches of random token ids."""
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, 96, (2, 16), generator=g) for _ in range(2)]
+
+
+WORDS = ("the of and to a in is that for it was on with as by at from he his an be are this which or "
+         "had not but were they have one their has its new more who would been two also after when first "
+         "said year market company stock price shares million billion percent trading new york about").split()
+
+
+def make_tiny_tokenizer(vocab: int = 96):
+    """An offline word-level tokenizer whose ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + list(dict.fromkeys(WORDS))
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words[:vocab])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny GQA 9q/3kv model with tokenizer, as a user would pass to --model."""
+    path = tmp_path / "tiny-model"
+    make_tiny_llama(9, 3, layers=4).save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
