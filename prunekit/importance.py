@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from prunekit.groups import PruningGroup, prunable_param_names, unit_scores
+from prunekit.progress import track
 
 
 class Options(BaseModel):
@@ -48,7 +49,7 @@ class ScoringContext:
 
     def iter_losses(self) -> Iterator[torch.Tensor]:
         """Loss of each calibration batch, scaled so their sum is the mean over batches."""
-        for batch in self.batches:
+        for batch in track(self.batches, "gradient pass"):
             yield self.batch_loss(batch) / len(self.batches)
 
 
