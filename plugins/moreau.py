@@ -1,0 +1,419 @@
+"""``moreau`` and ``moreau-gs``: importance from the Moreau-envelope gradient (MoreauPruner, arXiv 2406.07017).
+
+The signal replaces the plain calibration gradient by the gradient of the loss's Moreau envelope,
+-δ*/ρ, where δ* minimises L_σ(w + δ) + ‖δ‖²/(2ρ) (+ η·penalty(δ)). δ* is estimated by proximal
+stochastic gradient descent from δ = 0 with fresh relative Gaussian noise every step:
+
+    v = δ - γ·(∇L(w + ε + δ) + δ/ρ),   δ ← prox_{γη}(v),   ε ~ N(0, (σ|w|)²)
+
+δ̄ is the mean of δ over the last ``averaged`` of ``iterations`` steps and the per-weight salience is
+|w·δ̄|, which the shared :func:`prunekit.groups.unit_scores` reduction turns into unit scores exactly
+like first-order Taylor. ``penalty`` picks the prox: ``l1`` element-wise soft-thresholding (method
+``moreau``) or ``group`` soft-thresholding over the pruning units (method ``moreau-gs``).
+
+``mode="reference"`` reproduces the authors' released code instead of the equations (no δ/ρ pull-back,
+every parameter perturbed and updated, the group step on rows of every tensor that thresholds a row's
+RMS against γη but shrinks by η). See docs/moreau.md for the differences and the memory layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Protocol
+
+import torch
+from pydantic import Field, model_validator
+
+from prunekit import hookimpl
+from prunekit.groups import PruningGroup
+from prunekit.importance import Importance, Options, ScoringContext, check_finite
+
+Tensors = dict[str, torch.Tensor]
+GradFn = Callable[[Tensors, int], Tensors]  # (current δ, iteration) -> ∇L at the perturbed point
+
+# At most this many elements per tensor enter the median of element-wise magnitudes (eta_relative, l1).
+_MEDIAN_SAMPLE = 1 << 20
+
+
+class MoreauOptions(Options):
+    """Settings of the Moreau-envelope estimator; defaults are the authors' LLaMA-7B run."""
+
+    penalty: Literal["l1", "group"] = "l1"
+    mode: Literal["math", "reference"] = "math"
+    iterations: int = Field(10, ge=1, description="proximal gradient steps T")
+    averaged: int = Field(5, ge=1, description="δ is averaged over the last K steps")
+    step: float = Field(2e-4, gt=0, description="step size γ")
+    rho: float = Field(0.2, gt=0, description="Moreau parameter ρ (unused in reference mode)")
+    sigma: float = Field(0.05, ge=0, description="relative noise: ε has standard deviation σ·|w|")
+    eta: float = Field(5e-6, ge=0, description="sparsity weight η; prox threshold is γ·η")
+    eta_relative: float | None = Field(
+        None, ge=0, description="if set, η = eta_relative × median group norm of the first gradient (scale-free)")
+    noise_samples: int = Field(1, ge=1, description="noise draws averaged per step")
+    seed: int | None = Field(None, description="noise seed; None uses the run seed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MoreauOptions":
+        """Reject settings that cannot mean what the user asked for."""
+        if self.averaged > self.iterations:
+            raise ValueError(f"averaged ({self.averaged}) must be <= iterations ({self.iterations})")
+        if self.mode == "math" and self.step >= self.rho:
+            raise ValueError(f"step ({self.step}) must be < rho ({self.rho}): the delta/rho pull-back would overshoot")
+        if self.eta_relative is not None and "eta" in self.model_fields_set:
+            raise ValueError("set eta or eta_relative, not both")
+        return self
+
+
+# -- proximal operators -----------------------------------------------------------------------------
+
+
+class Prox(Protocol):
+    """A proximal step applied in place to δ, with the per-group statistic it thresholds."""
+
+    eta: float
+    step: float
+
+    def __call__(self, delta: Tensors) -> None: ...
+
+    def statistic(self, tensors: Tensors) -> torch.Tensor: ...
+
+
+@dataclass
+class ElementProx:
+    """ℓ1 prox: element-wise soft-threshold sign(v)·max(|v| - γη, 0)."""
+
+    eta: float
+    step: float
+
+    def __call__(self, delta: Tensors) -> None:
+        """Shrink every element of δ towards zero by γη (exactly the identity when η = 0)."""
+        for d in delta.values():
+            d.copy_(torch.nn.functional.softshrink(d, self.step * self.eta))
+
+    def statistic(self, tensors: Tensors) -> torch.Tensor:
+        """|t| per element (a deterministic strided subsample of large tensors, to bound memory)."""
+        parts = []
+        for t in tensors.values():
+            flat = t.detach().reshape(-1)
+            stride = max(1, flat.numel() // _MEDIAN_SAMPLE)
+            parts.append(flat[::stride].abs().float())
+        return torch.cat(parts)
+
+
+@dataclass
+class UnitGroupProx:
+    """ℓ2,1 prox over pruning units: v_G·max(0, 1 - γη/‖v_G‖), ‖·‖ over all coupled rows/columns of a unit."""
+
+    groups: list[PruningGroup]
+    eta: float
+    step: float
+
+    def __post_init__(self) -> None:
+        _refuse_overlap(self.groups)
+
+    def unit_norms(self, group: PruningGroup, tensors: Tensors) -> torch.Tensor:
+        """ℓ2 norm of each unit of ``group`` across every coupled slice."""
+        sq = None
+        for s in group.slices:
+            t = tensors[s.param_name]
+            channel_sq = t.pow(2).sum(dim=1 - s.dim)
+            unit_sq = channel_sq[s.channels.to(t.device)].sum(dim=1)
+            sq = unit_sq if sq is None else sq + unit_sq
+        return sq.sqrt()
+
+    def __call__(self, delta: Tensors) -> None:
+        """Scale every unit's slices by max(0, 1 - γη/‖v_G‖); groups with norm ≤ γη become exactly zero."""
+        threshold = self.step * self.eta
+        for group in self.groups:
+            norms = self.unit_norms(group, delta)
+            scale = (1 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min(0)
+            for s in group.slices:
+                d = delta[s.param_name]
+                channel_scale = torch.ones(d.shape[s.dim], dtype=d.dtype, device=d.device)
+                channels = s.channels.to(d.device)
+                channel_scale[channels] = scale.unsqueeze(1).expand_as(channels)
+                d.mul_(channel_scale.unsqueeze(1) if s.dim == 0 else channel_scale.unsqueeze(0))
+
+    def statistic(self, tensors: Tensors) -> torch.Tensor:
+        """Unit norms of every group, concatenated."""
+        return torch.cat([self.unit_norms(g, tensors) for g in self.groups])
+
+
+@dataclass
+class ReferenceRowProx:
+    """The authors' group step: rows of every tensor, RMS compared with γη, then scaled by 1 - η/RMS.
+
+    Rows whose RMS lies in (γη, η) get a negative factor: they change sign and their RMS becomes
+    η - RMS, so δ alternates between a large and a small state. 1-D tensors (norm weights, biases) are
+    treated per element, as in the released code.
+    """
+
+    eta: float
+    step: float
+
+    @staticmethod
+    def row_rms(t: torch.Tensor) -> torch.Tensor:
+        """Root-mean-square of each row (the absolute value of each element of a 1-D tensor)."""
+        return t.abs() if t.dim() == 1 else t.pow(2).mean(dim=tuple(range(1, t.dim()))).sqrt()
+
+    def __call__(self, delta: Tensors) -> None:
+        """Keep rows with RMS > γη, multiplied by (1 - η/RMS); zero the rest."""
+        for d in delta.values():
+            rms = self.row_rms(d)
+            above = rms > self.step * self.eta
+            coeff = torch.where(above, 1 - self.eta / torch.where(above, rms, torch.ones_like(rms)), 0.0)
+            d.mul_(coeff.reshape([-1] + [1] * (d.dim() - 1)))
+
+    def statistic(self, tensors: Tensors) -> torch.Tensor:
+        """Row RMS of every tensor, concatenated."""
+        return torch.cat([self.row_rms(t.detach().float()) for t in tensors.values()])
+
+
+def _refuse_overlap(groups: list[PruningGroup]) -> None:
+    """Group soft-thresholding has a closed form only when every weight belongs to one slice."""
+    owner: dict[str, str] = {}
+    for g in groups:
+        for s in g.slices:
+            if s.param_name in owner:
+                raise ValueError(f"moreau-gs: {s.param_name} is sliced by both {owner[s.param_name]} and {g.name}; "
+                                 "overlapping groups have no closed-form group prox")
+            owner[s.param_name] = g.name
+
+
+def median_statistic(prox: Prox, grads: Tensors) -> float:
+    """Median of the statistic ``prox`` thresholds, over the groups of ``grads`` (lower median)."""
+    return float(prox.statistic(grads).median())
+
+
+# -- the proximal gradient loop -----------------------------------------------------------------------
+
+
+def proximal_descent(
+    grad_at: GradFn,
+    delta: Tensors,
+    prox: Prox,
+    *,
+    step: float,
+    rho: float | None,
+    iterations: int,
+    averaged: int,
+    on_first_gradient: Callable[[Tensors], None] | None = None,
+    on_iteration: Callable[[int, Tensors], None] | None = None,
+) -> Tensors:
+    """Run T proximal steps on δ in place and return the mean δ of the last K (rho None: no pull-back).
+
+    ``grad_at(delta, t)`` returns ∇L at the perturbed point for every tensor of ``delta``; the model
+    path and the unit tests drive the same loop with different closures.
+    """
+    acc: Tensors = {}
+    for t in range(iterations):
+        grads = grad_at(delta, t)
+        if t == 0 and on_first_gradient is not None:
+            on_first_gradient(grads)
+        for name, d in delta.items():
+            if rho is not None:
+                d.mul_(1 - step / rho)
+            d.add_(grads[name], alpha=-step)
+        del grads
+        prox(delta)
+        if t >= iterations - averaged:
+            for name, d in delta.items():
+                if name in acc:
+                    acc[name].add_(d)
+                else:
+                    acc[name] = d.clone()
+        if on_iteration is not None:
+            on_iteration(t, delta)
+    for a in acc.values():
+        a.div_(averaged)
+    return acc
+
+
+# -- the gradient at the perturbed model ----------------------------------------------------------------
+
+
+def noise_seed(seed: int, step: int, sample: int, index: int) -> int:
+    """A 63-bit generator seed for one tensor's noise at one step, stable across runs and platforms."""
+    digest = hashlib.blake2b(f"moreau:{seed}:{step}:{sample}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class PerturbedGradient:
+    """∇L(w + ε + δ) for the scope parameters, perturbing them in place and restoring w bit-exactly.
+
+    ``originals`` holds one float32 copy of every scope parameter; restoring copies it back, so no
+    rounding accumulates across iterations (subtracting ε + δ again would not be exact).
+    """
+
+    ctx: ScoringContext
+    params: dict[str, torch.nn.Parameter]
+    sigma: float
+    seed: int
+    noise_samples: int
+    originals: Tensors = field(init=False)
+    losses: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.originals = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def __call__(self, delta: Tensors, step: int) -> Tensors:
+        """Mean gradient over ``noise_samples`` draws of ε (each over all calibration batches)."""
+        for p in self.params.values():
+            p.grad = None
+        total = 0.0
+        try:
+            for sample in range(self.noise_samples):
+                self.perturb(delta, step, sample)
+                total += self.backward(step)
+        finally:
+            self.restore()
+        grads = {}
+        for name, p in self.params.items():
+            if p.grad is None:  # a parameter the loss does not reach
+                p.grad = torch.zeros_like(p)
+            if self.noise_samples > 1:
+                p.grad.div_(self.noise_samples)
+            check_finite(p.grad, f"gradient of {name}", step + 1)
+            grads[name] = p.grad
+        self.losses.append(total / self.noise_samples)
+        return grads
+
+    @torch.no_grad()
+    def perturb(self, delta: Tensors, step: int, sample: int) -> None:
+        """Set every scope parameter to w + σ|w|·z + δ, z drawn from a per-tensor seeded generator."""
+        for index, (name, p) in enumerate(self.params.items()):
+            w = self.originals[name]
+            p.copy_(w)
+            if self.sigma > 0:
+                gen = torch.Generator(device=p.device).manual_seed(noise_seed(self.seed, step, sample, index))
+                z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+                p.addcmul_(w.abs(), z, value=self.sigma)
+            if name in delta:
+                p.add_(delta[name])
+
+    def backward(self, step: int) -> float:
+        """Accumulate the calibration-loss gradient into ``.grad``; returns the mean loss."""
+        total = 0.0
+        for loss in self.ctx.iter_losses():
+            check_finite(loss, "moreau calibration loss", step + 1)
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the original weights back, bit for bit."""
+        for name, p in self.params.items():
+            p.copy_(self.originals[name])
+
+
+@contextlib.contextmanager
+def gradients_only_for(model: torch.nn.Module, names: set[str]) -> Iterator[None]:
+    """Let autograd track only ``names`` while scoring; restore every flag and drop grads afterwards."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+            p.grad = None
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+
+
+# -- the method ---------------------------------------------------------------------------------------
+
+
+def make_prox(options: MoreauOptions, groups: list[PruningGroup]) -> Prox:
+    """The prox the penalty and mode ask for, at the configured η."""
+    if options.penalty == "l1":
+        return ElementProx(options.eta, options.step)
+    if options.mode == "reference":
+        return ReferenceRowProx(options.eta, options.step)
+    return UnitGroupProx(groups, options.eta, options.step)
+
+
+def scope_params(ctx: ScoringContext, mode: str) -> dict[str, torch.nn.Parameter]:
+    """Parameters that get noise and δ: the prunable weights (math) or every parameter (reference)."""
+    params = ctx.params() if mode == "math" else dict(ctx.model.named_parameters())
+    wrong = [n for n, p in params.items() if p.dtype != torch.float32]
+    if wrong:
+        raise TypeError(f"moreau estimates in float32; {wrong[0]} is {params[wrong[0]].dtype}")
+    return params
+
+
+class Moreau(Importance):
+    """Moreau-envelope gradient importance |w·δ̄| (MoreauPruner; ℓ1 or ℓ2,1 over pruning units)."""
+
+    Options = MoreauOptions
+    needs_calibration = True
+
+    def salience(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        """|w·δ̄| for every prunable weight, δ̄ the averaged proximal iterate."""
+        o: MoreauOptions = self.options  # type: ignore[assignment]
+        params = scope_params(ctx, o.mode)
+        seed = ctx.seed if o.seed is None else o.seed
+        prox = make_prox(o, ctx.groups)
+        info = self._settings(o, params, seed)
+        with gradients_only_for(ctx.model, set(params)):
+            grad_at = PerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples)
+            delta = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            delta_norms: list[float] = []
+            mean_delta = proximal_descent(
+                grad_at, delta, prox, step=o.step, rho=o.rho if o.mode == "math" else None,
+                iterations=o.iterations, averaged=o.averaged,
+                on_first_gradient=self._relative_eta(prox, o.eta_relative),
+                on_iteration=lambda t, d: delta_norms.append(_global_norm(d)),
+            )
+            del delta
+            grad_at.originals.clear()
+        info.update(eta_effective=prox.eta, threshold=prox.step * prox.eta, delta_norms=delta_norms,
+                    losses=grad_at.losses)
+        if o.mode == "reference" and o.penalty == "group":
+            info["shrink"] = prox.eta
+        ctx.info["moreau"] = info
+        return {n: mean_delta.pop(n).mul_(w.detach()).abs_() for n, w in ctx.params().items()}
+
+    @staticmethod
+    def _relative_eta(prox: Prox, eta_relative: float | None) -> Callable[[Tensors], None] | None:
+        """With ``eta_relative`` set, fix η from the first gradient's median group statistic."""
+        if eta_relative is None:
+            return None
+
+        def calibrate(grads: Tensors) -> None:
+            prox.eta = eta_relative * median_statistic(prox, grads)
+
+        return calibrate
+
+    @staticmethod
+    def _settings(o: MoreauOptions, params: dict[str, torch.nn.Parameter], seed: int) -> dict:
+        """Effective settings for run.json, including the float32 state the estimator holds."""
+        elements = sum(p.numel() for p in params.values())
+        return {
+            "penalty": o.penalty, "mode": o.mode, "iterations": o.iterations, "averaged": o.averaged,
+            "step": o.step, "rho": o.rho if o.mode == "math" else None, "sigma": o.sigma, "eta": o.eta,
+            "eta_relative": o.eta_relative, "noise_samples": o.noise_samples, "seed": seed,
+            "scope": "prunable" if o.mode == "math" else "all", "scope_tensors": len(params),
+            "scope_elements": elements,
+            # originals + δ + running mean + .grad, all float32
+            "state_bytes": 4 * 4 * elements,
+        }
+
+
+def _global_norm(tensors: Tensors) -> float:
+    """ℓ2 norm of all tensors together."""
+    return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors.values()))
+
+
+@hookimpl
+def prunekit_register_importances(register) -> None:
+    register("moreau", Moreau, defaults={"penalty": "l1"},
+             description="Moreau-envelope gradient importance |w*mean(delta)| with element-wise (l1) "
+                         "soft-thresholding (MoreauPruner)")
+    register("moreau-gs", Moreau, defaults={"penalty": "group"},
+             description="Moreau-envelope gradient importance |w*mean(delta)| with group (l2,1) "
+                         "soft-thresholding over the pruning units (MoreauPruner-GS)")

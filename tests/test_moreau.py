@@ -1,0 +1,292 @@
+"""The Moreau-envelope estimator: closed forms, prox operators, determinism, reference mode, failures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from conftest import make_tiny_llama
+from plugins.moreau import (
+    ElementProx,
+    Moreau,
+    MoreauOptions,
+    ReferenceRowProx,
+    UnitGroupProx,
+    noise_seed,
+    prunekit_register_importances,
+    proximal_descent,
+)
+from prunekit.adapters.llama import LlamaAdapter
+from prunekit.grouping import GrouperOptions, build_groups
+from prunekit.groups import CoupledSlice, PruningGroup
+from prunekit.importance import ScoringContext
+from prunekit.select import select
+
+FAST = {"iterations": 4, "averaged": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spinning costs 5x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gqa_groups():
+    """Real pruning groups of the 8q/2kv tiny model (names only depend on the config, not the weights)."""
+    model = make_tiny_llama(8, 2)
+    return build_groups(model, LlamaAdapter(model), range(4), GrouperOptions())
+
+
+def tiny_ctx(groups, calibration_ids, seed: int = 0) -> ScoringContext:
+    """A fresh 8q/2kv tiny model (same weights every call) with its groups and calibration batches."""
+    return ScoringContext(make_tiny_llama(8, 2), groups, calibration_ids, seed=seed)
+
+
+def run(ctx: ScoringContext, **options) -> list[torch.Tensor]:
+    """Score ``ctx`` with the Moreau method under ``options``."""
+    return Moreau(MoreauOptions(**options)).scores(ctx)
+
+
+# -- registration and options ---------------------------------------------------------------------
+
+
+def test_registers_two_presets_of_one_class():
+    seen = {}
+    prunekit_register_importances(lambda name, cls, defaults=None, description=None: seen.update(
+        {name: (cls, defaults, description)}))
+    assert set(seen) == {"moreau", "moreau-gs"}
+    assert seen["moreau"][0] is seen["moreau-gs"][0] is Moreau
+    assert MoreauOptions(**seen["moreau"][1]).penalty == "l1"
+    assert MoreauOptions(**seen["moreau-gs"][1]).penalty == "group"
+    assert all(d for _, _, d in seen.values())
+
+
+def test_reference_defaults():
+    o = MoreauOptions()
+    assert (o.iterations, o.averaged, o.step, o.rho, o.sigma, o.eta, o.noise_samples) == (10, 5, 2e-4, 0.2, 0.05, 5e-6, 1)
+    assert o.mode == "math" and o.seed is None and o.eta_relative is None
+
+
+@pytest.mark.parametrize("bad", [
+    {"averaged": 11}, {"iterations": 0}, {"step": 0.5, "rho": 0.2}, {"eta": 1e-6, "eta_relative": 0.1},
+    {"sigma": -1.0}, {"penalty": "l2"}, {"mode": "paper"}, {"unknown": 1},
+])
+def test_bad_options_are_refused(bad):
+    with pytest.raises(ValidationError):
+        MoreauOptions(**bad)
+
+
+def test_reference_mode_allows_step_above_rho():
+    assert MoreauOptions(mode="reference", step=0.5, rho=0.2).step == 0.5
+
+
+# -- the proximal gradient loop ---------------------------------------------------------------------
+
+
+def test_quadratic_converges_to_envelope_gradient():
+    """L = ½·a·w² (σ = 0, η = 0): -δ̄/ρ must equal the closed form a·w/(1 + aρ)."""
+    gen = torch.Generator().manual_seed(0)
+    w = {"x": torch.randn(5, 3, generator=gen), "y": torch.randn(7, generator=gen)}
+    a = {"x": torch.rand(5, 3, generator=gen) * 3 + 0.1, "y": torch.rand(7, generator=gen) * 3 + 0.1}
+    rho, step = 0.5, 0.1
+    delta = {n: torch.zeros_like(t) for n, t in w.items()}
+    mean_delta = proximal_descent(lambda d, t: {n: a[n] * (w[n] + d[n]) for n in d}, delta,
+                                  ElementProx(0.0, step), step=step, rho=rho, iterations=300, averaged=20)
+    for n in w:
+        torch.testing.assert_close(-mean_delta[n] / rho, a[n] * w[n] / (1 + a[n] * rho), rtol=1e-5, atol=1e-6)
+
+
+def test_averaging_uses_the_last_k_iterates():
+    """With a constant gradient and no pull-back δ_t = -t·γ·g, so the mean of the last 3 of 5 is -4γg."""
+    g = torch.tensor([1.0, -2.0])
+    mean_delta = proximal_descent(lambda d, t: {"w": g}, {"w": torch.zeros(2)}, ElementProx(0.0, 0.5),
+                                  step=0.5, rho=None, iterations=5, averaged=3)
+    torch.testing.assert_close(mean_delta["w"], -4 * 0.5 * g)
+
+
+# -- prox operators -------------------------------------------------------------------------------
+
+
+def synthetic_group() -> PruningGroup:
+    """Three units of two channels each: rows of a.weight [6, 3] and columns of b.weight [4, 6]."""
+    channels = torch.arange(6).view(3, 2)
+    return PruningGroup("g", "mlp", 0, "channel", 3,
+                        (CoupledSlice("a", 0, channels), CoupledSlice("b", 1, channels)))
+
+
+def test_group_soft_threshold_zeroes_small_units_and_shrinks_the_rest():
+    threshold = 0.5  # γ = 1, η = 0.5
+    a, b = torch.zeros(6, 3), torch.zeros(4, 6)
+    a[0, 0] = 0.5  # unit 0: norm exactly γη -> zero
+    a[2, :] = 0.1  # unit 1: norm 0.1·√3 + column part < γη -> zero
+    b[:, 3] = 0.05
+    a[4, :] = 1.0  # unit 2: large norm, spread over both slices -> shrunk by γη
+    b[:, 5] = 2.0
+    delta = {"a.weight": a.clone(), "b.weight": b.clone()}
+    prox = UnitGroupProx([synthetic_group()], eta=threshold, step=1.0)
+    before = prox.unit_norms(synthetic_group(), delta)
+    prox(delta)
+    after = prox.unit_norms(synthetic_group(), delta)
+    assert before[0] == threshold and before[1] < threshold
+    assert after[0] == 0 and after[1] == 0
+    assert delta["a.weight"][:4].abs().sum() == 0 and delta["b.weight"][:, :4].abs().sum() == 0
+    torch.testing.assert_close(after[2], before[2] - threshold)
+    # shrinking keeps the direction: every element of unit 2 is scaled by the same factor
+    factor = (1 - threshold / before[2]).item()
+    torch.testing.assert_close(delta["a.weight"][4], a[4] * factor)
+    torch.testing.assert_close(delta["b.weight"][:, 5], b[:, 5] * factor)
+
+
+def test_group_soft_threshold_on_real_groups(gqa_groups):
+    model = make_tiny_llama(8, 2)
+    named = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    delta = {s.param_name: torch.randn(named[s.param_name].shape, generator=gen) * 0.01
+             for g in gqa_groups for s in g.slices}
+    prox = UnitGroupProx(gqa_groups, eta=0.05, step=2.0)
+    before = [prox.unit_norms(g, delta) for g in gqa_groups]
+    prox(delta)
+    for g, norm in zip(gqa_groups, before):
+        torch.testing.assert_close(prox.unit_norms(g, delta), (norm - 0.1).clamp_min(0), atol=1e-6, rtol=1e-5)
+
+
+def test_element_soft_threshold():
+    v = torch.tensor([-3.0, -0.25, -0.2, 0.0, 0.1, 0.25, 2.0])
+    delta = {"w": v.clone()}
+    ElementProx(eta=0.5, step=0.5)(delta)  # threshold 0.25
+    torch.testing.assert_close(delta["w"], torch.tensor([-2.75, 0.0, 0.0, 0.0, 0.0, 0.0, 1.75]))
+
+
+def test_reference_row_prox_flips_rows_between_thresholds():
+    """Rows with RMS in (γη, η) are scaled by 1 - η/RMS < 0: sign flips and RMS becomes η - RMS."""
+    delta = {"w": torch.tensor([[0.3, 0.3], [2.0, 2.0], [1e-4, 1e-4]])}
+    ReferenceRowProx(eta=1.0, step=1e-2)(delta)  # γη = 0.01, shrink by η = 1
+    torch.testing.assert_close(delta["w"], torch.tensor([[-0.7, -0.7], [1.0, 1.0], [0.0, 0.0]]))
+
+
+# -- on a tiny model ---------------------------------------------------------------------------------
+
+
+def test_eta_zero_l1_and_group_give_identical_scores(gqa_groups, calibration_ids):
+    l1 = run(tiny_ctx(gqa_groups, calibration_ids), penalty="l1", eta=0.0, **FAST)
+    gs = run(tiny_ctx(gqa_groups, calibration_ids), penalty="group", eta=0.0, **FAST)
+    assert all(torch.equal(x, y) for x, y in zip(l1, gs))
+
+
+@pytest.mark.parametrize("penalty", ["l1", "group"])
+def test_same_seed_same_scores_and_mask(gqa_groups, calibration_ids, penalty):
+    first = run(tiny_ctx(gqa_groups, calibration_ids, seed=3), penalty=penalty, **FAST)
+    again = run(tiny_ctx(gqa_groups, calibration_ids, seed=3), penalty=penalty, **FAST)
+    other = run(tiny_ctx(gqa_groups, calibration_ids, seed=4), penalty=penalty, **FAST)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not all(torch.equal(x, y) for x, y in zip(first, other))  # the noise depends on the seed
+    keep = [k.tolist() for k in select(gqa_groups, first, 0.25)]
+    assert keep == [k.tolist() for k in select(gqa_groups, again, 0.25)]
+
+
+def test_option_seed_overrides_run_seed(gqa_groups, calibration_ids):
+    a = run(tiny_ctx(gqa_groups, calibration_ids, seed=1), penalty="group", seed=9, **FAST)
+    b = run(tiny_ctx(gqa_groups, calibration_ids, seed=2), penalty="group", seed=9, **FAST)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", ["math", "reference"])
+def test_weights_and_flags_are_restored_exactly(gqa_groups, calibration_ids, mode):
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    run(ctx, penalty="group", mode=mode, **FAST)
+    for n, p in ctx.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.requires_grad and p.grad is None
+
+
+def test_scope_and_info(gqa_groups, calibration_ids):
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    run(ctx, penalty="group", **FAST)
+    info = ctx.info["moreau"]
+    assert info["scope"] == "prunable" and info["scope_tensors"] == len(ctx.params())
+    assert len(info["delta_norms"]) == len(info["losses"]) == FAST["iterations"]
+    assert info["threshold"] == pytest.approx(2e-4 * 5e-6) and info["seed"] == 0
+    ref = tiny_ctx(gqa_groups, calibration_ids)
+    run(ref, penalty="group", mode="reference", **FAST)
+    assert ref.info["moreau"]["scope_tensors"] == len(list(ref.model.parameters()))
+    assert ref.info["moreau"]["rho"] is None and ref.info["moreau"]["shrink"] == 5e-6
+
+
+@pytest.mark.parametrize("penalty", ["l1", "group"])
+@pytest.mark.parametrize("mode", ["math", "reference"])
+def test_salience_covers_every_prunable_weight(gqa_groups, calibration_ids, penalty, mode):
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    sal = Moreau(MoreauOptions(penalty=penalty, mode=mode, **FAST)).salience(ctx)
+    assert set(sal) == set(ctx.params())
+    assert all(s.shape == ctx.params()[n].shape and s.dtype == torch.float32 and (s >= 0).all()
+               for n, s in sal.items())
+
+
+def test_eta_relative_zeroes_the_units_below_the_median(gqa_groups, calibration_ids):
+    """One noise-free step at η = median unit norm of ∇L zeroes exactly the units at or below the median."""
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    scores = torch.cat(run(ctx, penalty="group", eta_relative=1.0, sigma=0.0, iterations=1, averaged=1))
+    n = scores.numel()
+    assert (scores == 0).sum() == math.ceil(n / 2)
+    assert ctx.info["moreau"]["eta_effective"] > 0
+    assert ctx.info["moreau"]["threshold"] == pytest.approx(2e-4 * ctx.info["moreau"]["eta_effective"])
+
+
+def test_reference_mode_iterates_alternate(gqa_groups, calibration_ids):
+    """Rows in the (γη, η) band flip every step: the δ norm alternates large, small, large, ..."""
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    run(ctx, penalty="group", mode="reference", eta=1e-3, iterations=8, averaged=4)
+    norms = ctx.info["moreau"]["delta_norms"]
+    for t in range(0, len(norms) - 1, 2):
+        assert norms[t] > 5 * norms[t + 1], norms
+        if t + 2 < len(norms):
+            assert norms[t + 2] > 5 * norms[t + 1], norms
+    math_ctx = tiny_ctx(gqa_groups, calibration_ids)
+    run(math_ctx, penalty="group", eta=1e-3, iterations=8, averaged=4)
+    steady = math_ctx.info["moreau"]["delta_norms"]
+    assert all(later >= earlier for earlier, later in zip(steady, steady[1:])), steady  # no alternation
+
+
+def test_nan_loss_names_the_iteration_and_restores_weights(gqa_groups, calibration_ids, monkeypatch):
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    calls = {"n": 0}
+    clean = ScoringContext.iter_losses
+
+    def poisoned(self):
+        calls["n"] += 1
+        for loss in clean(self):
+            yield loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(ScoringContext, "iter_losses", poisoned)
+    with pytest.raises(FloatingPointError, match="iteration 3"):
+        run(ctx, penalty="group", **FAST)
+    assert all(torch.equal(p, before[n]) for n, p in ctx.model.named_parameters())
+
+
+def test_nan_gradient_names_the_tensor(gqa_groups, calibration_ids):
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    name = list(ctx.params())[-1]
+    ctx.params()[name].register_hook(lambda g: g * float("nan"))  # finite loss, poisoned gradient
+    with pytest.raises(FloatingPointError, match=rf"gradient of {name} at iteration 1"):
+        run(ctx, penalty="l1", **FAST)
+
+
+def test_noise_seeds_differ_per_tensor_step_and_sample():
+    seeds = {noise_seed(0, s, k, i) for s in range(4) for k in range(2) for i in range(8)}
+    assert len(seeds) == 64 and noise_seed(0, 1, 0, 2) == noise_seed(0, 1, 0, 2)
+
+
+def test_refuses_float16_model(gqa_groups, calibration_ids):
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    ctx.model.half()
+    with pytest.raises(TypeError, match="float32"):
+        run(ctx, penalty="group", **FAST)
