@@ -99,6 +99,7 @@ def cmd_plugins(_: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.config import read_config_file, resolve_config
+    from prunekit.evaluate import evaluate_model
     from prunekit.pipeline import load_model
     from prunekit.report import print_metrics
 
@@ -108,10 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"ppl_max_windows": None, "zero_shot_limit": None})
     if args.limit is not None:
         spec = spec.model_copy(update={"zero_shot_limit": args.limit})
-    from prunekit.pipeline import _default_evaluate
-
     model, tokenizer, source = load_model(args.model, args.dtype, "cpu")
-    metrics = _default_evaluate(model, tokenizer, spec, True)
+    metrics = evaluate_model(model, tokenizer, spec)
     print_metrics({"model": metrics}, title=f"evaluation of {source}")
     if args.json:
         args.json.write_text(json.dumps({"model": source, "metrics": metrics}, indent=2, default=str) + "\n")

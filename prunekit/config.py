@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prunekit.errors import UserError
+from prunekit.evaluate import EvalSpec
 from prunekit.grouping import GrouperOptions
 
 
@@ -43,17 +44,10 @@ class RecoveryConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class EvaluationConfig(_Strict):
-    """What to measure before and after pruning; ``enabled: false`` skips evaluation."""
+class EvaluationConfig(EvalSpec):
+    """What to measure before and after pruning (the quick default); ``enabled: false`` skips it."""
 
     enabled: bool = True
-    perplexity: list[str] = Field(default_factory=lambda: ["wikitext2", "ptb"])
-    ppl_window: int = Field(default=128, ge=2)
-    ppl_max_windows: int | None = Field(default=40, ge=1)
-    zero_shot: list[str] = Field(default_factory=lambda: ["boolq", "piqa", "hellaswag", "winogrande",
-                                                             "arc_easy", "arc_challenge", "openbookqa"])
-    zero_shot_limit: int | None = Field(default=20, ge=1)
-    batch_size: int = Field(default=8, ge=1)
 
 
 class RunConfig(_Strict):

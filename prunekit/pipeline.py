@@ -15,6 +15,7 @@ import torch
 from prunekit.adapters.base import Adapter
 from prunekit.config import RunConfig
 from prunekit.errors import UserError
+from prunekit.evaluate import evaluate_model
 from prunekit.export import check_output_dir, load_pruned, save_pruned
 from prunekit.grouping import apply_plan
 from prunekit.groups import PruningGroup
@@ -152,10 +153,10 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         ctx.groups = registry.named("groupers", "blocks").impl(ctx.model, ctx.adapter, layers, config.grouper)
     params_before = ctx.model.num_parameters()
     metrics: dict[str, Any] = {}
-    evaluate = evaluate_fn if evaluate_fn is not None else _default_evaluate
+    evaluate = evaluate_fn or evaluate_model
     if config.evaluation.enabled:
         with ctx.stage("evaluate_before"):
-            metrics["before"] = evaluate(ctx.model, ctx.tokenizer, config.evaluation, progress)
+            metrics["before"] = evaluate(ctx.model, ctx.tokenizer, config.evaluation, progress=progress)
 
     batches, calibration = [], None
     if entry.cls.needs_calibration:
@@ -176,7 +177,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
             recovery.impl(recovery_options).recover(ctx.model, ctx.tokenizer, config)
     if config.evaluation.enabled:
         with ctx.stage("evaluate_after"):
-            metrics["after"] = evaluate(ctx.model, ctx.tokenizer, config.evaluation, progress)
+            metrics["after"] = evaluate(ctx.model, ctx.tokenizer, config.evaluation, progress=progress)
 
     ctx.manifest = {
         "config": config.model_dump(mode="json"),
@@ -211,9 +212,3 @@ def calibration_batches(tokenizer, config: RunConfig) -> tuple[list[torch.Tensor
     c = config.calibration
     ids, info = sample(tokenizer, source=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed)
     return list(ids.split(c.batch_size)), info
-
-
-def _default_evaluate(model, tokenizer, spec, progress: bool) -> dict:
-    from prunekit.evaluate import evaluate_model
-
-    return evaluate_model(model, tokenizer, spec, progress=progress)

