@@ -41,7 +41,8 @@ def prunekit_register_groupers(register: Register) -> None:
 @hookspec
 def prunekit_register_recovery(register: Register) -> None:
     """Register recovery trainers: ``register(name, RecoveryClass)`` with a nested ``Options`` model;
-    ``RecoveryClass(options).recover(model, tokenizer, texts)`` fine-tunes the pruned model in place."""
+    ``RecoveryClass(options).recover(model, tokenizer, config)`` fine-tunes the pruned model in place
+    (``config`` is the run's :class:`prunekit.config.RunConfig`) and returns a dict for run.json."""
 
 
 @hookspec

@@ -172,9 +172,10 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         shapes = ctx.adapter.sync_config()
     host.pm.hook.prunekit_after_pruning(context=ctx, model=ctx.model)
 
+    recovery_info = None
     if recovery is not None:
         with ctx.stage("recover"):
-            recovery.impl(recovery_options).recover(ctx.model, ctx.tokenizer, config)
+            recovery_info = recovery.impl(recovery_options).recover(ctx.model, ctx.tokenizer, config)
     if config.evaluation.enabled:
         with ctx.stage("evaluate_after"):
             metrics["after"] = evaluate(ctx.model, ctx.tokenizer, config.evaluation, progress=progress)
@@ -188,6 +189,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         "seed": config.seed,
         "calibration": calibration,
         "layers_pruned": [layers.start, layers.stop],
+        "recovery": {"method": config.recovery.method, "info": recovery_info},
         "reduction": reduction_report(ctx.groups, ctx.kept, params_before, ctx.model.num_parameters()),
         "layer_shapes": [s.as_dict() for s in shapes],
         "uniform_shapes": not getattr(ctx.model.config, "prunekit_layer_shapes", None),

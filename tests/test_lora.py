@@ -1,0 +1,130 @@
+"""LoRA recovery: trains on pruned per-layer shapes, merges back to plain Linear weights, reloads exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import plugins.lora as lora_module
+from plugins.lora import LoraOptions, LoraRecovery, batches, mean_loss
+from prunekit.adapters.llama import LlamaAdapter
+from prunekit.cli import main
+from prunekit.config import RunConfig
+from prunekit.export import load_pruned
+from prunekit.errors import UserError
+from prunekit.grouping import GrouperOptions, apply_plan, build_groups
+from prunekit.importance import ScoringContext
+from prunekit.plugins import get_host
+from prunekit.registry import get_registry
+from prunekit.select import select
+
+from conftest import make_tiny_llama, make_tiny_tokenizer
+
+TINY = {"max_examples": 8, "cutoff_len": 32, "batch_size": 4, "epochs": 2, "lr": 1e-2, "seed": 0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def lora_plugin():
+    """Register plugins.lora like its entry point would, unless the entry point already did."""
+    host = get_host()
+    if host.pm.is_registered(lora_module):
+        yield
+        return
+    host.pm.register(lora_module, name="lora")
+    yield
+    host.pm.unregister(name="lora")
+
+
+def pruned_tiny(layers: range = range(1, 3)):
+    """A tiny GQA 9q/3kv model with half its units removed in ``layers`` only (per-layer shapes)."""
+    model = make_tiny_llama(9, 3)
+    adapter = LlamaAdapter(model)
+    groups = build_groups(model, adapter, layers, GrouperOptions())
+    entry = get_registry().method("magnitude")
+    scores = entry.cls(entry.options()).scores(ScoringContext(model=model, groups=groups, batches=[], seed=0))
+    apply_plan(model, adapter, groups, select(groups, scores, 0.5, "local"))
+    adapter.sync_config()
+    return model
+
+
+def test_lora_lowers_loss_keeps_shapes_and_reloads(tmp_path):
+    model, tokenizer = pruned_tiny(), make_tiny_tokenizer()
+    widths = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert len(set(widths)) == 2  # really per-layer shapes
+    shapes = {n: t.shape for n, t in model.state_dict().items()}
+    recovery = LoraRecovery(LoraOptions(**TINY))
+    data = batches(recovery.examples(tokenizer, 0), 4, tokenizer.pad_token_id, list(range(TINY["max_examples"])))
+    before = mean_loss(model, data)
+
+    info = recovery.recover(model, tokenizer, RunConfig())
+
+    assert mean_loss(model, data) < before - 0.1
+    assert info["loss_last_epoch"] < info["loss_first_epoch"] and info["steps"] == 4
+    assert {n: t.shape for n, t in model.state_dict().items()} == shapes  # no lora_ keys, same widths
+    assert all(type(m) is torch.nn.Linear for m in model.model.layers[1].modules() if isinstance(m, torch.nn.Linear))
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    model.save_pretrained(tmp_path / "m")
+    reloaded = load_pruned(tmp_path / "m")
+    ids = torch.arange(20).view(2, 10)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_lora_is_seeded_and_restores_dtype():
+    tokenizer, merged = make_tiny_tokenizer(), []
+    for _ in range(2):
+        model = pruned_tiny().to(torch.bfloat16)
+        LoraRecovery(LoraOptions(**{**TINY, "epochs": 1})).recover(model, tokenizer, RunConfig())
+        assert next(model.parameters()).dtype == torch.bfloat16
+        merged.append(model.state_dict())
+    assert all(torch.equal(merged[0][n], merged[1][n]) for n in merged[0])
+    untouched = pruned_tiny().to(torch.bfloat16).state_dict()
+    assert torch.equal(merged[0]["model.embed_tokens.weight"], untouched["model.embed_tokens.weight"])
+    assert not torch.equal(merged[0]["model.layers.1.mlp.down_proj.weight"],
+                           untouched["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_unknown_target_module_is_a_user_error():
+    with pytest.raises(UserError, match="target_modules"):
+        LoraRecovery(LoraOptions(**{**TINY, "target_modules": ["nope_proj"]})).recover(
+            pruned_tiny(), make_tiny_tokenizer(), RunConfig())
+
+
+def _config(path, recovery: str):
+    path.write_text("selection:\n  layers: [1, 3]\ncalibration:\n  n_samples: 2\n  seq_len: 16\n" + recovery)
+    return str(path)
+
+
+def test_prunekit_run_with_lora_recovery(lora_plugin, tiny_model_dir, tmp_path):
+    options = json.dumps(TINY)
+    run = ["run", "--no-eval", "--method", "magnitude", "--ratio", "0.34", "--model", str(tiny_model_dir)]
+    assert main([*run, "--output", str(tmp_path / "plain"), "--config", _config(tmp_path / "a.yaml", "")]) == 0
+    recovered = _config(tmp_path / "b.yaml", f"recovery:\n  method: lora\n  options: {options}\n")
+    assert main([*run, "--output", str(tmp_path / "lora"), "--config", recovered]) == 0
+
+    manifest = json.loads((tmp_path / "lora" / "run.json").read_text())
+    assert "recover" in manifest["timings"] and manifest["config"]["recovery"]["method"] == "lora"
+    plain, tuned = load_pruned(tmp_path / "plain").state_dict(), load_pruned(tmp_path / "lora").state_dict()
+    assert {n: t.shape for n, t in plain.items()} == {n: t.shape for n, t in tuned.items()}
+    assert torch.equal(plain["model.norm.weight"], tuned["model.norm.weight"])
+    assert not torch.equal(plain["model.layers.2.self_attn.o_proj.weight"], tuned["model.layers.2.self_attn.o_proj.weight"])
+
+
+def test_bad_recovery_option_exits_2(lora_plugin, tiny_model_dir, tmp_path, capsys):
+    for options, field in (("{rank: 8}", "recovery.options.rank"), ("{source: imdb}", "recovery.options.source")):
+        config = _config(tmp_path / "c.yaml", f"recovery:\n  method: lora\n  options: {options}\n")
+        assert main(["run", "--no-eval", "--method", "magnitude", "--model", str(tiny_model_dir),
+                     "--output", str(tmp_path / "o"), "--config", config]) == 2
+        assert field in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
