@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="zero-shot examples per task (default from config)")
     ev.add_argument("--full", action="store_true", help="full evaluation sets (no window or example limits)")
     ev.add_argument("--json", type=Path, help="also write the metrics to this file")
+    sub.add_parser("bench", help="robustness, quality and cost benchmarks; `prunekit bench --help` for options",
+                   add_help=False)
     return parser
 
 
@@ -117,12 +119,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(bench_args: list[str]) -> int:
+    """Hand every argument after ``bench`` to the benchmark harness."""
+    try:
+        from benchmarks.harness import main as bench_main
+    except ImportError:
+        raise UserError("bench: the benchmarks package is not installed; run from a prunekit checkout "
+                        "(pip install -e '.[bench]')") from None
+    return bench_main(bench_args)
+
+
 COMMANDS = {"run": cmd_run, "methods": cmd_methods, "plugins": cmd_plugins, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["bench"]:
+            return cmd_bench(argv[1:])
+        args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)

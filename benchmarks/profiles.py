@@ -1,0 +1,41 @@
+"""Benchmark profiles: how much data, how many windows and which sweeps one run uses."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every size knob of a benchmark run; ``quick`` fits 2 CPU cores, ``full`` is for a GPU machine."""
+
+    name: str
+    calib_source: str = "ptb"
+    calib_samples: int = 10
+    calib_seq_len: int = 64
+    calib_batch: int = 10
+    calib_seed_offset: int = 1000  # the "other calibration sample" perturbation draws seed + this
+    ppl_window: int = 128
+    ppl_max_windows: int | None = 20
+    ppl_batch: int = 8
+    ppl_split: str = "test"
+    noise_levels: tuple[float, ...] = (0.001, 0.004, 0.01)
+    perturbations: tuple[str, ...] = ("bfloat16-weights", "float16-weights", "bfloat16-estimation", "noise",
+                                      "calibration-resample")
+    quality_ratios: tuple[float, ...] = (0.1, 0.25, 0.4)
+    quality_corpora: tuple[str, ...] = ("ptb", "wikitext2")
+    zero_shot_limit: int | None = None  # None: zero-shot off unless --zero-shot is given
+    prompt_len: int = 128
+    decode_len: int = 32
+    speed_repeats: int = 3
+
+    def as_dict(self) -> dict:
+        """JSON-ready copy for the run record."""
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(name="quick"),
+    "full": Profile(name="full", ppl_max_windows=None, quality_ratios=(0.1, 0.2, 0.25, 0.3, 0.4, 0.5),
+                    zero_shot_limit=None, prompt_len=512, decode_len=128, speed_repeats=5),
+}

@@ -1,0 +1,135 @@
+"""One loaded model and the pipeline's pieces a benchmark needs: groups, calibration, scoring, selection, pruning, perplexity.
+
+The dense float32 model is loaded once and never modified; every experiment works on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.profiles import Profile
+from prunekit.adapters.base import Adapter
+from prunekit.config import RunConfig
+from prunekit.data import Text, calibration_batches, load_text
+from prunekit.evaluate import perplexity
+from prunekit.grouping import GrouperOptions, apply_plan
+from prunekit.groups import PruningGroup
+from prunekit.importance import ScoringContext
+from prunekit.pipeline import RunContext, load_model, resolve_layers, score_groups
+from prunekit.registry import MethodEntry, Registry, get_registry
+from prunekit.select import select
+
+
+@dataclass
+class Workbench:
+    """The dense model, its tokenizer and the settings every suite shares."""
+
+    registry: Registry
+    model: torch.nn.Module
+    tokenizer: Any
+    source: str
+    profile: Profile
+    device: str = "cpu"
+    layers: range = field(init=False)
+    _texts: dict[str, Text] = field(default_factory=dict, init=False)
+    _dense_ppl: dict[str, float] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        """Resolve the pipeline's default layer range for this model."""
+        self.layers = resolve_layers(self.adapter(self.model).num_layers, None)
+
+    @classmethod
+    def open(cls, model: str | None, profile: Profile, device: str = "cpu") -> "Workbench":
+        """Load ``model`` (None: the embedded SmolLM2-135M) in float32 through the pipeline's loader."""
+        dense, tokenizer, source = load_model(model, "float32", device)
+        for p in dense.parameters():
+            p.requires_grad_(False)
+        return cls(get_registry(), dense, tokenizer, source, profile, device)
+
+    def adapter(self, model: torch.nn.Module) -> Adapter:
+        """The registered architecture adapter for ``model``."""
+        return self.registry.adapter_for(model)
+
+    def method(self, name: str) -> MethodEntry:
+        """A registered method preset (raises prunekit's UserError when unknown)."""
+        return self.registry.method(name)
+
+    def groups(self, model: torch.nn.Module, grouper: GrouperOptions | None = None) -> list[PruningGroup]:
+        """The pruning groups of ``model`` from the registered ``blocks`` grouper."""
+        build = self.registry.named("groupers", "blocks").impl
+        return build(model, self.adapter(model), self.layers, grouper or GrouperOptions())
+
+    def calibration(self, seed: int) -> tuple[list[torch.Tensor], dict]:
+        """Seeded calibration batches (profile sizes) and their provenance."""
+        p = self.profile
+        ids, info = calibration_batches(self.tokenizer, p.calib_source, p.calib_samples, p.calib_seq_len, seed)
+        return list(ids.split(p.calib_batch)), info
+
+    def score(self, model: torch.nn.Module, groups: list[PruningGroup], method: str, batches: list[torch.Tensor],
+              seed: int, compute_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], dict, float]:
+        """Unit scores, the method's info and the wall seconds; float32 goes through the pipeline's scorer.
+
+        ``compute_dtype`` other than float32 runs the estimator on the model as it is (cast by the caller),
+        which the pipeline deliberately never does; it measures what a low-precision estimation changes.
+        """
+        entry = self.method(method)
+        options = entry.options({})
+        started = time.perf_counter()
+        if compute_dtype == torch.float32:
+            ctx = RunContext(config=RunConfig(method=method, seed=seed), registry=self.registry, model=model,
+                             groups=groups)
+            scores, info = score_groups(ctx, entry, options, batches)
+        else:
+            scoring = ScoringContext(model=model, groups=groups, batches=batches, seed=seed)
+            try:
+                scores = [s.detach().float().cpu() for s in entry.cls(options).scores(scoring)]
+            finally:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                    p.grad = None
+            info = scoring.info
+        return scores, info, time.perf_counter() - started
+
+    @staticmethod
+    def keep(groups: list[PruningGroup], scores: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
+        """Kept units per group: local selection, as the pipeline's default."""
+        return select(groups, scores, ratio)
+
+    def pruned(self, model: torch.nn.Module, groups: list[PruningGroup], kept: list[torch.Tensor]) -> torch.nn.Module:
+        """A pruned deep copy of ``model`` (the input stays whole)."""
+        clone = copy.deepcopy(model)
+        adapter = self.adapter(clone)
+        apply_plan(clone, adapter, groups, kept)
+        adapter.sync_config()
+        return clone.eval()
+
+    def text(self, corpus: str) -> Text:
+        """The evaluation split of a corpus, loaded once."""
+        if corpus not in self._texts:
+            self._texts[corpus] = load_text(corpus, self.profile.ppl_split)
+        return self._texts[corpus]
+
+    def ppl(self, model: torch.nn.Module, corpus: str) -> float:
+        """Perplexity on the profile's capped windows of ``corpus``."""
+        p = self.profile
+        result = perplexity(model, self.tokenizer, self.text(corpus), window=p.ppl_window, batch_size=p.ppl_batch,
+                            max_windows=p.ppl_max_windows, progress=False)
+        return float(result["ppl"])
+
+    def dense_ppl(self, corpus: str) -> float:
+        """Perplexity of the unpruned model (cached)."""
+        if corpus not in self._dense_ppl:
+            self._dense_ppl[corpus] = self.ppl(self.model, corpus)
+        return self._dense_ppl[corpus]
+
+    def describe(self) -> dict:
+        """What was benchmarked: model source, size, layers pruned, profile."""
+        return {"model": self.source, "model_type": self.model.config.model_type,
+                "params": self.model.num_parameters(), "layers_pruned": [self.layers.start, self.layers.stop],
+                "num_layers": self.adapter(self.model).num_layers, "device": self.device,
+                "profile": self.profile.as_dict()}

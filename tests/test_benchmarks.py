@@ -1,0 +1,91 @@
+"""The benchmark harness on a tiny saved model: JSON, markdown and plots come out; the mask metrics are right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import harness
+from benchmarks.metrics import compare_masks, iou, summary
+from benchmarks.perturb import noisy, rounded
+from prunekit.groups import CoupledSlice, PruningGroup
+
+from conftest import make_tiny_llama
+
+
+def _group(name: str, kind: str, layer: int, n: int) -> PruningGroup:
+    return PruningGroup(name, kind, layer, "channel", n, (CoupledSlice("m", 0, torch.arange(n).unsqueeze(1)),))
+
+
+def test_iou_of_sets():
+    assert iou({1, 2, 3}, {2, 3, 4}) == pytest.approx(2 / 4)
+    assert iou(set(), set()) == 1.0
+    assert iou({1}, {2}) == 0.0
+
+
+def test_compare_masks_counts_flips_per_kind_and_layer():
+    groups = [_group("l0.attn", "attention", 0, 4), _group("l0.mlp", "mlp", 0, 6), _group("l1.mlp", "mlp", 1, 6)]
+    base = [torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])]
+    other = [torch.tensor([0, 1, 3]), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 4, 5])]
+    out = compare_masks(groups, base, other)
+    assert out["flipped_attention"] == 2 and out["flipped_mlp"] == 4 and out["flipped"] == 6
+    assert out["iou_attention"] == pytest.approx(2 / 4)
+    assert out["iou_mlp"] == pytest.approx(6 / 10)
+    assert out["iou"] == pytest.approx(8 / 14)
+    assert out["iou_per_layer"] == {"0": pytest.approx(6 / 8), "1": pytest.approx(2 / 6)}
+    assert compare_masks(groups, base, base)["iou"] == 1.0
+
+
+def test_summary_spread():
+    assert summary([1.0, 3.0, None]) == {"mean": 2.0, "min": 1.0, "max": 3.0, "spread": 2.0, "n": 2}
+    assert summary([None]) is None
+
+
+def test_rounding_and_noise_report_changed_weights():
+    model = make_tiny_llama(4, 2, layers=1)
+    total = sum(p.numel() for p in model.parameters())
+    bf16, changed, counted = rounded(model, torch.bfloat16)
+    assert counted == total and changed > total // 2  # random float32 weights need more than bf16's 8 bits
+    assert rounded(bf16, torch.bfloat16)[1] == 0  # already bf16-exact: rounding again changes nothing
+    clone, changed_noise, _ = noisy(model, 0.01, seed=0)
+    assert changed_noise > 0
+    rel = max(((a - b).abs() / b.abs().clamp_min(1e-12)).max().item()
+              for a, b in zip(clone.parameters(), model.parameters()))
+    assert rel < 0.1
+
+
+def test_harness_quick_profile_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench"
+    code = harness.main(["--model", str(tiny_model_dir), "--suite", "all", "--methods", "magnitude,taylor,no-such",
+                         "--seeds", "0,1", "--profile", "quick", "--no-isolate", "--threads", "1", "--ppl-windows", "4",
+                         "--quiet", "--out", str(out)])
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    for suite in ("robustness", "cost", "quality"):
+        assert {f"{suite}-magnitude.json", f"{suite}-taylor.json", f"{suite}-no-such.json"} <= names
+    assert {"peer.json", "report.md", "robustness_iou_vs_noise.png", "quality_ppl_vs_ratio.png", "cost.png"} <= names
+    rob = json.loads((out / "robustness-taylor.json").read_text())
+    by = rob["aggregate"]["by_perturbation"]
+    assert {"unperturbed", "bfloat16-weights", "float16-weights", "bfloat16-estimation", "noise-0.1%", "noise-0.4%",
+            "noise-1.0%", "calibration-resample"} == set(by)
+    assert by["unperturbed"]["iou"]["mean"] == 1.0
+    assert all(0.0 <= row["iou"]["min"] <= 1.0 for row in by.values())
+    assert len(rob["per_seed"]) == 2
+    mag = json.loads((out / "robustness-magnitude.json").read_text())["aggregate"]["by_perturbation"]
+    assert mag["calibration-resample"]["iou"]["mean"] == 1.0  # data-free: the calibration sample cannot matter
+    cost = json.loads((out / "cost-taylor.json").read_text())
+    assert cost["params_pruned"] < cost["params_dense"] and cost["estimation_seconds"] > 0
+    assert "skipped" in json.loads((out / "cost-no-such.json").read_text())
+    report = (out / "report.md").read_text()
+    for heading in ("## Robustness", "## Cost", "## Quality", "## Peer"):
+        assert heading in report
+    assert "no-such" in report
+    assert harness.main(["--suite", "report", "--out", str(out), "--quiet"]) == 0
+
+
+def test_harness_unknown_model_is_a_user_error(tmp_path, capsys):
+    assert harness.main(["--model", str(tmp_path / "missing"), "--suite", "cost", "--quiet",
+                         "--out", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err
