@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
     ap.add_argument("--model", default=None, help="local path or hub id; default: the embedded SmolLM2-135M")
     ap.add_argument("--ratio", type=float, default=0.25, help="fraction of units removed per pruned layer")
+    ap.add_argument("--ratios", help="comma-separated ratios of the quality sweep (default: the profile's)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (calibration sample, noise, method)")
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -74,7 +75,8 @@ def _suite_record(wb: Workbench, args: argparse.Namespace, suite: str, method: s
         return robustness.run(wb, method, args.ratio, seeds)
     if suite == "cost":
         return cost.run(wb, method, args.ratio, seeds, args.model, isolate=not args.no_isolate)
-    return quality.run(wb, method, wb.profile.quality_ratios, seeds, args.zero_shot)
+    ratios = tuple(float(r) for r in args.ratios.split(",")) if args.ratios else wb.profile.quality_ratios
+    return quality.run(wb, method, ratios, seeds, args.zero_shot)
 
 
 def profile_of(args: argparse.Namespace) -> Profile:

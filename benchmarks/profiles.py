@@ -24,7 +24,7 @@ class Profile:
                                       "calibration-resample")
     quality_ratios: tuple[float, ...] = (0.1, 0.25, 0.4)
     quality_corpora: tuple[str, ...] = ("ptb", "wikitext2")
-    zero_shot_limit: int | None = None  # None: zero-shot off unless --zero-shot is given
+    zero_shot_limit: int | None = 20  # examples per task when --zero-shot is given; None = the full sets
     prompt_len: int = 128
     decode_len: int = 32
     speed_repeats: int = 3
