@@ -240,12 +240,145 @@ def noise_seed(seed: int, step: int, sample: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _perturbed_weight(w: torch.Tensor, delta: torch.Tensor, sigma: float, seed: int | None) -> torch.Tensor:
+    """W' = w + σ|w|·z + δ for one tensor, z from its seeded generator (same bits as perturbing in place)."""
+    out = w.detach().clone()
+    if sigma > 0:
+        gen = torch.Generator(device=w.device).manual_seed(seed)
+        z = torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype)
+        out.addcmul_(w.detach().abs(), z, value=sigma)
+        del z
+    return out.add_(delta.detach())
+
+
+class _PerturbedLinear(torch.autograd.Function):
+    """y = x·W'ᵀ + b with W' = w + σ|w|·z + δ built on the fly; W' is regenerated for the backward.
+
+    Saves only x (w and δ by reference); returns the gradient for x and for δ (= ∂L/∂W'), none for w.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, delta, bias, sigma, seed):
+        with torch.no_grad():
+            w_eff = _perturbed_weight(weight, delta, sigma, seed)
+            y = torch.nn.functional.linear(x, w_eff, bias)
+        del w_eff
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.delta, ctx.sigma, ctx.seed = weight, delta, sigma, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        w_eff = _perturbed_weight(ctx.weight, ctx.delta, ctx.sigma, ctx.seed)
+        grad_x = grad_y @ w_eff if ctx.needs_input_grad[0] else None
+        del w_eff
+        grad_delta = None
+        if ctx.needs_input_grad[2]:
+            grad_delta = grad_y.reshape(-1, grad_y.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        ctx.weight = ctx.delta = None
+        return grad_x, None, grad_delta, grad_bias, None, None
+
+
+def linear_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Linear] | None:
+    """The nn.Linear owning each ``<module>.weight`` name, or None if some name is not such a weight."""
+    out = {}
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            return None
+        if leaf != "weight" or not isinstance(module, torch.nn.Linear) \
+                or type(module).forward is not torch.nn.Linear.forward or "forward" in module.__dict__:
+            return None  # a subclass or a wrapped forward (hooks, adapters): perturb in place instead
+        out[name] = module
+    return out
+
+
 @dataclass
 class PerturbedGradient:
-    """∇L(w + ε + δ) for the scope parameters, perturbing them in place and restoring w bit-exactly.
+    """∇L(w + ε + δ) for prunable nn.Linear weights without touching the parameters.
 
-    ``originals`` holds one float32 copy of every scope parameter; restoring copies it back, so no
-    rounding accumulates across iterations (subtracting ε + δ again would not be exact).
+    Each scope Linear's forward is swapped (for the duration of one call) for :class:`_PerturbedLinear`,
+    which builds W' = w + σ|w|·z + δ for that one layer only, in the forward and again in the backward
+    (z from the same seeded generator both times). The gradient w.r.t. W' is the gradient w.r.t. δ,
+    so autograd accumulates it into a δ alias; the weights never change and nothing is restored.
+    """
+
+    ctx: ScoringContext
+    params: dict[str, torch.nn.Parameter]
+    sigma: float
+    seed: int
+    noise_samples: int
+    modules: dict[str, torch.nn.Linear]
+    losses: list[float] = field(default_factory=list)
+
+    def __call__(self, delta: Tensors, step: int) -> Tensors:
+        """Mean gradient over ``noise_samples`` draws of ε (each over all calibration batches)."""
+        leaves = {n: delta[n].detach().requires_grad_() for n in self.params}
+        total = 0.0
+        for sample in range(self.noise_samples):
+            with self.swapped(leaves, step, sample):
+                total += self.backward(step)
+        grads = {}
+        for name, leaf in leaves.items():
+            g = leaf.grad
+            leaf.grad = None
+            if g is None:  # a weight the loss does not reach
+                g = torch.zeros_like(leaf, requires_grad=False)
+            if self.noise_samples > 1:
+                g.div_(self.noise_samples)
+            check_finite(g, f"gradient of {name}", step + 1)
+            grads[name] = g
+        del leaves
+        self.losses.append(total / self.noise_samples)
+        return grads
+
+    @contextlib.contextmanager
+    def swapped(self, leaves: Tensors, step: int, sample: int) -> Iterator[None]:
+        """Route every scope Linear through :class:`_PerturbedLinear`; put the old forwards back after."""
+        saved = []
+        try:
+            for index, (name, module) in enumerate(self.modules.items()):
+                seed = noise_seed(self.seed, step, sample, index) if self.sigma > 0 else None
+                saved.append((module, module.__dict__.get("forward")))
+                module.forward = self._forward(module, leaves[name], seed)
+            yield
+        finally:
+            for module, previous in saved:
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
+
+    def _forward(self, module: torch.nn.Linear, delta: torch.Tensor, seed: int | None):
+        sigma = self.sigma
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return _PerturbedLinear.apply(x, module.weight, delta, module.bias, sigma, seed)
+
+        return forward
+
+    def backward(self, step: int) -> float:
+        """Accumulate the calibration-loss gradient into the δ aliases; returns the mean loss."""
+        total = 0.0
+        for loss in self.ctx.iter_losses():
+            check_finite(loss, "moreau calibration loss", step + 1)
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+
+@dataclass
+class InPlacePerturbedGradient:
+    """∇L(w + ε + δ) for any scope parameters, perturbing them in place and restoring w bit-exactly.
+
+    Used by reference mode (δ and noise on every parameter, embeddings and norms included) and by math
+    mode when a scope tensor is not an nn.Linear weight. ``originals`` holds one float32 copy of every
+    scope parameter; restoring copies it back, so no rounding accumulates across iterations
+    (subtracting ε + δ again would not be exact).
     """
 
     ctx: ScoringContext
@@ -358,9 +491,13 @@ class Moreau(Importance):
         params = scope_params(ctx, o.mode)
         seed = ctx.seed if o.seed is None else o.seed
         prox = make_prox(o, ctx.groups)
-        info = self._settings(o, params, seed)
-        with gradients_only_for(ctx.model, set(params)):
-            grad_at = PerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples)
+        modules = linear_modules(ctx.model, params) if o.mode == "math" else None
+        info = self._settings(o, params, seed, in_place=modules is None)
+        with gradients_only_for(ctx.model, set() if modules is not None else set(params)):
+            if modules is not None:
+                grad_at = PerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples, modules)
+            else:
+                grad_at = InPlacePerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples)
             delta = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
             delta_norms: list[float] = []
             mean_delta = proximal_descent(
@@ -370,7 +507,8 @@ class Moreau(Importance):
                 on_iteration=lambda t, d: delta_norms.append(_global_norm(d)),
             )
             del delta
-            grad_at.originals.clear()
+            if isinstance(grad_at, InPlacePerturbedGradient):
+                grad_at.originals.clear()
         info.update(eta_effective=prox.eta, threshold=prox.step * prox.eta, delta_norms=delta_norms,
                     losses=grad_at.losses)
         if o.mode == "reference" and o.penalty == "group":
@@ -390,7 +528,7 @@ class Moreau(Importance):
         return calibrate
 
     @staticmethod
-    def _settings(o: MoreauOptions, params: dict[str, torch.nn.Parameter], seed: int) -> dict:
+    def _settings(o: MoreauOptions, params: dict[str, torch.nn.Parameter], seed: int, in_place: bool) -> dict:
         """Effective settings for run.json, including the float32 state the estimator holds."""
         elements = sum(p.numel() for p in params.values())
         return {
@@ -399,8 +537,8 @@ class Moreau(Importance):
             "eta_relative": o.eta_relative, "noise_samples": o.noise_samples, "seed": seed,
             "scope": "prunable" if o.mode == "math" else "all", "scope_tensors": len(params),
             "scope_elements": elements,
-            # originals + δ + running mean + .grad, all float32
-            "state_bytes": 4 * 4 * elements,
+            # δ + running mean + δ-gradient (+ originals when perturbing in place), all float32
+            "state_bytes": 4 * (4 if in_place else 3) * elements,
         }
 
 
