@@ -89,6 +89,9 @@ def _resolve_text(text_or_source: str | Text, split: str, data_dir: str | os.Pat
         return text_or_source
     if text_or_source in SOURCES:
         return load_text(text_or_source, split, data_dir)
+    if len(text_or_source) < 64 and not any(c.isspace() for c in text_or_source):
+        raise UserError(f"perplexity data: {text_or_source!r} is not a source ({', '.join(SOURCES)}) "
+                        f"and too short to be the text itself")
     return Text(text_or_source, "custom", "-", "caller-supplied text", "in memory")
 
 

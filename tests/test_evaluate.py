@@ -84,6 +84,8 @@ def test_perplexity_restores_training_mode_and_rejects_short_text(model, tok):
     model.eval()
     with pytest.raises(UserError, match="less than one window"):
         evaluate.perplexity(model, tok, "too short", window=128, progress=False)
+    with pytest.raises(UserError, match="is not a source"):
+        evaluate.perplexity(model, tok, "wikitext", progress=False)
 
 
 def test_eval_spec_defaults_validation_and_full():
