@@ -234,6 +234,16 @@ def proximal_descent(
 # -- the gradient at the perturbed model ----------------------------------------------------------------
 
 
+def backward_calibration(ctx: ScoringContext, step: int) -> float:
+    """Backpropagate every calibration batch's loss (stopping on NaN/Inf); returns the mean loss."""
+    total = 0.0
+    for loss in ctx.iter_losses():
+        check_finite(loss, "moreau calibration loss", step + 1)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def noise_seed(seed: int, step: int, sample: int, index: int) -> int:
     """A 63-bit generator seed for one tensor's noise at one step, stable across runs and platforms."""
     digest = hashlib.blake2b(f"moreau:{seed}:{step}:{sample}:{index}".encode(), digest_size=8).digest()
@@ -363,12 +373,7 @@ class PerturbedGradient:
 
     def backward(self, step: int) -> float:
         """Accumulate the calibration-loss gradient into the δ aliases; returns the mean loss."""
-        total = 0.0
-        for loss in self.ctx.iter_losses():
-            check_finite(loss, "moreau calibration loss", step + 1)
-            loss.backward()
-            total += float(loss.detach())
-        return total
+        return backward_calibration(self.ctx, step)
 
 
 @dataclass
@@ -429,12 +434,7 @@ class InPlacePerturbedGradient:
 
     def backward(self, step: int) -> float:
         """Accumulate the calibration-loss gradient into ``.grad``; returns the mean loss."""
-        total = 0.0
-        for loss in self.ctx.iter_losses():
-            check_finite(loss, "moreau calibration loss", step + 1)
-            loss.backward()
-            total += float(loss.detach())
-        return total
+        return backward_calibration(self.ctx, step)
 
     @torch.no_grad()
     def restore(self) -> None:
