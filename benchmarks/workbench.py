@@ -19,7 +19,6 @@ from prunekit.data import Text, calibration_batches, load_text
 from prunekit.evaluate import perplexity
 from prunekit.grouping import GrouperOptions, apply_plan
 from prunekit.groups import PruningGroup
-from prunekit.importance import ScoringContext
 from prunekit.pipeline import RunContext, load_model, resolve_layers, score_groups
 from prunekit.registry import MethodEntry, Registry, get_registry
 from prunekit.select import select
@@ -72,27 +71,17 @@ class Workbench:
 
     def score(self, model: torch.nn.Module, groups: list[PruningGroup], method: str, batches: list[torch.Tensor],
               seed: int, compute_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], dict, float]:
-        """Unit scores, the method's info and the wall seconds; float32 goes through the pipeline's scorer.
+        """Unit scores, the method's info and the wall seconds, through the pipeline's scorer.
 
-        ``compute_dtype`` other than float32 runs the estimator on the model as it is (cast by the caller),
-        which the pipeline deliberately never does; it measures what a low-precision estimation changes.
+        ``compute_dtype`` other than float32 estimates in that precision, which a run never does; it
+        measures what a low-precision estimation changes.
         """
         entry = self.method(method)
         options = entry.options({})
         started = time.perf_counter()
-        if compute_dtype == torch.float32:
-            ctx = RunContext(config=RunConfig(method=method, seed=seed), registry=self.registry, model=model,
-                             groups=groups)
-            scores, info = score_groups(ctx, entry, options, batches)
-        else:
-            scoring = ScoringContext(model=model, groups=groups, batches=batches, seed=seed)
-            try:
-                scores = [s.detach().float().cpu() for s in entry.cls(options).scores(scoring)]
-            finally:
-                for p in model.parameters():
-                    p.requires_grad_(False)
-                    p.grad = None
-            info = scoring.info
+        ctx = RunContext(config=RunConfig(method=method, seed=seed), registry=self.registry, model=model,
+                         groups=groups)
+        scores, info = score_groups(ctx, entry, options, batches, compute_dtype)
         return scores, info, time.perf_counter() - started
 
     @staticmethod

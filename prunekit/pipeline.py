@@ -95,10 +95,12 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def score_groups(ctx: RunContext, method_entry, options, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-    """Unit scores in float32 whatever the load dtype (the cast is lossless and undone afterwards)."""
+def score_groups(ctx: RunContext, method_entry, options, batches: list[torch.Tensor],
+                 compute_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], dict]:
+    """Unit scores estimated in ``compute_dtype``: float32 whatever the load dtype in a run (that cast is
+    lossless and undone afterwards); benchmarks pass a lower precision to measure what it changes."""
     model, dtype = ctx.model, next(ctx.model.parameters()).dtype
-    model.float()
+    model.to(compute_dtype)
     try:
         scoring = ScoringContext(model=model, groups=ctx.groups, batches=batches, seed=ctx.config.seed)
         scores = [s.detach().float().cpu() for s in method_entry.cls(options).scores(scoring)]

@@ -8,8 +8,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-HIDDEN_LEAVES = ("n_tokens", "n_windows", "window", "stderr", "n_examples", "limit", "seconds")
-HIDDEN_BRANCHES = ("spec", "versions", "data")
+# Keep the table to what a reader compares: perplexity, each task's reported metric and the mean.
+HIDDEN_LEAVES = ("n_tokens", "n_windows", "n_predicted", "tokens_in_split", "nll_mean", "window", "stderr",
+                 "n", "version", "limit", "seconds")
+HIDDEN_BRANCHES = ("spec", "versions", "data", "all")
 
 
 def flatten_numbers(tree: Any, prefix: str = "") -> dict[str, float]:
@@ -21,7 +23,7 @@ def flatten_numbers(tree: Any, prefix: str = "") -> dict[str, float]:
                 continue
             out.update(flatten_numbers(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        if not prefix.rsplit(".", 1)[-1].startswith(HIDDEN_LEAVES):
+        if prefix.rsplit(".", 1)[-1] not in HIDDEN_LEAVES:
             out[prefix] = float(tree)
     return out
 
