@@ -23,6 +23,13 @@ def zero_shot_mean(wb: Workbench, model, limit: int | None) -> dict:
     return {"mean": result.get("mean"), "detail": result}
 
 
+def dense_zero_shot_mean(wb: Workbench) -> float:
+    """Zero-shot mean of the unpruned model, measured once per workbench (every method shares it)."""
+    if "zero_shot_mean" not in wb.cache:
+        wb.cache["zero_shot_mean"] = zero_shot_mean(wb, wb.model, wb.profile.zero_shot_limit)["mean"]
+    return wb.cache["zero_shot_mean"]
+
+
 def one_seed(wb: Workbench, method: str, ratios: tuple[float, ...], seed: int, zero_shot: bool) -> list[dict]:
     """Pruned perplexities at every ratio for one seed."""
     entry = wb.method(method)
@@ -54,6 +61,6 @@ def run(wb: Workbench, method: str, ratios: tuple[float, ...], seeds: list[int],
             by_ratio[str(ratio)]["zero_shot_mean"] = summary([r["zero_shot"]["mean"] for r in at])
     dense = {"params": wb.model.num_parameters(), **{f"ppl_{c}": wb.dense_ppl(c) for c in wb.profile.quality_corpora}}
     if zero_shot:
-        dense["zero_shot_mean"] = zero_shot_mean(wb, wb.model, wb.profile.zero_shot_limit)["mean"]
+        dense["zero_shot_mean"] = dense_zero_shot_mean(wb)
     return {"suite": "quality", "method": method, "ratios": list(ratios), "seeds": seeds, "rows": rows,
             "by_ratio": by_ratio, "dense": dense, "seconds": round(time.perf_counter() - started, 1)}

@@ -37,6 +37,7 @@ class Workbench:
     layers: range = field(init=False)
     _texts: dict[str, Text] = field(default_factory=dict, init=False)
     _dense_ppl: dict[str, float] = field(default_factory=dict, init=False)
+    cache: dict[str, Any] = field(default_factory=dict, init=False)  # per-model results shared across suites
 
     def __post_init__(self) -> None:
         """Resolve the pipeline's default layer range for this model."""

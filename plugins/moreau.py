@@ -555,3 +555,8 @@ def prunekit_register_importances(register) -> None:
     register("moreau-gs", Moreau, defaults={"penalty": "group"},
              description="Moreau-envelope gradient importance |w*mean(delta)| with group (l2,1) "
                          "soft-thresholding over the pruning units (MoreauPruner-GS)")
+    # The authors' released behaviour under its own names, so benchmarks compare both modes side by side.
+    register("moreau-reference", Moreau, defaults={"penalty": "l1", "mode": "reference"},
+             description="moreau as the authors' released code computes it (no pull-back, every parameter)")
+    register("moreau-gs-reference", Moreau, defaults={"penalty": "group", "mode": "reference"},
+             description="moreau-gs as the authors' released code computes it (row-RMS groups, every parameter)")
