@@ -59,14 +59,17 @@ def run(ctx: ScoringContext, **options) -> list[torch.Tensor]:
 # -- registration and options ---------------------------------------------------------------------
 
 
-def test_registers_two_presets_of_one_class():
+def test_registers_presets_of_one_class():
     seen = {}
     prunekit_register_importances(lambda name, cls, defaults=None, description=None: seen.update(
         {name: (cls, defaults, description)}))
-    assert set(seen) == {"moreau", "moreau-gs"}
-    assert seen["moreau"][0] is seen["moreau-gs"][0] is Moreau
-    assert MoreauOptions(**seen["moreau"][1]).penalty == "l1"
-    assert MoreauOptions(**seen["moreau-gs"][1]).penalty == "group"
+    assert set(seen) == {"moreau", "moreau-gs", "moreau-reference", "moreau-gs-reference"}
+    assert all(cls is Moreau for cls, _, _ in seen.values())
+    presets = {name: MoreauOptions(**defaults) for name, (_, defaults, _) in seen.items()}
+    assert (presets["moreau"].penalty, presets["moreau"].mode) == ("l1", "math")
+    assert (presets["moreau-gs"].penalty, presets["moreau-gs"].mode) == ("group", "math")
+    assert (presets["moreau-reference"].penalty, presets["moreau-reference"].mode) == ("l1", "reference")
+    assert (presets["moreau-gs-reference"].penalty, presets["moreau-gs-reference"].mode) == ("group", "reference")
     assert all(d for _, _, d in seen.values())
 
 
