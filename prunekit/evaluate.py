@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
@@ -258,22 +258,14 @@ class EvalSpec(BaseModel):
     batch_size: int = Field(8, ge=1)
     data_dir: str | None = None
 
-    @field_validator("perplexity")
+    @field_validator("perplexity", "zero_shot")
     @classmethod
-    def _known_ppl(cls, value: list[str]) -> list[str]:
-        """Only corpora with a test split are perplexity sources."""
-        bad = [v for v in value if v not in PPL_SOURCES]
+    def _known(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """Only corpora with a test split, and tasks with local data and a reported metric."""
+        accepted = PPL_SOURCES if info.field_name == "perplexity" else tuple(ZERO_SHOT_TASKS)
+        bad = [v for v in value if v not in accepted]
         if bad:
-            raise ValueError(f"{bad} not supported; choose from {', '.join(PPL_SOURCES)}")
-        return value
-
-    @field_validator("zero_shot")
-    @classmethod
-    def _known_tasks(cls, value: list[str]) -> list[str]:
-        """Only tasks with known local data and a reported metric."""
-        bad = [v for v in value if v not in ZERO_SHOT_TASKS]
-        if bad:
-            raise ValueError(f"{bad} not supported; choose from {', '.join(ZERO_SHOT_TASKS)}")
+            raise ValueError(f"{bad} not supported; choose from {', '.join(accepted)}")
         return value
 
     @classmethod
