@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 is much faster than oversubscribed cores on a busy machine)")
     ap.add_argument("--ppl-windows", type=int, default=None, help="override the profile's perplexity window cap")
+    ap.add_argument("--calib-batch", type=int, default=None,
+                    help="calibration micro-batch size (default: the pipeline's calibration.batch_size)")
     ap.add_argument("--noise-levels", default=None,
                     help="robustness: comma-separated relative noise levels, e.g. 0.001,0.004,0.01")
     ap.add_argument("--perturbations", default=None,
@@ -84,6 +86,8 @@ def profile_of(args: argparse.Namespace) -> Profile:
     changes: dict = {}
     if args.ppl_windows is not None:
         changes["ppl_max_windows"] = args.ppl_windows
+    if args.calib_batch is not None:
+        changes["calib_batch"] = args.calib_batch
     if args.noise_levels:
         changes["noise_levels"] = tuple(float(x) for x in args.noise_levels.split(",") if x.strip())
     if args.perturbations:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from prunekit.config import CalibrationConfig
+
+_CALIBRATION = CalibrationConfig()  # the profiles calibrate like a default run
+
 
 @dataclass(frozen=True)
 class Profile:
     """Every size knob of a benchmark run; ``quick`` fits 2 CPU cores, ``full`` is for a GPU machine."""
 
     name: str
-    calib_source: str = "ptb"
-    calib_samples: int = 10
-    calib_seq_len: int = 64
-    calib_batch: int = 10
+    calib_source: str = _CALIBRATION.source
+    calib_samples: int = _CALIBRATION.n_samples
+    calib_seq_len: int = _CALIBRATION.seq_len
+    calib_batch: int = _CALIBRATION.batch_size
     calib_seed_offset: int = 1000  # the "other calibration sample" perturbation draws seed + this
     ppl_window: int = 128
     ppl_max_windows: int | None = 20

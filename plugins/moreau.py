@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Protocol
 
@@ -33,6 +34,7 @@ from prunekit.importance import Importance, Options, ScoringContext, check_finit
 
 Tensors = dict[str, torch.Tensor]
 GradFn = Callable[[Tensors, int], Tensors]  # (current δ, iteration) -> ∇L at the perturbed point
+StepFn = Callable[[Tensors, int], None]  # (δ, iteration) -> δ moved in place to δ - γ·(∇L [+ δ/ρ])
 
 # At most this many elements per tensor enter the median of element-wise magnitudes (eta_relative, l1).
 _MEDIAN_SAMPLE = 1 << 20
@@ -118,7 +120,7 @@ class UnitGroupProx:
         sq = None
         for s in group.slices:
             t = tensors[s.param_name]
-            channel_sq = t.pow(2).sum(dim=1 - s.dim)
+            channel_sq = torch.linalg.vector_norm(t, dim=1 - s.dim).square()
             unit_sq = channel_sq[s.channels.to(t.device)].sum(dim=1)
             sq = unit_sq if sq is None else sq + unit_sq
         return sq.sqrt()
@@ -190,33 +192,40 @@ def median_statistic(prox: Prox, grads: Tensors) -> float:
 # -- the proximal gradient loop -----------------------------------------------------------------------
 
 
-def proximal_descent(
-    grad_at: GradFn,
-    delta: Tensors,
-    prox: Prox,
-    *,
-    step: float,
-    rho: float | None,
-    iterations: int,
-    averaged: int,
-    on_first_gradient: Callable[[Tensors], None] | None = None,
-    on_iteration: Callable[[int, Tensors], None] | None = None,
-) -> Tensors:
-    """Run T proximal steps on δ in place and return the mean δ of the last K (rho None: no pull-back).
+def gradient_step(grad_at: GradFn, step: float, rho: float | None) -> StepFn:
+    """The step δ ← δ·(1 - γ/ρ) - γ·∇L from a function returning ∇L (rho None: no pull-back)."""
 
-    ``grad_at(delta, t)`` returns ∇L at the perturbed point for every tensor of ``delta``; the model
-    path and the unit tests drive the same loop with different closures.
-    """
-    acc: Tensors = {}
-    for t in range(iterations):
+    def apply(delta: Tensors, t: int) -> None:
         grads = grad_at(delta, t)
-        if t == 0 and on_first_gradient is not None:
-            on_first_gradient(grads)
         for name, d in delta.items():
             if rho is not None:
                 d.mul_(1 - step / rho)
             d.add_(grads[name], alpha=-step)
-        del grads
+
+    return apply
+
+
+def proximal_descent(
+    gradient_step: StepFn,
+    delta: Tensors,
+    prox: Prox,
+    *,
+    iterations: int,
+    averaged: int,
+    on_first_step: Callable[[Tensors], None] | None = None,
+    on_iteration: Callable[[int, Tensors], None] | None = None,
+) -> Tensors:
+    """Run T proximal steps on δ in place and return the mean δ of the last K.
+
+    ``gradient_step(delta, t)`` moves δ to v = δ - γ·(∇L(w + ε + δ) [+ δ/ρ]) in place; the model path
+    fuses it into the backward pass, the unit tests build it from a closed-form gradient with
+    :func:`gradient_step`. ``on_first_step`` sees v of the first step, which is -γ·∇L (δ starts at 0).
+    """
+    acc: Tensors = {}
+    for t in range(iterations):
+        gradient_step(delta, t)
+        if t == 0 and on_first_step is not None:
+            on_first_step(delta)
         prox(delta)
         if t >= iterations - averaged:
             for name, d in delta.items():
@@ -250,45 +259,49 @@ def noise_seed(seed: int, step: int, sample: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _perturbed_weight(w: torch.Tensor, delta: torch.Tensor, sigma: float, seed: int | None) -> torch.Tensor:
-    """W' = w + σ|w|·z + δ for one tensor, z from its seeded generator (same bits as perturbing in place)."""
-    out = w.detach().clone()
-    if sigma > 0:
-        gen = torch.Generator(device=w.device).manual_seed(seed)
-        z = torch.randn(w.shape, generator=gen, device=w.device, dtype=w.dtype)
-        out.addcmul_(w.detach().abs(), z, value=sigma)
-        del z
-    return out.add_(delta.detach())
+def standard_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """z ~ N(0, 1) shaped like ``like`` from a generator seeded with ``seed`` (same bits every call).
+
+    The weight noise is ε = σ·w·z: sign(w)·z is standard normal again, so this is N(0, (σ|w|)²)
+    without materialising |w|.
+    """
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def parallel_map(fn: Callable, items: list) -> list:
+    """``[fn(x) for x in items]`` on torch's thread count: the CPU Gaussian generator is single-threaded
+    and releases the GIL, and every tensor has its own seeded generator, so results do not depend on it."""
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 class _PerturbedLinear(torch.autograd.Function):
-    """y = x·W'ᵀ + b with W' = w + σ|w|·z + δ built on the fly; W' is regenerated for the backward.
+    """y = x·W'ᵀ + b for a prebuilt perturbed weight W'; the backward adds scale·∂L/∂W' straight into δ.
 
-    Saves only x (w and δ by reference); returns the gradient for x and for δ (= ∂L/∂W'), none for w.
+    The gradient w.r.t. W' is the gradient w.r.t. δ, so the proximal step's -γ·∇L term is one ``addmm_``
+    into δ: no weight gradient is ever allocated. ``anchor`` is a scalar leaf that makes autograd run this
+    backward even where nothing upstream needs a gradient (the first layer).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, delta, bias, sigma, seed):
-        with torch.no_grad():
-            w_eff = _perturbed_weight(weight, delta, sigma, seed)
-            y = torch.nn.functional.linear(x, w_eff, bias)
-        del w_eff
+    def forward(ctx, x, anchor, w_eff, delta, bias, scale):
         ctx.save_for_backward(x)
-        ctx.weight, ctx.delta, ctx.sigma, ctx.seed = weight, delta, sigma, seed
-        return y
+        ctx.w_eff, ctx.delta, ctx.scale = w_eff, delta, scale
+        return torch.nn.functional.linear(x, w_eff, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        w_eff = _perturbed_weight(ctx.weight, ctx.delta, ctx.sigma, ctx.seed)
-        grad_x = grad_y @ w_eff if ctx.needs_input_grad[0] else None
-        del w_eff
-        grad_delta = None
-        if ctx.needs_input_grad[2]:
-            grad_delta = grad_y.reshape(-1, grad_y.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-        ctx.weight = ctx.delta = None
-        return grad_x, None, grad_delta, grad_bias, None, None
+        grad_x = grad_y @ ctx.w_eff if ctx.needs_input_grad[0] else None
+        rows = grad_y.reshape(-1, grad_y.shape[-1])
+        ctx.delta.addmm_(rows.t(), x.reshape(-1, x.shape[-1]), alpha=ctx.scale)
+        grad_bias = rows.sum(0) if ctx.needs_input_grad[4] else None
+        ctx.w_eff = ctx.delta = None
+        return grad_x, None, None, None, grad_bias, None
 
 
 def linear_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Linear] | None:
@@ -308,53 +321,77 @@ def linear_modules(model: torch.nn.Module, names) -> dict[str, torch.nn.Linear] 
 
 
 @dataclass
-class PerturbedGradient:
-    """∇L(w + ε + δ) for prunable nn.Linear weights without touching the parameters.
+class PerturbedStep:
+    """One proximal-gradient step δ ← δ·(1 - γ/ρ) - γ·∇L(w + ε + δ) for prunable nn.Linear weights.
 
-    Each scope Linear's forward is swapped (for the duration of one call) for :class:`_PerturbedLinear`,
-    which builds W' = w + σ|w|·z + δ for that one layer only, in the forward and again in the backward
-    (z from the same seeded generator both times). The gradient w.r.t. W' is the gradient w.r.t. δ,
-    so autograd accumulates it into a δ alias; the weights never change and nothing is restored.
+    W' = w + σ·w·z + δ is built once per step for every scope Linear (in parallel across tensors) and
+    shared by every calibration micro-batch; each Linear's forward is swapped, for the step only, for
+    :class:`_PerturbedLinear`, whose backward accumulates -γ·∂L/∂W' into δ. The parameters are never
+    written and get no ``.grad``. State: δ, W' and the caller's running mean; no gradient buffer.
     """
 
     ctx: ScoringContext
-    params: dict[str, torch.nn.Parameter]
+    modules: dict[str, torch.nn.Linear]
     sigma: float
     seed: int
     noise_samples: int
-    modules: dict[str, torch.nn.Linear]
+    step: float
+    rho: float | None
     losses: list[float] = field(default_factory=list)
 
-    def __call__(self, delta: Tensors, step: int) -> Tensors:
-        """Mean gradient over ``noise_samples`` draws of ε (each over all calibration batches)."""
-        leaves = {n: delta[n].detach().requires_grad_() for n in self.params}
+    def __call__(self, delta: Tensors, t: int) -> None:
+        """Move δ to v in place, the gradient averaged over ``noise_samples`` draws of ε."""
+        weights = self.build(delta, t)
+        if self.rho is not None:
+            for d in delta.values():
+                d.mul_(1 - self.step / self.rho)
+        scale = -self.step / self.noise_samples
+        anchor = torch.zeros((), requires_grad=True)
         total = 0.0
         for sample in range(self.noise_samples):
-            with self.swapped(leaves, step, sample):
-                total += self.backward(step)
-        grads = {}
-        for name, leaf in leaves.items():
-            g = leaf.grad
-            leaf.grad = None
-            if g is None:  # a weight the loss does not reach
-                g = torch.zeros_like(leaf, requires_grad=False)
-            if self.noise_samples > 1:
-                g.div_(self.noise_samples)
-            check_finite(g, f"gradient of {name}", step + 1)
-            grads[name] = g
-        del leaves
+            if sample:
+                self.resample(weights, t, sample)
+            with self.routed(weights, delta, anchor, scale):
+                total += backward_calibration(self.ctx, t)
+        del weights
+        for name, d in delta.items():
+            check_finite(d, f"gradient of {name}", t + 1)
         self.losses.append(total / self.noise_samples)
-        return grads
+
+    def build(self, delta: Tensors, t: int) -> Tensors:
+        """W' = w + σ·w·z₀ + δ for every scope Linear (z₀ from the tensor's seed for step t, sample 0)."""
+
+        def one(item: tuple[int, tuple[str, torch.nn.Linear]]) -> torch.Tensor:
+            index, (name, module) = item
+            w = module.weight.detach()
+            if self.sigma == 0:
+                return torch.add(w, delta[name])
+            z = standard_noise(w, noise_seed(self.seed, t, 0, index))
+            return torch.addcmul(w, w, z, value=self.sigma, out=z).add_(delta[name])
+
+        return dict(zip(self.modules, parallel_map(one, list(enumerate(self.modules.items())))))
+
+    def resample(self, weights: Tensors, t: int, sample: int) -> None:
+        """Swap the previous draw's noise in W' for this draw's: W' += σ·w·(z_s - z_{s-1})."""
+        if self.sigma == 0:
+            return
+
+        def one(item: tuple[int, tuple[str, torch.nn.Linear]]) -> None:
+            index, (name, module) = item
+            w = module.weight.detach()
+            weights[name].addcmul_(w, standard_noise(w, noise_seed(self.seed, t, sample - 1, index)), value=-self.sigma)
+            weights[name].addcmul_(w, standard_noise(w, noise_seed(self.seed, t, sample, index)), value=self.sigma)
+
+        parallel_map(one, list(enumerate(self.modules.items())))
 
     @contextlib.contextmanager
-    def swapped(self, leaves: Tensors, step: int, sample: int) -> Iterator[None]:
+    def routed(self, weights: Tensors, delta: Tensors, anchor: torch.Tensor, scale: float) -> Iterator[None]:
         """Route every scope Linear through :class:`_PerturbedLinear`; put the old forwards back after."""
         saved = []
         try:
-            for index, (name, module) in enumerate(self.modules.items()):
-                seed = noise_seed(self.seed, step, sample, index) if self.sigma > 0 else None
+            for name, module in self.modules.items():
                 saved.append((module, module.__dict__.get("forward")))
-                module.forward = self._forward(module, leaves[name], seed)
+                module.forward = self._forward(module, anchor, weights[name], delta[name], scale)
             yield
         finally:
             for module, previous in saved:
@@ -363,17 +400,13 @@ class PerturbedGradient:
                 else:
                     module.forward = previous
 
-    def _forward(self, module: torch.nn.Linear, delta: torch.Tensor, seed: int | None):
-        sigma = self.sigma
-
+    @staticmethod
+    def _forward(module: torch.nn.Linear, anchor: torch.Tensor, w_eff: torch.Tensor, delta: torch.Tensor,
+                 scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return _PerturbedLinear.apply(x, module.weight, delta, module.bias, sigma, seed)
+            return _PerturbedLinear.apply(x, anchor, w_eff, delta, module.bias, scale)
 
         return forward
-
-    def backward(self, step: int) -> float:
-        """Accumulate the calibration-loss gradient into the δ aliases; returns the mean loss."""
-        return backward_calibration(self.ctx, step)
 
 
 @dataclass
@@ -421,14 +454,12 @@ class InPlacePerturbedGradient:
 
     @torch.no_grad()
     def perturb(self, delta: Tensors, step: int, sample: int) -> None:
-        """Set every scope parameter to w + σ|w|·z + δ, z drawn from a per-tensor seeded generator."""
+        """Set every scope parameter to w + σ·w·z + δ, z drawn from a per-tensor seeded generator."""
         for index, (name, p) in enumerate(self.params.items()):
             w = self.originals[name]
             p.copy_(w)
             if self.sigma > 0:
-                gen = torch.Generator(device=p.device).manual_seed(noise_seed(self.seed, step, sample, index))
-                z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-                p.addcmul_(w.abs(), z, value=self.sigma)
+                p.addcmul_(w, standard_noise(w, noise_seed(self.seed, step, sample, index)), value=self.sigma)
             if name in delta:
                 p.add_(delta[name])
 
@@ -493,24 +524,26 @@ class Moreau(Importance):
         prox = make_prox(o, ctx.groups)
         modules = linear_modules(ctx.model, params) if o.mode == "math" else None
         info = self._settings(o, params, seed, in_place=modules is None)
+        rho = o.rho if o.mode == "math" else None
         with gradients_only_for(ctx.model, set() if modules is not None else set(params)):
             if modules is not None:
-                grad_at = PerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples, modules)
+                estimator = PerturbedStep(ctx, modules, o.sigma, seed, o.noise_samples, o.step, rho)
+                step_fn: StepFn = estimator
             else:
-                grad_at = InPlacePerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples)
+                estimator = InPlacePerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples)
+                step_fn = gradient_step(estimator, o.step, rho)
             delta = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
             delta_norms: list[float] = []
             mean_delta = proximal_descent(
-                grad_at, delta, prox, step=o.step, rho=o.rho if o.mode == "math" else None,
-                iterations=o.iterations, averaged=o.averaged,
-                on_first_gradient=self._relative_eta(prox, o.eta_relative),
+                step_fn, delta, prox, iterations=o.iterations, averaged=o.averaged,
+                on_first_step=self._relative_eta(prox, o.eta_relative),
                 on_iteration=lambda t, d: delta_norms.append(_global_norm(d)),
             )
             del delta
-            if isinstance(grad_at, InPlacePerturbedGradient):
-                grad_at.originals.clear()
+            if isinstance(estimator, InPlacePerturbedGradient):
+                estimator.originals.clear()
         info.update(eta_effective=prox.eta, threshold=prox.step * prox.eta, delta_norms=delta_norms,
-                    losses=grad_at.losses)
+                    losses=estimator.losses)
         if o.mode == "reference" and o.penalty == "group":
             info["shrink"] = prox.eta
         ctx.info["moreau"] = info
@@ -518,12 +551,16 @@ class Moreau(Importance):
 
     @staticmethod
     def _relative_eta(prox: Prox, eta_relative: float | None) -> Callable[[Tensors], None] | None:
-        """With ``eta_relative`` set, fix η from the first gradient's median group statistic."""
+        """With ``eta_relative`` set, fix η from the first gradient's median group statistic.
+
+        The first step's v is -γ·∇L and every statistic is absolutely homogeneous, so dividing by γ gives
+        the gradient's statistic without keeping the gradient.
+        """
         if eta_relative is None:
             return None
 
-        def calibrate(grads: Tensors) -> None:
-            prox.eta = eta_relative * median_statistic(prox, grads)
+        def calibrate(first_step: Tensors) -> None:
+            prox.eta = eta_relative * median_statistic(prox, first_step) / prox.step
 
         return calibrate
 
@@ -537,14 +574,14 @@ class Moreau(Importance):
             "eta_relative": o.eta_relative, "noise_samples": o.noise_samples, "seed": seed,
             "scope": "prunable" if o.mode == "math" else "all", "scope_tensors": len(params),
             "scope_elements": elements,
-            # δ + running mean + δ-gradient (+ originals when perturbing in place), all float32
+            # fused: δ + running mean + W'; in place: δ + running mean + .grad + originals; all float32
             "state_bytes": 4 * (4 if in_place else 3) * elements,
         }
 
 
 def _global_norm(tensors: Tensors) -> float:
     """ℓ2 norm of all tensors together."""
-    return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors.values()))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors.values()))
 
 
 @hookimpl

@@ -12,13 +12,13 @@ from conftest import make_tiny_llama
 from plugins.moreau import (
     ElementProx,
     InPlacePerturbedGradient,
-    PerturbedGradient,
     Moreau,
     MoreauOptions,
     ReferenceRowProx,
     UnitGroupProx,
     noise_seed,
     prunekit_register_importances,
+    gradient_step,
     proximal_descent,
 )
 from prunekit.adapters.llama import LlamaAdapter
@@ -102,8 +102,8 @@ def test_quadratic_converges_to_envelope_gradient():
     a = {"x": torch.rand(5, 3, generator=gen) * 3 + 0.1, "y": torch.rand(7, generator=gen) * 3 + 0.1}
     rho, step = 0.5, 0.1
     delta = {n: torch.zeros_like(t) for n, t in w.items()}
-    mean_delta = proximal_descent(lambda d, t: {n: a[n] * (w[n] + d[n]) for n in d}, delta,
-                                  ElementProx(0.0, step), step=step, rho=rho, iterations=300, averaged=20)
+    grad = gradient_step(lambda d, t: {n: a[n] * (w[n] + d[n]) for n in d}, step, rho)
+    mean_delta = proximal_descent(grad, delta, ElementProx(0.0, step), iterations=300, averaged=20)
     for n in w:
         torch.testing.assert_close(-mean_delta[n] / rho, a[n] * w[n] / (1 + a[n] * rho), rtol=1e-5, atol=1e-6)
 
@@ -111,8 +111,8 @@ def test_quadratic_converges_to_envelope_gradient():
 def test_averaging_uses_the_last_k_iterates():
     """With a constant gradient and no pull-back δ_t = -t·γ·g, so the mean of the last 3 of 5 is -4γg."""
     g = torch.tensor([1.0, -2.0])
-    mean_delta = proximal_descent(lambda d, t: {"w": g}, {"w": torch.zeros(2)}, ElementProx(0.0, 0.5),
-                                  step=0.5, rho=None, iterations=5, averaged=3)
+    mean_delta = proximal_descent(gradient_step(lambda d, t: {"w": g}, 0.5, None), {"w": torch.zeros(2)},
+                                  ElementProx(0.0, 0.5), iterations=5, averaged=3)
     torch.testing.assert_close(mean_delta["w"], -4 * 0.5 * g)
 
 
@@ -319,7 +319,7 @@ def inplace_reference_salience(ctx: ScoringContext, o: MoreauOptions, seed: int)
                 for index, (n, p) in enumerate(params.items()):
                     w = originals[n]
                     gen = torch.Generator().manual_seed(noise_seed(seed, step, sample, index))
-                    p.copy_(w + o.sigma * w.abs() * torch.randn(p.shape, generator=gen) + delta[n])
+                    p.copy_(w + o.sigma * w * torch.randn(p.shape, generator=gen) + delta[n])
             for loss in ctx.iter_losses():
                 loss.backward()
         with torch.no_grad():
@@ -329,8 +329,8 @@ def inplace_reference_salience(ctx: ScoringContext, o: MoreauOptions, seed: int)
 
     delta = {n: torch.zeros_like(p) for n, p in params.items()}
     prox = make_prox(o, ctx.groups)
-    mean = proximal_descent(grad_at, delta, prox, step=o.step, rho=o.rho, iterations=o.iterations,
-                            averaged=o.averaged, on_first_gradient=Moreau._relative_eta(prox, o.eta_relative))
+    mean = proximal_descent(gradient_step(grad_at, o.step, o.rho), delta, prox, iterations=o.iterations,
+                            averaged=o.averaged, on_first_step=Moreau._relative_eta(prox, o.eta_relative))
     for p in ctx.model.parameters():
         p.grad = None
     return {n: (mean[n] * originals[n]).abs() for n in params}
@@ -385,3 +385,38 @@ def test_wrapped_linear_falls_back_to_in_place_perturbation(gqa_groups, calibrat
     assert "forward" in module.__dict__
     for a, b in zip(wrapped, fused):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["taylor", "moreau-gs"])
+def test_micro_batches_give_the_gradient_of_one_batch(gqa_groups, calibration_ids, method):
+    """Calibration batches only bound memory: 4 sequences as one batch, as 2+2 or as 3+1 score the same."""
+    from prunekit.registry import get_registry
+
+    entry = get_registry().method(method)
+    everything = torch.cat(calibration_ids)
+    splits = [[everything], list(everything.split(2)), [everything[:3], everything[3:]]]
+    scores = []
+    for batches in splits:
+        ctx = ScoringContext(make_tiny_llama(8, 2), gqa_groups, batches, seed=3)
+        options = entry.options(FAST if method.startswith("moreau") else {})
+        scores.append(torch.cat(entry.cls(options).scores(ctx)))
+    for other in scores[1:]:
+        torch.testing.assert_close(other, scores[0], rtol=1e-4, atol=1e-6 * float(scores[0].abs().max()))
+
+
+def test_perturbed_weights_do_not_depend_on_thread_count(gqa_groups, calibration_ids):
+    """W' is built in parallel across tensors from per-tensor generators: 1 or 3 threads, same bits."""
+    from plugins.moreau import PerturbedStep, linear_modules
+
+    ctx = tiny_ctx(gqa_groups, calibration_ids)
+    modules = linear_modules(ctx.model, ctx.params())
+    step = PerturbedStep(ctx, modules, sigma=0.05, seed=4, noise_samples=1, step=2e-4, rho=0.2)
+    delta = {n: torch.full_like(m.weight, 0.01) for n, m in modules.items()}
+    built = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        built.append(step.build(delta, t=2))
+    torch.set_num_threads(1)
+    assert all(torch.equal(built[0][n], built[1][n]) for n in modules)
+    name, module = next(iter(modules.items()))
+    assert not torch.equal(built[0][name], module.weight + 0.01)  # the noise is there
