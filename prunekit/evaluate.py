@@ -257,6 +257,9 @@ class EvalSpec(BaseModel):
     zero_shot_limit: int | None = Field(50, ge=1)
     batch_size: int = Field(8, ge=1)
     data_dir: str | None = None
+    evaluators: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="evaluators registered by plugins (`prunekit plugins`) to run too, "
+                                          "each with its options")
 
     @field_validator("perplexity", "zero_shot")
     @classmethod
@@ -274,10 +277,23 @@ class EvalSpec(BaseModel):
         return cls(**{"ppl_max_windows": None, "zero_shot_limit": None, **overrides})
 
 
+def plugin_evaluators(spec: EvalSpec, registry: Any | None = None) -> dict[str, Any]:
+    """The registered evaluator function for each name in ``spec.evaluators`` (UserError naming the
+    available ones for an unknown name), so a run can refuse a typo before loading anything."""
+    if not spec.evaluators:
+        return {}
+    from prunekit.registry import get_registry
+
+    registry = registry or get_registry()
+    return {name: registry.named("evaluators", name).impl for name in spec.evaluators}
+
+
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Perplexity on each requested corpus and zero-shot accuracy, as one JSON-ready dict (with the spec)."""
+                   progress: bool = True, registry: Any | None = None) -> dict[str, Any]:
+    """Perplexity on each requested corpus, zero-shot accuracy and any plugin evaluators, as one
+    JSON-ready dict (with the spec)."""
     spec = spec or EvalSpec()
+    evaluators = plugin_evaluators(spec, registry)
     started = time.perf_counter()
     ppl = {name: perplexity(model, tokenizer, name, window=spec.ppl_window, batch_size=spec.batch_size,
                             max_windows=spec.ppl_max_windows, progress=progress, split=spec.ppl_split,
@@ -285,5 +301,10 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None
            for name in spec.perplexity}
     shots = zero_shot(model, tokenizer, spec.zero_shot, spec.zero_shot_limit, spec.batch_size) \
         if spec.zero_shot else None
-    return {"spec": spec.model_dump(), "perplexity": ppl, "zero_shot": shots,
-            "seconds": round(time.perf_counter() - started, 1)}
+    out = {"spec": spec.model_dump(), "perplexity": ppl, "zero_shot": shots}
+    if evaluators:
+        model.eval()
+        with torch.no_grad():
+            out["evaluators"] = {name: fn(model, tokenizer, spec.evaluators[name]) for name, fn in evaluators.items()}
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out

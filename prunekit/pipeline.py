@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 from prunekit.adapters.base import Adapter
 from prunekit.config import RunConfig
 from prunekit.errors import UserError
-from prunekit.evaluate import evaluate_model
+from prunekit.evaluate import evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, load_pruned, save_pruned
 from prunekit.grouping import apply_plan
 from prunekit.groups import PruningGroup
@@ -141,6 +142,8 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
     options = entry.options(config.method_options)
     recovery = None if config.recovery.method == "none" else registry.named("recovery", config.recovery.method)
     recovery_options = (validate_recovery(recovery, config.recovery.options) if recovery else None)
+    if config.evaluation.enabled:
+        plugin_evaluators(config.evaluation, registry)  # an unknown evaluator fails before any work
     output = config.output or Path(f"pruned-{config.method}")
     check_output_dir(output, config.overwrite, config.model)
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -155,7 +158,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         ctx.groups = registry.named("groupers", "blocks").impl(ctx.model, ctx.adapter, layers, config.grouper)
     params_before = ctx.model.num_parameters()
     metrics: dict[str, Any] = {}
-    evaluate = evaluate_fn or evaluate_model
+    evaluate = evaluate_fn or functools.partial(evaluate_model, registry=registry)
     if config.evaluation.enabled:
         with ctx.stage("evaluate_before"):
             metrics["before"] = evaluate(ctx.model, ctx.tokenizer, config.evaluation, progress=progress)

@@ -156,6 +156,13 @@ def test_config_errors(tiny_model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_unknown_plugin_evaluator_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    cfg = _write(tmp_path / "e.yaml", "evaluation:\n  evaluators:\n    nope: {}\n")
+    result = run_cli("run", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"), "--config", str(cfg))
+    assert result.returncode == 2 and "evaluators: unknown name 'nope'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
 def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -149,3 +149,26 @@ def test_evaluate_model_runs_a_small_spec(model, tok, zero_shot_cache, monkeypat
     assert result["perplexity"]["ptb"]["n_windows"] == 2
     assert result["zero_shot"]["tasks"]["piqa"]["metric"] == "acc_norm"
     assert result["spec"] == spec.model_dump()
+
+
+def test_plugin_evaluators_run_with_their_options(model, tok):
+    """An evaluator a plugin registers runs after the built-ins, gets its options, and lands in the result."""
+    from prunekit import hookimpl
+    from prunekit.plugins import build_host
+    from prunekit.registry import Registry
+
+    class CountsParameters:
+        @hookimpl
+        def prunekit_register_evaluators(self, register):
+            register("param-count", lambda m, t, options: {"params": m.num_parameters() * options["scale"],
+                                                           "grad_enabled": float(torch.is_grad_enabled())})
+
+    host = build_host()
+    host.pm.register(CountsParameters())
+    registry = Registry.from_host(host)
+    spec = evaluate.EvalSpec(perplexity=[], zero_shot=[], evaluators={"param-count": {"scale": 2}})
+    result = evaluate.evaluate_model(model, tok, spec, progress=False, registry=registry)
+    assert result["evaluators"]["param-count"] == {"params": 2 * model.num_parameters(), "grad_enabled": 0.0}
+    with pytest.raises(UserError, match="unknown name 'param-cuont'; available: param-count"):
+        evaluate.evaluate_model(model, tok, spec.model_copy(update={"evaluators": {"param-cuont": {}}}),
+                                progress=False, registry=registry)
