@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.metrics import compare_masks, iou, summary
-from benchmarks.perturb import noisy, rounded
+from benchmarks.perturb import PERTURBATIONS, noisy, rounded
 from prunekit.groups import CoupledSlice, PruningGroup
 
 from conftest import make_tiny_llama
@@ -60,7 +60,7 @@ def test_harness_quick_profile_writes_json_markdown_and_plots(tiny_model_dir, tm
     out = tmp_path / "bench"
     code = harness.main(["--model", str(tiny_model_dir), "--suite", "all", "--methods", "magnitude,taylor,no-such",
                          "--seeds", "0,1", "--profile", "quick", "--no-isolate", "--threads", "1", "--ppl-windows", "4",
-                         "--quiet", "--out", str(out)])
+                         "--perturbations", ",".join(PERTURBATIONS), "--quiet", "--out", str(out)])
     assert code == 0
     names = {p.name for p in out.iterdir()}
     for suite in ("robustness", "cost", "quality"):
