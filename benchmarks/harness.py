@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ppl-windows", type=int, default=None, help="override the profile's perplexity window cap")
     ap.add_argument("--calib-batch", type=int, default=None,
                     help="calibration micro-batch size (default: the pipeline's calibration.batch_size)")
+    ap.add_argument("--speed-repeats", type=int, default=None, help="cost: interleaved throughput repeats (median)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="cost: prompt tokens of the prefill measurement")
     ap.add_argument("--noise-levels", default=None,
                     help="robustness: comma-separated relative noise levels, e.g. 0.001,0.004,0.01")
     ap.add_argument("--perturbations", default=None,
@@ -88,6 +90,10 @@ def profile_of(args: argparse.Namespace) -> Profile:
         changes["ppl_max_windows"] = args.ppl_windows
     if args.calib_batch is not None:
         changes["calib_batch"] = args.calib_batch
+    if args.speed_repeats is not None:
+        changes["speed_repeats"] = args.speed_repeats
+    if args.prompt_len is not None:
+        changes["prompt_len"] = args.prompt_len
     if args.noise_levels:
         changes["noise_levels"] = tuple(float(x) for x in args.noise_levels.split(",") if x.strip())
     if args.perturbations:
