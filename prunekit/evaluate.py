@@ -303,8 +303,13 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None
         if spec.zero_shot else None
     out = {"spec": spec.model_dump(), "perplexity": ppl, "zero_shot": shots}
     if evaluators:
-        model.eval()
-        with torch.no_grad():
-            out["evaluators"] = {name: fn(model, tokenizer, spec.evaluators[name]) for name, fn in evaluators.items()}
+        training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                out["evaluators"] = {name: fn(model, tokenizer, spec.evaluators[name])
+                                     for name, fn in evaluators.items()}
+        finally:
+            model.train(training)
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out

@@ -167,8 +167,11 @@ def test_plugin_evaluators_run_with_their_options(model, tok):
     host.pm.register(CountsParameters())
     registry = Registry.from_host(host)
     spec = evaluate.EvalSpec(perplexity=[], zero_shot=[], evaluators={"param-count": {"scale": 2}})
+    model.train()
     result = evaluate.evaluate_model(model, tok, spec, progress=False, registry=registry)
     assert result["evaluators"]["param-count"] == {"params": 2 * model.num_parameters(), "grad_enabled": 0.0}
+    assert model.training  # evaluated in eval mode, handed back as it came
+    model.eval()
     with pytest.raises(UserError, match="unknown name 'param-cuont'; available: param-count"):
         evaluate.evaluate_model(model, tok, spec.model_copy(update={"evaluators": {"param-cuont": {}}}),
                                 progress=False, registry=registry)
