@@ -16,10 +16,10 @@ from plugins.moreau import (
     MoreauOptions,
     ReferenceRowProx,
     UnitGroupProx,
-    noise_seed,
-    prunekit_register_importances,
     gradient_step,
+    noise_seed,
     proximal_descent,
+    prunekit_register_importances,
 )
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.grouping import GrouperOptions, build_groups
