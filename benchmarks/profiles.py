@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from benchmarks.perturb import PERTURBATIONS
 from prunekit.config import CalibrationConfig
 
 _CALIBRATION = CalibrationConfig()  # the profiles calibrate like a default run
@@ -26,7 +27,7 @@ class Profile:
     noise_levels: tuple[float, ...] = (0.001, 0.004, 0.01)
     # bf16 *estimation* is for devices with fast bf16 matmuls: on the 2-core CPU it took 1,042 s for one
     # SmolLM2 taylor gradient (73 s in float32), so the CPU profile leaves it out unless asked for.
-    perturbations: tuple[str, ...] = ("bfloat16-weights", "float16-weights", "noise", "calibration-resample")
+    perturbations: tuple[str, ...] = tuple(p for p in PERTURBATIONS if p != "bfloat16-estimation")
     quality_ratios: tuple[float, ...] = (0.1, 0.25, 0.4)
     quality_corpora: tuple[str, ...] = ("ptb", "wikitext2")
     zero_shot_limit: int | None = 20  # examples per task when --zero-shot is given; None = the full sets
@@ -42,7 +43,6 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "quick": Profile(name="quick"),
     "full": Profile(name="full", ppl_max_windows=None,
-                    perturbations=("bfloat16-weights", "float16-weights", "bfloat16-estimation", "noise",
-                                   "calibration-resample"), quality_ratios=(0.1, 0.2, 0.25, 0.3, 0.4, 0.5),
+                    perturbations=PERTURBATIONS, quality_ratios=(0.1, 0.2, 0.25, 0.3, 0.4, 0.5),
                     zero_shot_limit=None, prompt_len=512, decode_len=128, speed_repeats=5),
 }

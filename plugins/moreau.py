@@ -197,12 +197,18 @@ def gradient_step(grad_at: GradFn, step: float, rho: float | None) -> StepFn:
 
     def apply(delta: Tensors, t: int) -> None:
         grads = grad_at(delta, t)
+        pull_back(delta, step, rho)
         for name, d in delta.items():
-            if rho is not None:
-                d.mul_(1 - step / rho)
             d.add_(grads[name], alpha=-step)
 
     return apply
+
+
+def pull_back(delta: Tensors, step: float, rho: float | None) -> None:
+    """δ ← δ·(1 - γ/ρ), the Moreau term of the step (rho None: reference mode, no pull-back)."""
+    if rho is not None:
+        for d in delta.values():
+            d.mul_(1 - step / rho)
 
 
 def proximal_descent(
@@ -342,9 +348,7 @@ class PerturbedStep:
     def __call__(self, delta: Tensors, t: int) -> None:
         """Move δ to v in place, the gradient averaged over ``noise_samples`` draws of ε."""
         weights = self.build(delta, t)
-        if self.rho is not None:
-            for d in delta.values():
-                d.mul_(1 - self.step / self.rho)
+        pull_back(delta, self.step, self.rho)
         scale = -self.step / self.noise_samples
         anchor = torch.zeros((), requires_grad=True)
         total = 0.0
