@@ -1,7 +1,7 @@
-"""``python -m benchmarks``: the harness's command line."""
+"""``python -m prunekit.benchmarks``: the harness's command line."""
 
 import sys
 
-from benchmarks.harness import main
+from prunekit.benchmarks.harness import main
 
 sys.exit(main())

@@ -9,10 +9,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from benchmarks import speed
-from benchmarks.memory import PeakRSS
-from benchmarks.profiles import Profile
-from benchmarks.workbench import Workbench
+from prunekit.benchmarks import speed
+from prunekit.benchmarks.memory import PeakRSS
+from prunekit.benchmarks.profiles import Profile
+from prunekit.benchmarks.workbench import Workbench
 
 log = logging.getLogger("benchmarks")
 

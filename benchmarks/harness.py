@@ -1,6 +1,6 @@
 """Command line of the benchmarks: run suites for methods on one model and write JSON, markdown and plots.
 
-``python -m benchmarks --suite robustness --methods magnitude,taylor --ratio 0.25 --seeds 0,1,2 --out DIR``
+``python -m prunekit.benchmarks --suite robustness --methods magnitude,taylor --ratio 0.25 --seeds 0,1,2 --out DIR``
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cost, peer, quality, report, robustness
-from benchmarks.machine import describe as describe_machine
-from benchmarks.perturb import PERTURBATIONS
-from benchmarks.profiles import PROFILES, Profile
-from benchmarks.workbench import Workbench
+from prunekit.benchmarks import cost, peer, quality, report, robustness
+from prunekit.benchmarks.machine import describe as describe_machine
+from prunekit.benchmarks.perturb import PERTURBATIONS
+from prunekit.benchmarks.profiles import PROFILES, Profile
+from prunekit.benchmarks.workbench import Workbench
 from prunekit.errors import UserError
 
 SUITES = ("robustness", "cost", "quality", "peer")
@@ -111,7 +111,7 @@ def run_suites(args: argparse.Namespace) -> list[Path]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wb = Workbench.open(args.model, profile_of(args), args.device)
-    common = {"machine": describe_machine(), "workbench": wb.describe(), "command": "python -m benchmarks " + shlex.join(args.argv)}
+    common = {"machine": describe_machine(), "workbench": wb.describe(), "command": "python -m prunekit.benchmarks " + shlex.join(args.argv)}
     written = []
     for suite in suites:
         if suite == "peer":
@@ -137,7 +137,7 @@ def run_suites(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m benchmarks`` and ``prunekit bench``; returns the exit code."""
+    """Entry point of ``python -m prunekit.benchmarks`` and ``prunekit bench``; returns the exit code."""
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")

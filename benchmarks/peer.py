@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 import torch_pruning as tp
 
-from benchmarks import speed
-from benchmarks.metrics import iou
-from benchmarks.workbench import Workbench
+from prunekit.benchmarks import speed
+from prunekit.benchmarks.metrics import iou
+from prunekit.benchmarks.workbench import Workbench
 from prunekit.grouping import GrouperOptions
 
 log = logging.getLogger("benchmarks")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from benchmarks.perturb import PERTURBATIONS
+from prunekit.benchmarks.perturb import PERTURBATIONS
 from prunekit.config import CalibrationConfig
 
 _CALIBRATION = CalibrationConfig()  # the profiles calibrate like a default run

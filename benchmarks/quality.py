@@ -9,8 +9,8 @@ import logging
 import statistics
 import time
 
-from benchmarks.metrics import summary
-from benchmarks.workbench import Workbench
+from prunekit.benchmarks.metrics import summary
+from prunekit.benchmarks.workbench import Workbench
 
 log = logging.getLogger("benchmarks")
 

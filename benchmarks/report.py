@@ -1,6 +1,6 @@
 """Collect the JSON records of a results directory into a docs-ready markdown report with PNG plots.
 
-``python -m benchmarks.report DIR`` (or ``--suite report``) writes DIR/report.md and DIR/*.png.
+``python -m prunekit.benchmarks.report DIR`` (or ``--suite report``) writes DIR/report.md and DIR/*.png.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import plots
-from benchmarks.cost import derived
+from prunekit.benchmarks import plots
+from prunekit.benchmarks.cost import derived
 
 MB = 2**20
 

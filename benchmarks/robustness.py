@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from benchmarks.metrics import compare_masks, summary
-from benchmarks.perturb import perturbations
-from benchmarks.workbench import Workbench
+from prunekit.benchmarks.metrics import compare_masks, summary
+from prunekit.benchmarks.perturb import perturbations
+from prunekit.benchmarks.workbench import Workbench
 
 log = logging.getLogger("benchmarks")
 CORPUS = "ptb"

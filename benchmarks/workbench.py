@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.profiles import Profile
+from prunekit.benchmarks.profiles import Profile
 from prunekit.adapters.base import Adapter
 from prunekit.config import RunConfig
 from prunekit.data import Text, calibration_batches, load_text

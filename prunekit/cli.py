@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(bench_args: list[str]) -> int:
     """Hand every argument after ``bench`` to the benchmark harness."""
     try:
-        from benchmarks.harness import main as bench_main
+        from prunekit.benchmarks.harness import main as bench_main
     except ImportError:
         raise UserError("bench: the benchmarks package is not installed; run from a prunekit checkout "
                         "(pip install -e '.[bench]')") from None

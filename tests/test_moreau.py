@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from conftest import make_tiny_llama
-from plugins.moreau import (
+from prunekit.builtin.moreau import (
     ElementProx,
     InPlacePerturbedGradient,
     Moreau,
@@ -304,7 +304,7 @@ def test_refuses_float16_model(gqa_groups, calibration_ids):
 
 def inplace_reference_salience(ctx: ScoringContext, o: MoreauOptions, seed: int) -> dict[str, torch.Tensor]:
     """Straightforward math-mode estimator: perturb the prunable weights in place, backprop, restore."""
-    from plugins.moreau import make_prox
+    from prunekit.builtin.moreau import make_prox
 
     params = ctx.params()
     originals = {n: p.detach().clone() for n, p in params.items()}
@@ -406,7 +406,7 @@ def test_micro_batches_give_the_gradient_of_one_batch(gqa_groups, calibration_id
 
 def test_perturbed_weights_do_not_depend_on_thread_count(gqa_groups, calibration_ids):
     """W' is built in parallel across tensors from per-tensor generators: 1 or 3 threads, same bits."""
-    from plugins.moreau import PerturbedStep, linear_modules
+    from prunekit.builtin.moreau import PerturbedStep, linear_modules
 
     ctx = tiny_ctx(gqa_groups, calibration_ids)
     modules = linear_modules(ctx.model, ctx.params())

@@ -64,7 +64,7 @@ def test_misspelled_hook_fails_loudly():
 
 
 def test_preset_with_invalid_defaults_is_the_plugins_bug():
-    from plugins.taylor import Taylor
+    from prunekit.builtin.taylor import Taylor
 
     class BadPreset:
         @hookimpl
