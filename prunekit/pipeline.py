@@ -92,3 +92,17 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
     if failure is not None:
         raise EvaluationFailed(output_dir(config), ctx.manifest, failure) from failure
     return ctx
+
+
+# Kept for callers of the pre-API pipeline; new code calls prunekit.api.score / prunekit.api.calibrate.
+def score_groups(ctx: RunContext, method_entry, options, batches, compute_dtype=None):
+    """Unit scores of ``ctx.groups`` (see :func:`prunekit.api.score`)."""
+    import torch
+
+    return api.score(ctx.model, ctx.groups, method_entry.name, batches, options=options, seed=ctx.config.seed,
+                     compute_dtype=compute_dtype or torch.float32, registry=ctx.registry)
+
+
+def calibration_batches(tokenizer, config: RunConfig):
+    """Seeded calibration batches of a run (see :func:`prunekit.api.calibrate`)."""
+    return api.calibrate(tokenizer, config.calibration)
