@@ -48,7 +48,13 @@ def evaluate_before(ctx: RunContext, evaluate, progress: bool) -> dict[str, Any]
     from prunekit.metrics_cache import cached_metrics
 
     settings = api.eval_spec(spec).model_dump(mode="json")
-    return cached_metrics(ctx.model, ctx.tokenizer, settings, compute)
+    metrics = cached_metrics(ctx.model, ctx.tokenizer, settings, compute)
+    if progress and metrics["cache"]["hit"]:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"dense model: metrics read from the cache ({metrics['cache']['file']}; "
+                                   "--no-eval-cache evaluates it again)")
+    return metrics
 
 
 def error_record(stage: str, exc: BaseException) -> dict[str, str]:
