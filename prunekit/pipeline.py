@@ -31,7 +31,7 @@ def output_dir(config: RunConfig) -> Path:
 
 
 def preflight(config: RunConfig, registry: Registry) -> api.RunPlan:
-    """Everything that can be refused before loading a model: method, options, recovery, evaluators, output, device."""
+    """Everything that can be refused before loading a model: method, options, recovery, evaluators, output folder."""
     run_plan = api.plan(config, registry)
     if config.evaluation.enabled:
         plugin_evaluators(config.evaluation, registry)  # an unknown evaluator fails before any work
