@@ -1,4 +1,5 @@
-"""One loaded model and the pipeline's pieces a benchmark needs: groups, calibration, scoring, selection, pruning, perplexity.
+"""One loaded model and the public API's stages a benchmark needs: groups, calibration, scoring, selection,
+pruning, perplexity (:mod:`prunekit.api`, the same functions ``prunekit.prune`` runs).
 
 The dense float32 model is loaded once and never modified; every experiment works on a deep copy.
 """
@@ -12,16 +13,14 @@ from typing import Any
 
 import torch
 
-from prunekit.benchmarks.profiles import Profile
+from prunekit import api
 from prunekit.adapters.base import Adapter
-from prunekit.config import RunConfig
-from prunekit.data import Text, calibration_batches, load_text
+from prunekit.benchmarks.profiles import Profile
+from prunekit.data import Text, load_text
 from prunekit.evaluate import perplexity
-from prunekit.grouping import GrouperOptions, apply_plan
+from prunekit.grouping import GrouperOptions
 from prunekit.groups import PruningGroup
-from prunekit.pipeline import RunContext, load_model, resolve_layers, score_groups
 from prunekit.registry import MethodEntry, Registry, get_registry
-from prunekit.select import select
 
 
 @dataclass
@@ -40,13 +39,13 @@ class Workbench:
     cache: dict[str, Any] = field(default_factory=dict, init=False)  # per-model results shared across suites
 
     def __post_init__(self) -> None:
-        """Resolve the pipeline's default layer range for this model."""
-        self.layers = resolve_layers(self.adapter(self.model).num_layers, None)
+        """Resolve the default layer range for this model (the one ``prunekit.prune`` uses)."""
+        self.layers = api.resolve_layers(self.adapter(self.model).num_layers, None)
 
     @classmethod
     def open(cls, model: str | None, profile: Profile, device: str = "cpu") -> "Workbench":
-        """Load ``model`` (None: the embedded SmolLM2-135M) in float32 through the pipeline's loader."""
-        dense, tokenizer, source = load_model(model, "float32", device)
+        """Load ``model`` (None: the embedded SmolLM2-135M) in float32 through the API's loader."""
+        dense, tokenizer, source = api.load_model(model, "float32", device)
         for p in dense.parameters():
             p.requires_grad_(False)
         return cls(get_registry(), dense, tokenizer, source, profile, device)
@@ -61,41 +60,35 @@ class Workbench:
 
     def groups(self, model: torch.nn.Module, grouper: GrouperOptions | None = None) -> list[PruningGroup]:
         """The pruning groups of ``model`` from the registered ``blocks`` grouper."""
-        build = self.registry.named("groupers", "blocks").impl
-        return build(model, self.adapter(model), self.layers, grouper or GrouperOptions())
+        return api.build_groups(model, self.layers, grouper or GrouperOptions(), self.registry)
 
     def calibration(self, seed: int) -> tuple[list[torch.Tensor], dict]:
         """Seeded calibration batches (profile sizes) and their provenance."""
         p = self.profile
-        ids, info = calibration_batches(self.tokenizer, p.calib_source, p.calib_samples, p.calib_seq_len, seed)
-        return list(ids.split(p.calib_batch)), info
+        return api.calibrate(self.tokenizer, source=p.calib_source, n_samples=p.calib_samples,
+                             seq_len=p.calib_seq_len, batch_size=p.calib_batch, seed=seed)
 
     def score(self, model: torch.nn.Module, groups: list[PruningGroup], method: str, batches: list[torch.Tensor],
               seed: int, compute_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], dict, float]:
-        """Unit scores, the method's info and the wall seconds, through the pipeline's scorer.
+        """Unit scores, the method's info and the wall seconds, through the API's scorer.
 
         ``compute_dtype`` other than float32 estimates in that precision, which a run never does; it
         measures what a low-precision estimation changes.
         """
-        entry = self.method(method)
-        options = entry.options({})
         started = time.perf_counter()
-        ctx = RunContext(config=RunConfig(method=method, seed=seed), registry=self.registry, model=model,
-                         groups=groups)
-        scores, info = score_groups(ctx, entry, options, batches, compute_dtype)
+        scores, info = api.score(model, groups, method, batches, seed=seed, compute_dtype=compute_dtype,
+                                 registry=self.registry)
         return scores, info, time.perf_counter() - started
 
     @staticmethod
     def keep(groups: list[PruningGroup], scores: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
-        """Kept units per group: local selection, as the pipeline's default."""
-        return select(groups, scores, ratio)
+        """Kept units per group: local selection, as ``prunekit.prune``'s default."""
+        return api.select(groups, scores, ratio)
 
     def pruned(self, model: torch.nn.Module, groups: list[PruningGroup], kept: list[torch.Tensor]) -> torch.nn.Module:
         """A pruned deep copy of ``model`` (the input stays whole)."""
         clone = copy.deepcopy(model)
-        adapter = self.adapter(clone)
-        apply_plan(clone, adapter, groups, kept)
-        adapter.sync_config()
+        api.apply(clone, groups, kept, self.registry)
         return clone.eval()
 
     def text(self, corpus: str) -> Text:

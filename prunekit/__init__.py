@@ -1,9 +1,29 @@
-"""prunekit: structural pruning of LLaMA-family causal LMs with pluggable importance methods."""
+"""prunekit: structural pruning of LLaMA-family causal LMs with pluggable importance methods.
+
+The Python API (docs/api.md) works on a model you already hold::
+
+    result = prunekit.prune(model, tokenizer, method="moreau-gs", ratio=0.25)
+    metrics = prunekit.evaluate(model, tokenizer)
+    prunekit.save(result, "pruned/")
+
+Everything but ``hookimpl`` is imported on first use, so ``import prunekit`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from prunekit.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "load_pruned", "__version__"]
+__all__ = ["hookimpl", "prune", "evaluate", "save", "load_model", "load_pruned", "PruneResult", "MethodInfo",
+           "UserError", "EvaluationFailed", "__version__"]
+
+_LAZY = {
+    "prune": "prunekit.api", "save": "prunekit.api", "load_model": "prunekit.api", "PruneResult": "prunekit.api",
+    "MethodInfo": "prunekit.api", "UserError": "prunekit.errors", "EvaluationFailed": "prunekit.errors",
+}
 
 
 def load_pruned(path, dtype=None, device: str = "cpu"):
@@ -11,3 +31,15 @@ def load_pruned(path, dtype=None, device: str = "cpu"):
     from prunekit.export import load_pruned as _load
 
     return _load(path, dtype=dtype, device=device)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public API on first use. ``evaluate`` is the :mod:`prunekit.evaluate` module, which is
+    callable as :func:`prunekit.api.evaluate` (Python binds ``prunekit.evaluate`` to that module anyway)."""
+    if name == "evaluate":
+        return importlib.import_module("prunekit.evaluate")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prunekit.errors import UserError
+from prunekit.errors import EvaluationFailed, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
     run.add_argument("--no-eval", action="store_true", help="skip evaluation before and after pruning")
+    run.add_argument("--no-eval-cache", action="store_true",
+                     help="evaluate the dense model again instead of reusing its cached 'before' metrics")
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                      help="method option, e.g. -o variant=second (repeatable; value parsed as JSON if it can be)")
 
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="hub id or local path; default: the embedded model")
     ev.add_argument("--config", type=Path, help="YAML/TOML file whose `evaluation` section is used")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ev.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ev.add_argument("--limit", type=int, help="zero-shot examples per task (default from config)")
     ev.add_argument("--full", action="store_true", help="full evaluation sets (no window or example limits)")
     ev.add_argument("--json", type=Path, help="also write the metrics to this file")
@@ -69,8 +72,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
     if args.no_eval:
         overrides["evaluation"] = {**file_values.get("evaluation", {}), "enabled": False}
+    if args.no_eval_cache:
+        overrides["evaluation"] = {**overrides.get("evaluation", file_values.get("evaluation", {})), "cache": False}
     config = resolve_config(file_values, overrides)
-    ctx = run(config)
+    try:
+        ctx = run(config)
+    except EvaluationFailed as exc:  # the pruned model was saved; show what there is, then fail
+        print_run_summary(exc.manifest, exc.output)
+        raise
     print_run_summary(ctx.manifest, config.output or Path(f"pruned-{config.method}"))
     return 0
 
@@ -111,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"ppl_max_windows": None, "zero_shot_limit": None})
     if args.limit is not None:
         spec = spec.model_copy(update={"zero_shot_limit": args.limit})
-    model, tokenizer, source = load_model(args.model, args.dtype, "cpu")
+    model, tokenizer, source = load_model(args.model, args.dtype, args.device)
     metrics = evaluate_model(model, tokenizer, spec)
     print_metrics({"model": metrics}, title=f"evaluation of {source}")
     if args.json:
@@ -142,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
+    except EvaluationFailed as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 130 if exc.interrupted else 1
     except KeyboardInterrupt:
         print("prunekit: interrupted; the input model and output directory were left untouched", file=sys.stderr)
         return 130

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec
 from prunekit.grouping import GrouperOptions
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli (a conditional dependency in pyproject.toml)
+    import tomli as tomllib
 
 
 class _Strict(BaseModel):
@@ -50,6 +55,8 @@ class EvaluationConfig(EvalSpec):
     """What to measure before and after pruning (the quick default); ``enabled: false`` skips it."""
 
     enabled: bool = True
+    cache: bool = Field(default=True, description="reuse the dense model's 'before' metrics from prunekit's cache "
+                                                  "when this model was evaluated alike before (--no-eval-cache: recompute)")
 
 
 class RunConfig(_Strict):

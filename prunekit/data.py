@@ -156,7 +156,7 @@ def _wikitext_local(folder: Path, split: str) -> Text:
     file = _wikitext_file(folder, split)
     if file is None:
         raise UserError(f"no WikiText-2 {split} file (e.g. {split}.txt) in {folder}; point {WIKITEXT2_ENV} or "
-                        f"--data-dir at a folder that has one")
+                        f"evaluation.data_dir at a folder that has one")
     rows = tuple(line if line.strip() else "" for line in file.read_text(encoding="utf-8").splitlines(keepends=True))
     raw = "raw" in folder.name.lower() or file.name.endswith(".raw")
     variant = "wikitext-2-raw-v1" if raw else "wikitext-2-v1 (tokenized, <unk>)"

@@ -3,3 +3,15 @@
 
 class UserError(Exception):
     """Bad input or a missing resource the user can fix; the message says which field and what is accepted."""
+
+
+class EvaluationFailed(Exception):
+    """The "after" evaluation failed or was interrupted; the pruned model was saved anyway (with the error
+    in run.json). ``output`` is where, ``manifest`` what was written, ``interrupted`` whether it was Ctrl-C."""
+
+    def __init__(self, output, manifest: dict, error: BaseException):
+        self.output, self.manifest, self.error = output, manifest, error
+        self.interrupted = isinstance(error, KeyboardInterrupt)
+        what = "interrupted" if self.interrupted else f"failed ({type(error).__name__}: {error})"
+        super().__init__(f"evaluation after pruning {what}; the pruned model was saved to {output} "
+                         f"and run.json records the error")

