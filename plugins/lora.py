@@ -28,7 +28,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoraOptions(BaseModel):
     """LoRA recovery settings; defaults are the reference recipe except the CPU-sized ``max_examples``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(default=8, ge=1, description="LoRA rank")
     alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")

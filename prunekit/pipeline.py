@@ -14,10 +14,12 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.adapters.base import Adapter
+from prunekit.checks import check_context, check_ratio
 from prunekit.config import RunConfig
 from prunekit.errors import UserError
 from prunekit.evaluate import evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, load_pruned, save_pruned
+from prunekit.finite import check_weights_finite
 from prunekit.grouping import apply_plan
 from prunekit.groups import PruningGroup
 from prunekit.importance import ScoringContext
@@ -80,9 +82,12 @@ def load_model(source: str | None, dtype: str, device: str):
     try:
         model = load_pruned(source, dtype=DTYPES[dtype], device=device)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except UserError:
+        raise
+    except Exception as exc:  # corrupt/truncated weights, bad JSON, unknown type: all "cannot load"
         hint = " (offline: pass a local directory)" if not Path(source).exists() else ""
-        raise UserError(f"model: cannot load {source!r}: {str(exc).splitlines()[0]}{hint}") from None
+        raise UserError(f"model: cannot load {source!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}{hint}") from None
+    check_weights_finite(model, source)  # NaN/Inf weights: named now, not as a NaN model later
     return model.eval(), tokenizer, source
 
 
@@ -154,8 +159,10 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device)
     ctx.adapter = registry.adapter_for(ctx.model)
     layers = resolve_layers(ctx.adapter.num_layers, config.selection.layers)
+    check_context(ctx.model, config, entry.cls.needs_calibration)
     with ctx.stage("groups"):
         ctx.groups = registry.named("groupers", "blocks").impl(ctx.model, ctx.adapter, layers, config.grouper)
+    check_ratio(ctx.groups, config)  # a ratio that rounds to removing nothing fails before scoring
     params_before = ctx.model.num_parameters()
     metrics: dict[str, Any] = {}
     evaluate = evaluate_fn or functools.partial(evaluate_model, registry=registry)
@@ -192,6 +199,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
                    "info": method_info},
         "versions": package_versions(),
         "seed": config.seed,
+        "seeds": {"run": config.seed, "calibration": calibration and calibration["seed"]},
         "calibration": calibration,
         "layers_pruned": [layers.start, layers.stop],
         "recovery": {"method": config.recovery.method, "info": recovery_info},
@@ -217,5 +225,6 @@ def calibration_batches(tokenizer, config: RunConfig) -> tuple[list[torch.Tensor
     from prunekit.data import calibration_batches as sample
 
     c = config.calibration
-    ids, info = sample(tokenizer, source=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed)
+    seed = config.seed if c.seed is None else c.seed  # --seed drives calibration unless calibration.seed is set
+    ids, info = sample(tokenizer, source=c.source, n_samples=c.n_samples, seq_len=c.seq_len, seed=seed)
     return list(ids.split(c.batch_size)), info
