@@ -192,12 +192,12 @@ def test_nonempty_output_needs_overwrite(tiny_model_dir, tmp_path):
 
 
 def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import prunekit.export
+    import prunekit.safety
 
     def explode(*_a, **_k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prunekit.export.json, "dumps", explode)
+    monkeypatch.setattr(prunekit.safety, "publish", explode)  # everything written, then the last step fails
     assert main([*RUN, "--method", "magnitude", "--model", str(tiny_model_dir), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "internal error: RuntimeError: disk full" in err and "PRUNEKIT_DEBUG" in err and len(err.splitlines()) == 1
