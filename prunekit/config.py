@@ -109,6 +109,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise UserError(f"config: {path} must end in .yaml, .yml or .toml")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"config: {path} is malformed: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"config: cannot read {path} ({exc.strerror})") from None
     if not isinstance(data, dict):
         raise UserError(f"config: {path} must hold a mapping at the top level")
     return data
