@@ -24,7 +24,7 @@ from prunekit.errors import EnvironmentFault, UserError
 
 MANIFEST = "run.json"
 SCRATCH_TAGS = ("partial", "old")
-PAUSE_ENV = "PRUNEKIT_TEST_PAUSE"  # test-only: "POINT:FLAGFILE" pauses a run at a named point (kill tests)
+PAUSE_ENV = "PRUNEKIT_TEST_PAUSE"  # test-only: "POINT=FLAGFILE" pauses a run at a named point (kill tests)
 # What save_pretrained and tokenizers write; only consulted for run.json files that predate the file list.
 _SAVED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".py", ".jinja", ".bin", ".tiktoken", ".md")
 
@@ -269,9 +269,9 @@ def os_error(exc: OSError, output: Path) -> Exception:
 
 
 def pause_point(point: str) -> None:
-    """Test-only: with ``PRUNEKIT_TEST_PAUSE=POINT:FLAGFILE`` a run writes FLAGFILE at POINT and waits to be killed."""
+    """Test-only: with ``PRUNEKIT_TEST_PAUSE=POINT=FLAGFILE`` a run writes FLAGFILE at POINT and waits to be killed."""
     spec = os.environ.get(PAUSE_ENV, "")
-    name, _, flag = spec.partition(":")
+    name, _, flag = spec.partition("=")
     if name != point or not flag:
         return
     Path(flag).write_text(str(os.getpid()))
