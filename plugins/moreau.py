@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from prunekit import hookimpl
 from prunekit.groups import PruningGroup
+from prunekit.finite import nonfinite_loss
 from prunekit.importance import Importance, Options, ScoringContext, check_finite
 
 Tensors = dict[str, torch.Tensor]
@@ -252,8 +253,9 @@ def proximal_descent(
 def backward_calibration(ctx: ScoringContext, step: int) -> float:
     """Backpropagate every calibration batch's loss (stopping on NaN/Inf); returns the mean loss."""
     total = 0.0
-    for loss in ctx.iter_losses():
-        check_finite(loss, "moreau calibration loss", step + 1)
+    for batch, loss in zip(ctx.batches, ctx.iter_losses()):
+        if not torch.isfinite(loss):  # name the first layer that went non-finite at the perturbed weights
+            raise nonfinite_loss(ctx.model, batch, f"moreau calibration loss at iteration {step + 1}")
         loss.backward()
         total += float(loss.detach())
     return total

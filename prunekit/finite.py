@@ -49,3 +49,9 @@ def first_nonfinite_module(model: torch.nn.Module, batch: torch.Tensor) -> str |
         for handle in handles:
             handle.remove()
     return found[0] if found else None
+
+
+def nonfinite_loss(model: torch.nn.Module, batch: torch.Tensor, what: str) -> FloatingPointError:
+    """The error for a non-finite loss: ``what`` (which loss, which step) plus the first layer that went non-finite."""
+    where = first_nonfinite_module(model, batch)
+    return FloatingPointError(f"non-finite {what}" + (f"; first non-finite output: {where}" if where else ""))

@@ -83,11 +83,9 @@ def accumulate_gradients(ctx: ScoringContext) -> dict[str, torch.Tensor]:
         p.grad = None
     for step, (batch, loss) in enumerate(zip(ctx.batches, ctx.iter_losses()), 1):
         if not torch.isfinite(loss):
-            from prunekit.finite import first_nonfinite_module
+            from prunekit.finite import nonfinite_loss
 
-            where = first_nonfinite_module(ctx.model, batch)
-            raise FloatingPointError(f"non-finite calibration loss at batch {step} of {len(ctx.batches)}"
-                                     + (f"; first non-finite output: {where}" if where else ""))
+            raise nonfinite_loss(ctx.model, batch, f"calibration loss at batch {step} of {len(ctx.batches)}")
         loss.backward()
     grads = {}
     for name, p in params.items():
