@@ -40,7 +40,8 @@ class LoraOptions(BaseModel):
     batch_size: int = Field(default=4, ge=1)
     max_examples: int = Field(default=64, ge=1, description="training texts drawn from `source` (CPU-sized default)")
     source: str = Field(default="ptb", description="offline: ptb, wikitext2; online: alpaca-cleaned (the reference)")
-    seed: int | None = Field(default=None, description="adapter init, dropout and shuffling; default: the run's seed")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1,
+                             description="adapter init, dropout and shuffling; default: the run's seed")
 
     @field_validator("source")
     @classmethod

@@ -55,7 +55,7 @@ class MoreauOptions(Options):
     eta_relative: float | None = Field(
         None, ge=0, description="if set, η = eta_relative × median group norm of the first gradient (scale-free)")
     noise_samples: int = Field(1, ge=1, description="noise draws averaged per step")
-    seed: int | None = Field(None, description="noise seed; None uses the run seed")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="noise seed; None uses the run seed")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MoreauOptions":

@@ -221,6 +221,8 @@ CASES: list[Case] = [
     Case("moreau-averaged", run_args("-o", "averaged=20", method="moreau"), 2, "averaged"),
     Case("moreau-step-vs-rho", run_args("-o", "step=1", method="moreau-gs"), 2, "rho"),
     Case("moreau-penalty", run_args("-o", "penalty=l3", method="moreau"), 2, "method_options.penalty"),
+    Case("moreau-seed-huge", run_args("-o", "seed=99999999999999999999999", method="moreau"), 2,
+         "method_options.seed"),
     Case("moreau-sigma-negative", run_args("-o", "sigma=-1", method="moreau"), 2, "method_options.sigma"),
     # ---- YAML config files
     yaml_case("yaml-malformed", "ratio: [0.2\n", "malformed"),
@@ -248,6 +250,8 @@ CASES: list[Case] = [
     yaml_case("yaml-recovery-unknown", "recovery:\n  method: qlora\n", "recovery: unknown name 'qlora'"),
     yaml_case("yaml-lora-rank-0", "recovery:\n  method: lora\n  options: {r: 0}\n", "recovery.options.r"),
     yaml_case("yaml-lora-lr-inf", "recovery:\n  method: lora\n  options: {lr: .inf}\n", "recovery.options.lr"),
+    yaml_case("yaml-lora-seed-negative", "recovery:\n  method: lora\n  options: {seed: -1}\n",
+              "recovery.options.seed"),
     yaml_case("yaml-lora-source", "recovery:\n  method: lora\n  options: {source: nowhere}\n",
               "recovery.options.source"),
     yaml_case("yaml-eval-corpus", "evaluation:\n  perplexity: [imdb]\n", "evaluation.perplexity"),
