@@ -22,6 +22,10 @@ from prunekit.errors import EnvironmentFault, UserError
 def check_output_dir(output: Path, overwrite: bool, model_source: str | None = None) -> None:
     """Refuse an output location a run must not write (see :func:`prunekit.safety.check_output`), then lock it
     for this process and remove scratch folders killed runs left beside it."""
+    if model_source is None:  # the embedded model lives in prunekit's cache: protect all of it
+        from prunekit.assets import default_cache_root
+
+        model_source = str(default_cache_root())
     safety.check_output(output, overwrite, model_source)
     safety.claim(safety.expand_path(output, "output"))
 

@@ -98,6 +98,15 @@ def test_stale_scratch_is_removed_only_for_its_own_output(tmp_path, capsys):
     assert "removed 2 folder(s)" in capsys.readouterr().err
 
 
+def test_the_embedded_model_cache_is_protected(tmp_path, monkeypatch):
+    from prunekit.export import check_output_dir
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    with pytest.raises(UserError, match="lies inside the input model"):
+        check_output_dir(tmp_path / "cache" / "models" / "out", overwrite=False, model_source=None)
+
+
 def test_old_manifests_without_a_file_list_are_recognised(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
