@@ -253,9 +253,9 @@ def proximal_descent(
 def backward_calibration(ctx: ScoringContext, step: int) -> float:
     """Backpropagate every calibration batch's loss (stopping on NaN/Inf); returns the mean loss."""
     total = 0.0
-    for batch, loss in zip(ctx.batches, ctx.iter_losses()):
+    for index, loss in enumerate(ctx.iter_losses()):
         if not torch.isfinite(loss):  # name the first layer that went non-finite at the perturbed weights
-            raise nonfinite_loss(ctx.model, batch, f"moreau calibration loss at iteration {step + 1}")
+            raise nonfinite_loss(ctx.model, ctx.batches[index], f"moreau calibration loss at iteration {step + 1}")
         loss.backward()
         total += float(loss.detach())
     return total

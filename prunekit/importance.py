@@ -81,11 +81,12 @@ def accumulate_gradients(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     for name, p in ctx.model.named_parameters():
         p.requires_grad_(name in wanted)
         p.grad = None
-    for step, (batch, loss) in enumerate(zip(ctx.batches, ctx.iter_losses()), 1):
+    for index, loss in enumerate(ctx.iter_losses()):  # drive the generator to its end (observers count batches)
         if not torch.isfinite(loss):
             from prunekit.finite import nonfinite_loss
 
-            raise nonfinite_loss(ctx.model, batch, f"calibration loss at batch {step} of {len(ctx.batches)}")
+            raise nonfinite_loss(ctx.model, ctx.batches[index], f"calibration loss at batch {index + 1} of "
+                                 f"{len(ctx.batches)}")
         loss.backward()
     grads = {}
     for name, p in params.items():
