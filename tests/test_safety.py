@@ -177,3 +177,21 @@ def test_non_finite_loss_names_the_batch_and_the_layer():
     ctx = ScoringContext(model=model, groups=groups, batches=batches)
     with pytest.raises(FloatingPointError, match=r"batch 1 of 2; first non-finite output: model.layers.1.mlp.up_proj"):
         accumulate_gradients(ctx)
+
+
+@pytest.mark.parametrize("unit,ratio,expect", [
+    ("kv_groups", 0.1, "removes no kv_group from the attention of 4 layer(s)"),
+    ("heads", 0.9, "would empty the attention of 4 layer(s); one unit per KV group is kept"),
+])
+def test_ratio_rounding_is_reported_never_silent(unit, ratio, expect, capsys):
+    from prunekit.checks import check_ratio
+    from prunekit.grouping import GrouperOptions
+    from prunekit.registry import get_registry
+
+    model = make_tiny_llama(9, 3, layers=4)
+    registry = get_registry()
+    groups = registry.named("groupers", "blocks").impl(model, registry.adapter_for(model), range(0, 4),
+                                                       GrouperOptions(attention_unit=unit))
+    notes = check_ratio(groups, resolve_config({"ratio": ratio, "grouper": {"attention_unit": unit}}, {}))
+    assert any(expect in n for n in notes), notes
+    assert expect in capsys.readouterr().err
