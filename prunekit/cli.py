@@ -67,9 +67,9 @@ def _parse_options(pairs: list[str]) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from prunekit.config import read_config_file, resolve_config
-    from prunekit.safety import expand_path
     from prunekit.pipeline import run
     from prunekit.report import print_run_summary
+    from prunekit.safety import expand_path
 
     file_values = read_config_file(expand_path(args.config, "--config")) if args.config else {}
     overrides = {"method": args.method, "model": args.model, "ratio": args.ratio, "output": args.output,

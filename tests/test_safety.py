@@ -195,3 +195,13 @@ def test_ratio_rounding_is_reported_never_silent(unit, ratio, expect, capsys):
     notes = check_ratio(groups, resolve_config({"ratio": ratio, "grouper": {"attention_unit": unit}}, {}))
     assert any(expect in n for n in notes), notes
     assert expect in capsys.readouterr().err
+
+
+def test_eval_json_is_written_whole_with_plain_permissions(tmp_path):
+    from prunekit.failures import write_json_atomically
+
+    target = tmp_path / "m.json"
+    write_json_atomically(target, {"ppl": 1.5})
+    assert json.loads(target.read_text()) == {"ppl": 1.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
