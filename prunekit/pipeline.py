@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.adapters.base import Adapter
-from prunekit.checks import check_context, check_ratio
+from prunekit.checks import check_context, check_ratio, check_sources
 from prunekit.config import RunConfig
 from prunekit.errors import UserError
 from prunekit.evaluate import evaluate_model, plugin_evaluators
@@ -147,6 +147,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
     options = entry.options(config.method_options)
     recovery = None if config.recovery.method == "none" else registry.named("recovery", config.recovery.method)
     recovery_options = (validate_recovery(recovery, config.recovery.options) if recovery else None)
+    check_sources(config, entry.cls.needs_calibration, recovery_options)  # offline data: fail before loading
     if config.evaluation.enabled:
         plugin_evaluators(config.evaluation, registry)  # an unknown evaluator fails before any work
     output = config.output or Path(f"pruned-{config.method}")
