@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -26,7 +27,10 @@ MANIFEST = "run.json"
 SCRATCH_TAGS = ("partial", "old")
 PAUSE_ENV = "PRUNEKIT_TEST_PAUSE"  # test-only: "POINT=FLAGFILE" pauses a run at a named point (kill tests)
 # What save_pretrained and tokenizers write; only consulted for run.json files that predate the file list.
-_SAVED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".py", ".jinja", ".bin", ".tiktoken", ".md")
+_SAVED_PATTERNS = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                   "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "*.py")
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 _held: dict[Path, int] = {}  # output -> fd of its lock file, while this process owns that output
@@ -76,7 +80,8 @@ def foreign_entries(output: Path) -> list[str] | None:
     listed = data.get("files")
     if isinstance(listed, list):
         return sorted(names - set(map(str, listed)) - {MANIFEST})
-    return sorted(n for n in names if not (n.endswith(_SAVED_SUFFIXES) and (output / n).is_file()))
+    return sorted(n for n in names if n != MANIFEST and not (
+        any(fnmatch.fnmatchcase(n, pattern) for pattern in _SAVED_PATTERNS) and (output / n).is_file()))
 
 
 def check_output(output: Path, overwrite: bool, model_source: str | os.PathLike | None = None) -> None:

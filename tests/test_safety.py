@@ -114,7 +114,19 @@ def test_old_manifests_without_a_file_list_are_recognised(tmp_path):
     (out / "model.safetensors").write_text("w")
     assert safety.foreign_entries(out) == []
     (out / "thesis.pdf").write_text("mine")
-    assert safety.foreign_entries(out) == ["thesis.pdf"]
+    (out / "notes.txt").write_text("mine")
+    assert safety.foreign_entries(out) == ["notes.txt", "thesis.pdf"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_output_parent_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        with pytest.raises(UserError, match="no permission to write"):
+            safety.check_output(locked / "out", overwrite=False)
+    finally:
+        locked.chmod(0o755)
 
 
 # ------------------------------------------------------------------------------------------------ seeds
