@@ -100,8 +100,11 @@ def check_output(output: Path, overwrite: bool, model_source: str | os.PathLike 
                 raise UserError(f"output: {output} lies inside the input model {model}; choose a directory outside it")
             if target in model.parents:
                 raise UserError(f"output: {output} contains the input model {model}; choose a directory that does not")
-    cwd = _absolute(Path.cwd())
-    if target == cwd or target in cwd.parents:
+    try:
+        cwd = _absolute(Path.cwd())
+    except FileNotFoundError:  # the current directory was deleted: nothing of it to protect
+        cwd = None
+    if cwd is not None and (target == cwd or target in cwd.parents):
         raise UserError(f"output: {output} is the current directory or one of its parents; "
                         f"choose a new directory (e.g. ./pruned)")
     if output.exists() and not output.is_dir():
