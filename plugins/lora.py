@@ -28,7 +28,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoraOptions(BaseModel):
     """LoRA recovery settings; defaults are the reference recipe except the CPU-sized ``max_examples``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(default=8, ge=1, description="LoRA rank")
     alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
@@ -40,7 +40,8 @@ class LoraOptions(BaseModel):
     batch_size: int = Field(default=4, ge=1)
     max_examples: int = Field(default=64, ge=1, description="training texts drawn from `source` (CPU-sized default)")
     source: str = Field(default="ptb", description="offline: ptb, wikitext2; online: alpaca-cleaned (the reference)")
-    seed: int | None = Field(default=None, description="adapter init, dropout and shuffling; default: the run's seed")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1,
+                             description="adapter init, dropout and shuffling; default: the run's seed")
 
     @field_validator("source")
     @classmethod

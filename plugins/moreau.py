@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from prunekit import hookimpl
 from prunekit.groups import PruningGroup
+from prunekit.finite import nonfinite_loss
 from prunekit.importance import Importance, Options, ScoringContext, check_finite
 
 Tensors = dict[str, torch.Tensor]
@@ -54,7 +55,7 @@ class MoreauOptions(Options):
     eta_relative: float | None = Field(
         None, ge=0, description="if set, η = eta_relative × median group norm of the first gradient (scale-free)")
     noise_samples: int = Field(1, ge=1, description="noise draws averaged per step")
-    seed: int | None = Field(None, description="noise seed; None uses the run seed")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="noise seed; None uses the run seed")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MoreauOptions":
@@ -252,8 +253,9 @@ def proximal_descent(
 def backward_calibration(ctx: ScoringContext, step: int) -> float:
     """Backpropagate every calibration batch's loss (stopping on NaN/Inf); returns the mean loss."""
     total = 0.0
-    for loss in ctx.iter_losses():
-        check_finite(loss, "moreau calibration loss", step + 1)
+    for index, loss in enumerate(ctx.iter_losses()):
+        if not torch.isfinite(loss):  # name the first layer that went non-finite at the perturbed weights
+            raise nonfinite_loss(ctx.model, ctx.batches[index], f"moreau calibration loss at iteration {step + 1}")
         loss.backward()
         total += float(loss.detach())
     return total

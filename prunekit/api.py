@@ -20,11 +20,13 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from prunekit.adapters.base import LayerShape
+from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
 from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec, evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, load_pruned, save_pruned
+from prunekit.finite import check_weights_finite
 from prunekit.grouping import GrouperOptions, apply_plan
 from prunekit.groups import PruningGroup
 from prunekit.modelstate import computed_in, preserved
@@ -85,6 +87,7 @@ class PruneResult:
             "method": asdict(self.method),
             "versions": package_versions(),
             "seed": self.config.seed,
+            "seeds": {"run": self.config.seed, "calibration": self.calibration and self.calibration["seed"]},
             "calibration": self.calibration,
             "layers_pruned": [self.layers.start, self.layers.stop],
             "recovery": self.recovery,
@@ -148,9 +151,12 @@ def load_model(source: str | None = None, dtype: str = "float32", device: str = 
     try:
         model = load_pruned(source, dtype=DTYPES[dtype], device=device)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except UserError:
+        raise
+    except Exception as exc:  # corrupt/truncated weights, bad JSON, unknown type: all "cannot load"
         hint = " (offline: pass a local directory)" if not Path(source).exists() else ""
-        raise UserError(f"model: cannot load {source!r}: {str(exc).splitlines()[0]}{hint}") from None
+        raise UserError(f"model: cannot load {source!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}{hint}") from None
+    check_weights_finite(model, source)  # NaN/Inf weights: named now, not as a NaN model later
     return model.eval(), tokenizer, source
 
 
@@ -196,14 +202,19 @@ def calibrate(tokenizer: Any, calibration: CalibrationConfig | dict | None = Non
     """Seeded calibration token batches (``calibration.batch_size`` sequences each) and their provenance.
 
     Settings are :class:`prunekit.config.CalibrationConfig` fields (source, n_samples, seq_len, batch_size,
-    seed), given as a model, a dict or keywords.
+    seed), given as a model, a dict or keywords; an unset seed is the run default, 42.
     """
     from prunekit.data import calibration_batches
 
     c = _section(CalibrationConfig, calibration, fields, "calibration.")
     ids, info = calibration_batches(tokenizer, source=c.source, n_samples=c.n_samples, seq_len=c.seq_len,
-                                    seed=c.seed)
+                                    seed=RunConfig.model_fields["seed"].default if c.seed is None else c.seed)
     return list(ids.split(c.batch_size)), info
+
+
+def calibration_seed(config: RunConfig) -> int:
+    """The calibration sample's seed: ``calibration.seed`` when set, else the run's ``seed``."""
+    return config.seed if config.calibration.seed is None else config.calibration.seed
 
 
 def score(model: torch.nn.Module, groups: list[PruningGroup], method: str, batches: list[torch.Tensor] = (),
@@ -321,6 +332,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     ctx.model, ctx.tokenizer = model, tokenizer
     ctx.adapter = registry.adapter_for(model)
     layers = resolve_layers(ctx.adapter.num_layers, config.selection.layers)
+    check_context(model, config, run_plan.method.cls.needs_calibration and batches is None)
     needs_tokenizer = (run_plan.method.cls.needs_calibration and batches is None) or run_plan.recovery
     if needs_tokenizer and tokenizer is None:
         raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
@@ -328,11 +340,12 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     with preserved(model):
         with ctx.stage("groups"):
             ctx.groups = build_groups(model, layers, config.grouper, registry)
+        check_ratio(ctx.groups, config)  # a ratio that rounds to removing nothing fails before scoring
         params_before = model.num_parameters()
         calibration = None
         if run_plan.method.cls.needs_calibration and batches is None:
             with ctx.stage("calibrate"):
-                batches, calibration = calibrate(tokenizer, config.calibration)
+                batches, calibration = calibrate(tokenizer, config.calibration, seed=calibration_seed(config))
         with ctx.stage("score"):
             scores, method_info = score(model, ctx.groups, config.method, batches or [], options=run_plan.options,
                                         seed=config.seed, registry=registry)

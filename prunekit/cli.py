@@ -8,11 +8,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prunekit.errors import EvaluationFailed, UserError
+from prunekit.errors import UserError
+from prunekit.failures import guarded
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UserError) instead of usage text plus a message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    parser = _Parser(prog="prunekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="prune a model, evaluate it before and after, save it")
@@ -64,8 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from prunekit.config import read_config_file, resolve_config
     from prunekit.pipeline import run
     from prunekit.report import print_run_summary
+    from prunekit.safety import expand_path
 
-    file_values = read_config_file(args.config) if args.config else {}
+    file_values = read_config_file(expand_path(args.config, "--config")) if args.config else {}
     overrides = {"method": args.method, "model": args.model, "ratio": args.ratio, "output": args.output,
                  "seed": args.seed, "device": args.device, "dtype": args.dtype, "overwrite": args.overwrite}
     if args.option:
@@ -111,9 +120,11 @@ def cmd_plugins(_: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.config import read_config_file, resolve_config
     from prunekit.evaluate import evaluate_model
+    from prunekit.failures import check_eval_args, write_json_atomically
     from prunekit.pipeline import load_model
     from prunekit.report import print_metrics
 
+    check_eval_args(args)  # --limit, --json location, `~`: before loading anything
     file_values = read_config_file(args.config) if args.config else {}
     spec = resolve_config({"evaluation": file_values.get("evaluation", {})}, {}).evaluation
     if args.full:
@@ -124,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_model(model, tokenizer, spec)
     print_metrics({"model": metrics}, title=f"evaluation of {source}")
     if args.json:
-        args.json.write_text(json.dumps({"model": source, "metrics": metrics}, indent=2, default=str) + "\n")
+        write_json_atomically(args.json, {"model": source, "metrics": metrics})
     return 0
 
 
@@ -142,21 +153,16 @@ COMMANDS = {"run": cmd_run, "methods": cmd_methods, "plugins": cmd_plugins, "eva
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure becomes one line on stderr and an exit code (see prunekit.failures)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def dispatch() -> int:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except UserError as exc:
-        print(f"prunekit: error: {exc}", file=sys.stderr)
-        return 2
-    except EvaluationFailed as exc:
-        print(f"prunekit: error: {exc}", file=sys.stderr)
-        return 130 if exc.interrupted else 1
-    except KeyboardInterrupt:
-        print("prunekit: interrupted; the input model and output directory were left untouched", file=sys.stderr)
-        return 130
+
+    return guarded(dispatch)
 
 
 if __name__ == "__main__":

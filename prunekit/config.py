@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from prunekit.data import SOURCES
 from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec
 from prunekit.grouping import GrouperOptions
@@ -18,9 +19,12 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, published as tomli (a conditional dependency in pyproject.toml)
     import tomli as tomllib
 
+SEED_MAX = 2**32 - 1  # what numpy, torch and random all accept
+MAX_SAMPLES = 100_000  # calibration windows; more cannot be held in memory for any model worth pruning
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SelectionConfig(_Strict):
@@ -35,13 +39,14 @@ class SelectionConfig(_Strict):
 class CalibrationConfig(_Strict):
     """Text the gradient-based methods estimate importance on."""
 
-    source: str = "ptb"
-    n_samples: int = Field(default=10, ge=1)
-    seq_len: int = Field(default=64, ge=2)
+    source: Literal[SOURCES] = "ptb"  # type: ignore[valid-type]
+    n_samples: int = Field(default=10, ge=1, le=MAX_SAMPLES)
+    seq_len: int = Field(default=64, ge=2, description="tokens per window; at most the model's context length")
     batch_size: int = Field(
         default=2, ge=1, description="sequences per forward pass; the gradient is the same for any split "
                                      "(losses weighted by share), so this only trades activation memory for speed")
-    seed: int = 42
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX,
+                             description="which windows are drawn; default (None): the run's seed")
 
 
 class RecoveryConfig(_Strict):
@@ -68,7 +73,7 @@ class RunConfig(_Strict):
     output: Path | None = None
     overwrite: bool = False
     ratio: float = Field(default=0.25, gt=0, lt=1)
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=SEED_MAX, description="drives everything random in the run")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     grouper: GrouperOptions = Field(default_factory=GrouperOptions)
@@ -76,6 +81,19 @@ class RunConfig(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("output", "model", mode="before")
+    @classmethod
+    def _expand_home(cls, v: Any, info: Any) -> Any:
+        """``~/x`` means the home folder here too (YAML/TOML values and quoted flags are not shell-expanded)."""
+        if isinstance(v, (str, Path)) and str(v).startswith("~"):
+            from prunekit.safety import expand_path
+
+            try:
+                return type(v)(expand_path(v, info.field_name))
+            except UserError as exc:
+                raise ValueError(str(exc).partition(": ")[2]) from None
+        return v
 
     @field_validator("selection")
     @classmethod
@@ -98,6 +116,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise UserError(f"config: {path} must end in .yaml, .yml or .toml")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"config: {path} is malformed: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"config: cannot read {path} ({exc.strerror})") from None
     if not isinstance(data, dict):
         raise UserError(f"config: {path} must hold a mapping at the top level")
     return data

@@ -15,3 +15,7 @@ class EvaluationFailed(Exception):
         what = "interrupted" if self.interrupted else f"failed ({type(error).__name__}: {error})"
         super().__init__(f"evaluation after pruning {what}; the pruned model was saved to {output} "
                          f"and run.json records the error")
+
+
+class EnvironmentFault(Exception):
+    """A fault of the machine rather than the input (a full disk, an I/O error): one line, exit code 1."""

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -296,12 +296,12 @@ class EvalSpec(BaseModel):
     """What to evaluate. The defaults are the quick setting (minutes on 2 CPU cores for a 135M model);
     ``EvalSpec.full()`` uses every window and example."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     perplexity: list[str] = Field(default_factory=lambda: list(PPL_SOURCES))
     ppl_window: int = Field(128, ge=2)
     ppl_max_windows: int | None = Field(40, ge=1)
-    ppl_split: str = "test"
+    ppl_split: Literal["test", "validation", "valid", "train"] = "test"
     zero_shot: list[str] = Field(default_factory=lambda: list(ZERO_SHOT_TASKS))
     zero_shot_limit: int | None = Field(50, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -1,4 +1,7 @@
-"""Saving and loading pruned models, written atomically so a failed run leaves nothing half-written."""
+"""Saving and loading pruned models, written atomically so a failed run leaves nothing half-written.
+
+Where a run may write, the lock, stale-scratch removal and the atomic swap live in :mod:`prunekit.safety`.
+"""
 
 from __future__ import annotations
 
@@ -12,46 +15,107 @@ from typing import Any, Iterator
 
 import torch
 
-from prunekit.errors import UserError
+from prunekit import safety
+from prunekit.errors import EnvironmentFault, UserError
 
 
 def check_output_dir(output: Path, overwrite: bool, model_source: str | None = None) -> None:
-    """Refuse an existing non-empty output directory (unless ``overwrite``) or one that is the input model."""
-    if model_source and Path(model_source).exists() and Path(model_source).resolve() == output.resolve():
-        raise UserError(f"output: {output} is the input model; choose another directory")
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output: {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output: {output} exists and is not empty; pass --overwrite (Python: overwrite=True) "
-                        f"to replace it")
+    """Refuse an output location a run must not write (see :func:`prunekit.safety.check_output`), then lock it
+    for this process and remove scratch folders killed runs left beside it."""
+    if model_source is None:  # the embedded model lives in prunekit's cache: protect all of it
+        from prunekit.assets import default_cache_root
+
+        model_source = str(default_cache_root())
+    safety.check_output(output, overwrite, model_source)
+    safety.claim(safety.expand_path(output, "output"))
 
 
 @contextmanager
-def atomic_directory(output: Path) -> Iterator[Path]:
-    """Yield a scratch directory beside ``output``; it replaces ``output`` only if the block succeeds."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a scratch directory beside ``output``; it replaces ``output`` only if the block succeeds.
+
+    An existing non-empty ``output`` is replaced only with ``overwrite`` and only when it is a prunekit
+    output; the swap is atomic (the path always names a complete directory). The lock on ``output`` is
+    released at the end, success or not.
+    """
+    output = safety.expand_path(output, "output")
     try:
-        yield scratch
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-            os.replace(scratch, output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise safety.os_error(exc, output) from None
+    safety.claim(output)
+    scratch: Path | None = None
+    try:
+        if output.is_dir() and any(output.iterdir()):
+            if not overwrite:
+                raise UserError(f"output: {output} exists and is not empty; pass --overwrite to replace a previous "
+                                f"prunekit output, or choose another directory")
+            safety.refuse_foreign(output)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        safety.fix_mode(scratch)
+        safety.pause_point("save:scratch")
+        try:
+            yield scratch
+        except OSError as exc:
+            raise safety.os_error(exc, output) from None
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            if "os error 28" in str(exc) or "No space left" in str(exc):
+                raise EnvironmentFault(f"output: writing {output} failed (no space left on device); "
+                                       f"nothing was saved") from None
+            raise
+        safety.pause_point("save:publish")
+        old = safety.publish(scratch, output)
+        safety.pause_point("save:published")
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(scratch, output)
     finally:
-        if scratch.exists():
+        if scratch is not None and scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
+        safety.release(output)
 
 
-def save_pruned(model, tokenizer, output: Path, manifest: dict[str, Any]) -> None:
-    """``save_pretrained`` + tokenizer + ``run.json``, all-or-nothing."""
-    with atomic_directory(output) as scratch:
+def save_pruned(model, tokenizer, output: Path, manifest: dict[str, Any], overwrite: bool | None = None) -> None:
+    """``save_pretrained`` + tokenizer + ``run.json`` (which lists every file written), all-or-nothing.
+
+    ``overwrite`` defaults to the run config's ``overwrite`` in ``manifest``.
+    """
+    if overwrite is None:
+        overwrite = bool(manifest.get("config", {}).get("overwrite", False))
+    output = safety.expand_path(output, "output")
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    safety.check_space(output, int(weights * 1.05) + 2**20, "the pruned model")
+    with quiet_transformers(), atomic_directory(output, overwrite=overwrite) as scratch:
         model.save_pretrained(scratch)
+        safety.pause_point("save:mid")
         if tokenizer is not None:
             tokenizer.save_pretrained(scratch)
-        (scratch / "run.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        files = sorted(p.name for p in scratch.iterdir())
+        (scratch / "run.json").write_text(json.dumps({**manifest, "files": files}, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (prunekit reports load problems itself, in one line)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _mismatch(path: str | os.PathLike, missing: Any, unexpected: Any, mismatched: Any = ()) -> UserError | None:
+    """The one-line error for weights that do not match the config, or None when they match."""
+    parts = [f"{what} {sorted(map(str, keys))[:3]}{' ...' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+    if not parts:
+        return None
+    return UserError(f"model: {path}: config.json does not match the weights ({'; '.join(parts)})")
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
@@ -59,6 +123,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
 
     Uniform shapes (every layer pruned alike) also load with ``AutoModelForCausalLM.from_pretrained``;
     per-layer shapes (the default layer range keeps the first and last layers whole) need this call.
+    Weights that do not match the config (missing, unexpected, wrong shape) are a one-line UserError,
+    never silently re-initialised.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -67,18 +133,28 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     from prunekit.registry import get_registry
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    shapes = getattr(config, "prunekit_layer_shapes", None)
-    if not shapes:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device)
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(path)
+        shapes = getattr(config, "prunekit_layer_shapes", None)
+        if not shapes:
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
+            error = _mismatch(path, info.get("missing_keys"), info.get("unexpected_keys"), info.get("mismatched_keys"))
+            if error:
+                raise error
+            return model.to(device)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
     get_registry().adapter_for(model).rebuild([LayerShape(**s) for s in shapes])
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor whose shape differs from the config's
+        raise UserError(f"model: {path}: config.json does not match the weights "
+                        f"({str(exc).splitlines()[-1].strip()[:200]})") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise UserError(f"model: {path} does not match its config (missing {missing}, unexpected {unexpected})")
+    error = _mismatch(path, set(missing) - tied, unexpected)
+    if error:
+        raise error
     model.tie_weights()
     return model.to(device).eval()

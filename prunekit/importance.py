@@ -9,7 +9,7 @@ nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -21,9 +21,9 @@ from prunekit.progress import track
 class Options(BaseModel):
     """Base for method options: unknown fields are an error, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    reduction: str = "sum"
+    reduction: Literal["sum", "mean", "max"] = "sum"
 
 
 @dataclass
@@ -81,8 +81,12 @@ def accumulate_gradients(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     for name, p in ctx.model.named_parameters():
         p.requires_grad_(name in wanted)
         p.grad = None
-    for loss in ctx.iter_losses():
-        check_finite(loss, "loss")
+    for index, loss in enumerate(ctx.iter_losses()):  # drive the generator to its end (observers count batches)
+        if not torch.isfinite(loss):
+            from prunekit.finite import nonfinite_loss
+
+            raise nonfinite_loss(ctx.model, ctx.batches[index], f"calibration loss at batch {index + 1} of "
+                                 f"{len(ctx.batches)}")
         loss.backward()
     grads = {}
     for name, p in params.items():

@@ -16,6 +16,7 @@ from typing import Any
 from prunekit import api
 from prunekit.api import (DTYPES, VERSIONED, default_layers, load_model, mask_report, package_versions,  # noqa: F401
                           reduction_report, resolve_layers)
+from prunekit.checks import check_sources
 from prunekit.config import RunConfig
 from prunekit.context import RunContext
 from prunekit.errors import EvaluationFailed
@@ -33,6 +34,7 @@ def output_dir(config: RunConfig) -> Path:
 def preflight(config: RunConfig, registry: Registry) -> api.RunPlan:
     """Everything that can be refused before loading a model: method, options, recovery, evaluators, output folder."""
     run_plan = api.plan(config, registry)
+    check_sources(config, run_plan.method.cls.needs_calibration, run_plan.recovery_options)  # offline data
     if config.evaluation.enabled:
         plugin_evaluators(config.evaluation, registry)  # an unknown evaluator fails before any work
     check_output_dir(output_dir(config), config.overwrite, config.model)
@@ -111,4 +113,4 @@ def score_groups(ctx: RunContext, method_entry, options, batches, compute_dtype=
 
 def calibration_batches(tokenizer, config: RunConfig):
     """Seeded calibration batches of a run (see :func:`prunekit.api.calibrate`)."""
-    return api.calibrate(tokenizer, config.calibration)
+    return api.calibrate(tokenizer, config.calibration, seed=api.calibration_seed(config))

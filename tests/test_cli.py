@@ -181,19 +181,25 @@ def test_nonempty_output_needs_overwrite(tiny_model_dir, tmp_path):
     result = run_cli(*RUN, "--method", "magnitude", "--model", str(tiny_model_dir), "--output", str(out))
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "user data"
-    assert main([*RUN, "--method", "magnitude", "--model", str(tiny_model_dir), "--output", str(out),
-                 "--overwrite"]) == 0
-    assert (out / "run.json").exists() and not (out / "keep.txt").exists()
+    # --overwrite replaces only a previous prunekit output, never a folder holding the user's files
+    args = [*RUN, "--method", "magnitude", "--model", str(tiny_model_dir), "--output", str(out), "--overwrite"]
+    assert main(args) == 2 and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    assert main(args) == 0 and (out / "run.json").exists()
+    first = (out / "run.json").read_text()
+    assert main([*args, "--seed", "7"]) == 0
+    assert (out / "run.json").read_text() != first and json.loads((out / "run.json").read_text())["seed"] == 7
 
 
-def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch):
-    import prunekit.export
+def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import prunekit.safety
 
     def explode(*_a, **_k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prunekit.export.json, "dumps", explode)
-    with pytest.raises(RuntimeError):
-        main([*RUN, "--method", "magnitude", "--model", str(tiny_model_dir), "--output", str(tmp_path / "out")])
+    monkeypatch.setattr(prunekit.safety, "publish", explode)  # everything written, then the last step fails
+    assert main([*RUN, "--method", "magnitude", "--model", str(tiny_model_dir), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: disk full" in err and "PRUNEKIT_DEBUG" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
