@@ -417,5 +417,5 @@ def save(result: PruneResult, out_dir: str | Path, *, metrics: dict[str, Any] | 
     check_output_dir(out, overwrite, result.source)
     if metrics is not None:
         result.metrics = metrics
-    save_pruned(result.model, result.tokenizer, out, result.manifest())
+    save_pruned(result.model, result.tokenizer, out, result.manifest(), overwrite=overwrite)
     return out

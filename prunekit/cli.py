@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prunekit.errors import UserError
+from prunekit.errors import EvaluationFailed, UserError
 from prunekit.failures import guarded
 
 

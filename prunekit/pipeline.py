@@ -16,7 +16,7 @@ from typing import Any
 from prunekit import api
 from prunekit.api import (DTYPES, VERSIONED, default_layers, load_model, mask_report, package_versions,  # noqa: F401
                           reduction_report, resolve_layers)
-from prunekit.checks import check_sources
+from prunekit.checks import check_context, check_sources
 from prunekit.config import RunConfig
 from prunekit.context import RunContext
 from prunekit.errors import EvaluationFailed
@@ -54,7 +54,7 @@ def evaluate_before(ctx: RunContext, evaluate, progress: bool) -> dict[str, Any]
     if progress and metrics["cache"]["hit"]:
         from rich.console import Console
 
-        Console(stderr=True).print(f"dense model: metrics read from the cache ({metrics['cache']['file']}; "
+        Console(stderr=True, soft_wrap=True).print(f"dense model: metrics read from the cache ({metrics['cache']['file']}; "
                                    "--no-eval-cache evaluates it again)")
     return metrics
 
@@ -70,7 +70,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
     """Prune one model as ``config`` says and save it with its manifest; returns the run's state."""
     host = host or get_host()
     registry = registry or Registry.from_host(host)
-    preflight(config, registry)
+    run_plan = preflight(config, registry)
     evaluate = evaluate_fn or functools.partial(evaluate_model, registry=registry)
 
     ctx = RunContext(config=config, registry=registry)
@@ -78,6 +78,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device)
     ctx.adapter = registry.adapter_for(ctx.model)
     resolve_layers(ctx.adapter.num_layers, config.selection.layers)  # bad layers fail before the evaluation
+    check_context(ctx.model, config, run_plan.method.cls.needs_calibration)  # windows that fit the context
     metrics: dict[str, Any] = {}
     if config.evaluation.enabled:
         with ctx.stage("evaluate_before"):
