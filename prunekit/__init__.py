@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 __all__ = ["hookimpl", "load_pruned", "__version__"]
 
 
-def load_pruned(path, dtype=None, device: str = "cpu"):
-    """Load a model prunekit saved, per-layer shapes included (see :func:`prunekit.export.load_pruned`)."""
+def load_pruned(path, dtype=None, device: str = "cpu", **hub):
+    """Load a model prunekit saved (folder or hub id), per-layer shapes included (:func:`prunekit.export.load_pruned`)."""
     from prunekit.export import load_pruned as _load
 
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, **hub)

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.errors import UserError
+from prunekit.remote_code import write_remote_code
 
 
 def check_output_dir(output: Path, overwrite: bool, model_source: str | None = None) -> None:
@@ -48,36 +49,50 @@ def save_pruned(model, tokenizer, output: Path, manifest: dict[str, Any]) -> Non
     """``save_pretrained`` + tokenizer + ``run.json``, all-or-nothing."""
     with atomic_directory(output) as scratch:
         model.save_pretrained(scratch)
+        write_remote_code(model, scratch)  # per-layer shapes: code that loads them without prunekit
         if tokenizer is not None:
             tokenizer.save_pretrained(scratch)
         (scratch / "run.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """Load a model prunekit saved, including per-layer shapes that plain ``from_pretrained`` refuses.
+def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu", *,
+                revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                local_files_only: bool | None = None):
+    """Load a model prunekit saved, per-layer shapes included, from a folder, a hub id or a hub cache.
 
     Uniform shapes (every layer pruned alike) also load with ``AutoModelForCausalLM.from_pretrained``;
-    per-layer shapes (the default layer range keeps the first and last layers whole) need this call.
+    per-layer shapes also load with ``from_pretrained(..., trust_remote_code=True)`` (the checkpoint
+    carries its code), and here without running that code. ``source`` is a local folder or a hub id,
+    looked up in ``cache_dir`` (default: the hub cache), offline when ``local_files_only`` or
+    ``HF_HUB_OFFLINE`` is set. Checkpoints of older prunekit versions (only ``prunekit_layer_shapes``)
+    load too.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from prunekit.adapters.base import LayerShape
     from prunekit.registry import get_registry
+    from prunekit.remote_code import checkpoint_folder
+    from prunekit.templates.modeling_prunekit import resize_modules
 
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    shapes = getattr(config, "prunekit_layer_shapes", None)
-    if not shapes:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device)
+    hub = {k: v for k, v in {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only}.items()
+           if v is not None}
+    config = AutoConfig.from_pretrained(source, **hub)
+    modules, shapes = getattr(config, "prunekit_modules", None), getattr(config, "prunekit_layer_shapes", None)
+    if not modules and not shapes:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **hub).to(device)
+    path = checkpoint_folder(source, **hub)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
-    get_registry().adapter_for(model).rebuild([LayerShape(**s) for s in shapes])
+    if modules:  # what the checkpoint's own loading code does
+        resize_modules(model, modules)
+    else:  # older checkpoints: per-layer widths only, resized by the family's adapter
+        get_registry().adapter_for(model).rebuild([LayerShape(**s) for s in shapes])
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
-        raise UserError(f"model: {path} does not match its config (missing {missing}, unexpected {unexpected})")
+        raise UserError(f"model: {source} does not match its config (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     return model.to(device).eval()
