@@ -52,5 +52,6 @@ def print_run_summary(manifest: dict[str, Any], output: Path, console: Console |
     )
     if manifest.get("metrics"):
         print_metrics(manifest["metrics"], title="before / after pruning", console=console)
-    loader = "AutoModelForCausalLM.from_pretrained" if manifest["uniform_shapes"] else "prunekit.load_pruned"
+    loader = ("AutoModelForCausalLM.from_pretrained" if manifest["uniform_shapes"] else
+              "AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) or prunekit.load_pruned")
     console.print(f"saved to {output} (load with {loader}); timings: {manifest['timings']}")
