@@ -93,6 +93,35 @@ def prune_case(name: str):
     return model
 
 
+def prune_qwen3_by_hand():
+    """A tiny Qwen3 (no prunekit adapter needed) with one query head per KV group and MLP channels cut
+    from layer 1, as an adapter would: the exporter names no architecture."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    layer, hd = model.model.layers[1], config.head_dim
+    heads = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in (0, 2)])  # head 0 of each KV group
+    channels = torch.arange(0, 48, 2)
+
+    def cut(linear, rows=None, cols=None):
+        weight = linear.weight.detach()
+        weight = weight[rows] if rows is not None else weight
+        weight = weight[:, cols] if cols is not None else weight
+        new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+        new.weight.data.copy_(weight)
+        return new
+
+    with torch.no_grad():
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj, attn.o_proj = cut(attn.q_proj, rows=heads), cut(attn.o_proj, cols=heads)
+        attn.num_key_value_groups = 1
+        mlp.gate_proj, mlp.up_proj = cut(mlp.gate_proj, rows=channels), cut(mlp.up_proj, rows=channels)
+        mlp.down_proj, mlp.intermediate_size = cut(mlp.down_proj, cols=channels), len(channels)
+    return model
+
+
 def _imports(path: Path) -> set[str]:
     """Top-level names of the modules ``path`` imports (relative imports by module name)."""
     names = set()
@@ -133,6 +162,9 @@ def checkpoints(tmp_path_factory):
         models[name] = prune_case(name)
         save_pruned(models[name], None, root / name, {"case": name})
         jobs.append([name, str(root / name), {}])
+    models["qwen3-by-hand"] = prune_qwen3_by_hand()
+    save_pruned(models["qwen3-by-hand"], None, root / "qwen3-by-hand", {})
+    jobs.append(["qwen3-by-hand", str(root / "qwen3-by-hand"), {}])
     fake_hub_cache(root / "hub", HUB_ID, root / "gqa9x3-uneven-heads")
     jobs.append(["hub-cache", HUB_ID, {"cache_dir": str(root / "hub")}])
     script = root / "load_without_prunekit.py"
@@ -174,6 +206,22 @@ def test_remote_code_loads_in_bfloat16(checkpoints, name):
     assert torch.equal(result["logits"], same_build)
     # bfloat16 keeps 8 bits of mantissa: within a few per cent of the float32 logits' scale
     assert (result["logits"].float() - full).abs().max().item() <= 0.05 * full.abs().max().item()
+
+
+def test_exporter_names_no_architecture(checkpoints):
+    root, models, loaded = checkpoints
+    config = json.loads((root / "qwen3-by-hand" / "config.json").read_text())
+    assert config["prunekit_base"] == {"model_type": "qwen3", "architecture": "Qwen3ForCausalLM",
+                                       "config_class": "Qwen3Config"}
+    assert config["prunekit_modules"]["attributes"] == {"model.layers.1.self_attn": {"num_key_value_groups": 1},
+                                                        "model.layers.1.mlp": {"intermediate_size": 24}}
+    with torch.no_grad():
+        expected = models["qwen3-by-hand"](IDS).logits
+        assert torch.equal(load_pruned(root / "qwen3-by-hand")(IDS).logits, expected)
+    for dtype in ("float32", "bfloat16"):
+        result = loaded["results"][f"qwen3-by-hand/{dtype}"]
+        assert result["class"] == "PrunekitForCausalLM" and result["dtypes"] == [f"torch.{dtype}"]
+    assert (loaded["results"]["qwen3-by-hand/float32"]["logits"] - expected).abs().max().item() <= 1e-5
 
 
 def test_remote_code_loads_from_a_hub_cache(checkpoints):
