@@ -85,6 +85,8 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
     if modules:  # what the checkpoint's own loading code does
         resize_modules(model, modules)
+        if hasattr(model.config, "auto_map"):  # this model is the base class; save_pruned writes fresh code
+            del model.config.auto_map
     else:  # older checkpoints: per-layer widths only, resized by the family's adapter
         get_registry().adapter_for(model).rebuild([LayerShape(**s) for s in shapes])
     state: dict[str, torch.Tensor] = {}

@@ -287,6 +287,10 @@ def test_uniform_checkpoint_carries_no_code_and_loads_plainly(tmp_path):
 def test_resaving_a_reloaded_checkpoint_refreshes_its_code(checkpoints, tmp_path):
     root, models, _ = checkpoints
     model = load_pruned(root / "mlp-only")
+    model.save_pretrained(tmp_path / "plain-save")  # no code copied, so no auto_map pointing at none
+    assert "auto_map" not in json.loads((tmp_path / "plain-save" / "config.json").read_text())
+    assert torch.equal(load_pruned(tmp_path / "plain-save").model.layers[1].mlp.up_proj.weight,
+                       model.model.layers[1].mlp.up_proj.weight)
     save_pruned(model, None, tmp_path / "again", {})
     before = json.loads((root / "mlp-only" / "config.json").read_text())
     after = json.loads((tmp_path / "again" / "config.json").read_text())
