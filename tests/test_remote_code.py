@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from prunekit import assets
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.export import load_pruned, save_pruned
 from prunekit.grouping import GrouperOptions, apply_plan, build_groups
@@ -153,6 +154,17 @@ def dependency_dirs() -> list[str]:
     return list(dict.fromkeys(dirs + site.getsitepackages()))
 
 
+def load_without_prunekit(root: Path, jobs: list) -> dict:
+    """Run the loader in a fresh ``python -I -S`` where prunekit cannot be imported; its results."""
+    script = root / "load_without_prunekit.py"
+    script.write_text(LOADER)
+    env = {"HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(dependency_dirs()), json.dumps(jobs),
+                           str(root / "result.pt")], capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(root / "result.pt")
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Each case pruned, saved with ``save_pruned``, and loaded in a process where prunekit is absent."""
@@ -167,13 +179,7 @@ def checkpoints(tmp_path_factory):
     jobs.append(["qwen3-by-hand", str(root / "qwen3-by-hand"), {}])
     fake_hub_cache(root / "hub", HUB_ID, root / "gqa9x3-uneven-heads")
     jobs.append(["hub-cache", HUB_ID, {"cache_dir": str(root / "hub")}])
-    script = root / "load_without_prunekit.py"
-    script.write_text(LOADER)
-    env = {"HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(dependency_dirs()), json.dumps(jobs),
-                           str(root / "result.pt")], capture_output=True, text=True, env=env, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root, models, torch.load(root / "result.pt")
+    return root, models, load_without_prunekit(root, jobs)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -352,3 +358,22 @@ def test_older_checkpoint_still_loads_from_a_folder(checkpoints, tmp_path):
     model = load_pruned(_older_checkpoint(root / "mlp-only", tmp_path / "older"))
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, models["mlp-only"](IDS).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not assets.dist_version(assets.SMOLLM2_DIST),
+                    reason=f"embedded model missing: {assets.MODEL_SETUP}")
+def test_default_run_on_the_embedded_model_loads_without_prunekit(tmp_path):
+    """SmolLM2's default run (layers 4-27 pruned, the rest whole) loads with its own code, exactly."""
+    from prunekit.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["run", "--no-eval", "--method", "magnitude", "--output", str(out)]) == 0
+    loaded = load_without_prunekit(tmp_path, [["smollm2", str(out), {}]])
+    assert loaded["prunekit_modules_loaded"] == []
+    model = load_pruned(out)
+    assert len({s["num_attention_heads"] for s in model.config.prunekit_layer_shapes}) == 2
+    with torch.no_grad():
+        expected = model(IDS).logits
+    assert (loaded["results"]["smollm2/float32"]["logits"] - expected).abs().max().item() <= 1e-5
+    assert loaded["results"]["smollm2/bfloat16"]["dtypes"] == ["torch.bfloat16"]

@@ -83,7 +83,7 @@ def test_wheel_sees_every_builtin_method_beside_a_local_plugins_package(wheel_si
     work = tmp_path / "project"
     for name in ("plugins", "benchmarks"):
         (work / name).mkdir(parents=True)
-        (work / name / "__init__.py").write_text(f"raise ImportError('the working directory\\'s {name} was imported')\n")
+        (work / name / "__init__.py").write_text(f"raise ImportError('{name} of the working directory imported')\n")
         (work / name / "magnitude.py").write_text("raise ImportError('not prunekit')\n")
     site = wheel_site / "site"
     env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
