@@ -76,6 +76,13 @@ for name, source, kwargs in json.loads(sys.argv[2]):
             "logits": logits, "class": type(model).__name__, "module": type(model).__module__,
             "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
         }
+# a model loaded with its code saves again with save_pretrained (transformers copies the code along)
+name, source, kwargs = json.loads(sys.argv[2])[0]
+model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, **kwargs)
+model.save_pretrained(sys.argv[3] + ".resaved")
+with torch.no_grad():
+    results["resaved"] = {"logits": AutoModelForCausalLM.from_pretrained(
+        sys.argv[3] + ".resaved", trust_remote_code=True).eval()(ids).logits, "source": name}
 loaded = sorted(m for m in sys.modules if m == "prunekit" or m.startswith("prunekit."))
 torch.save({"results": results, "prunekit_modules_loaded": loaded}, sys.argv[3])
 '''
@@ -228,6 +235,14 @@ def test_exporter_names_no_architecture(checkpoints):
         result = loaded["results"][f"qwen3-by-hand/{dtype}"]
         assert result["class"] == "PrunekitForCausalLM" and result["dtypes"] == [f"torch.{dtype}"]
     assert (loaded["results"]["qwen3-by-hand/float32"]["logits"] - expected).abs().max().item() <= 1e-5
+
+
+def test_remote_loaded_model_saves_again_with_its_code(checkpoints):
+    _, models, loaded = checkpoints
+    resaved = loaded["results"]["resaved"]
+    with torch.no_grad():
+        expected = models[resaved["source"]](IDS).logits
+    assert (resaved["logits"] - expected).abs().max().item() <= 1e-5
 
 
 def test_remote_code_loads_from_a_hub_cache(checkpoints):
