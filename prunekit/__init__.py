@@ -26,11 +26,11 @@ _LAZY = {
 }
 
 
-def load_pruned(path, dtype=None, device: str = "cpu"):
-    """Load a model prunekit saved, per-layer shapes included (see :func:`prunekit.export.load_pruned`)."""
+def load_pruned(path, dtype=None, device: str = "cpu", **hub):
+    """Load a model prunekit saved (folder or hub id), per-layer shapes included (see ``prunekit.export``)."""
     from prunekit.export import load_pruned as _load
 
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, **hub)
 
 
 def __getattr__(name: str) -> Any:

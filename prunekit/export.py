@@ -17,6 +17,7 @@ import torch
 
 from prunekit import safety
 from prunekit.errors import EnvironmentFault, UserError
+from prunekit.remote_code import write_remote_code
 
 
 def check_output_dir(output: Path, overwrite: bool, model_source: str | None = None) -> None:
@@ -86,6 +87,7 @@ def save_pruned(model, tokenizer, output: Path, manifest: dict[str, Any], overwr
     safety.check_space(output, int(weights * 1.05) + 2**20, "the pruned model")
     with quiet_transformers(), atomic_directory(output, overwrite=overwrite) as scratch:
         model.save_pretrained(scratch)
+        write_remote_code(model, scratch)  # per-layer shapes: code that loads them without prunekit
         safety.pause_point("save:mid")
         if tokenizer is not None:
             tokenizer.save_pretrained(scratch)
@@ -118,12 +120,17 @@ def _mismatch(path: str | os.PathLike, missing: Any, unexpected: Any, mismatched
     return UserError(f"model: {path}: config.json does not match the weights ({'; '.join(parts)})")
 
 
-def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """Load a model prunekit saved, including per-layer shapes that plain ``from_pretrained`` refuses.
+def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu", *,
+                revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                local_files_only: bool | None = None):
+    """Load a model prunekit saved, per-layer shapes included, from a folder, a hub id or a hub cache.
 
     Uniform shapes (every layer pruned alike) also load with ``AutoModelForCausalLM.from_pretrained``;
-    per-layer shapes (the default layer range keeps the first and last layers whole) need this call.
-    Weights that do not match the config (missing, unexpected, wrong shape) are a one-line UserError,
+    per-layer shapes also load with ``from_pretrained(..., trust_remote_code=True)`` (the checkpoint
+    carries its code), and here without running that code. ``source`` is a local folder or a hub id,
+    looked up in ``cache_dir`` (default: the hub cache), offline when ``local_files_only`` or
+    ``HF_HUB_OFFLINE`` is set. Checkpoints of older prunekit versions (only ``prunekit_layer_shapes``)
+    load too. Weights that do not match the config (missing, unexpected, wrong shape) are a one-line UserError,
     never silently re-initialised.
     """
     from safetensors.torch import load_file
@@ -131,19 +138,30 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
 
     from prunekit.adapters.base import LayerShape
     from prunekit.registry import get_registry
+    from prunekit.remote_code import checkpoint_folder
+    from prunekit.templates.modeling_prunekit import resize_modules
 
-    path = Path(path)
+    hub = {k: v for k, v in {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only}.items()
+           if v is not None}
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(path)
-        shapes = getattr(config, "prunekit_layer_shapes", None)
-        if not shapes:
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
-            error = _mismatch(path, info.get("missing_keys"), info.get("unexpected_keys"), info.get("mismatched_keys"))
+        config = AutoConfig.from_pretrained(source, **hub)
+        modules, shapes = getattr(config, "prunekit_modules", None), getattr(config, "prunekit_layer_shapes", None)
+        if not modules and not shapes:
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", output_loading_info=True,
+                                                               **hub)
+            error = _mismatch(source, info.get("missing_keys"), info.get("unexpected_keys"),
+                              info.get("mismatched_keys"))
             if error:
                 raise error
             return model.to(device)
+    path = checkpoint_folder(source, **hub)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
-    get_registry().adapter_for(model).rebuild([LayerShape(**s) for s in shapes])
+    if modules:  # what the checkpoint's own loading code does
+        resize_modules(model, modules)
+        if hasattr(model.config, "auto_map"):  # this model is the base class; save_pruned writes fresh code
+            del model.config.auto_map
+    else:  # older checkpoints: per-layer widths only, resized by the family's adapter
+        get_registry().adapter_for(model).rebuild([LayerShape(**s) for s in shapes])
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))

@@ -126,5 +126,6 @@ def print_run_summary(manifest: dict[str, Any], output: Path, console: Console |
         print_metrics(manifest["metrics"], title="before / after pruning", console=console)
     for error in (manifest.get("errors") or {}).values():
         console.print(f"[red]{error['stage']} failed[/red]: {error['type']}: {error['message']}")
-    loader = "AutoModelForCausalLM.from_pretrained" if manifest["uniform_shapes"] else "prunekit.load_pruned"
+    loader = ("AutoModelForCausalLM.from_pretrained" if manifest["uniform_shapes"] else
+              "AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) or prunekit.load_pruned")
     console.print(f"saved to {output} (load with {loader}); timings: {manifest['timings']}")

@@ -53,6 +53,7 @@ def test_default_layer_range_gives_per_layer_shapes(tiny_model_dir, tmp_path):
                  "--config", str(cfg)]) == 0
     manifest = json.loads((out / "run.json").read_text())
     assert not manifest["uniform_shapes"]
+    assert json.loads((out / "config.json").read_text())["auto_map"] and (out / "modeling_prunekit.py").is_file()
     model = load_pruned(out)
     ids = torch.arange(10).view(1, 10)
     with torch.no_grad():

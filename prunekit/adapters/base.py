@@ -103,3 +103,40 @@ class Adapter:
     def rebuild(self, shapes: list[LayerShape]) -> None:
         """Resize a freshly built model's layers to ``shapes`` before loading pruned weights."""
         raise NotImplementedError
+
+    # -- export ---------------------------------------------------------------------------------
+    #: Module attributes that transformers' modules compute from their widths at construction and read
+    #: at run time; a checkpoint's loading code sets those that pruning changed.
+    module_attributes: ClassVar[tuple[str, ...]] = (
+        "num_heads", "num_key_value_heads", "num_key_value_groups", "intermediate_size",
+    )
+
+    def module_shapes(self) -> dict:
+        """What a checkpoint's own loading code must change in a model built from the saved config.
+
+        ``{"linear": {name: [in_features, out_features]}, "attributes": {name: {attr: value}}}``, both
+        empty when every module matches the config (plain ``from_pretrained`` loads it). The default
+        compares the model with one built from its config on the meta device, so it fits any family
+        whose pruned modules are ``nn.Linear``; a family with other state overrides it.
+        """
+        import copy
+
+        from prunekit.remote_code import transformers_class
+
+        with torch.device("meta"):
+            reference = transformers_class(type(self.model))(copy.deepcopy(self.config))
+        built = dict(reference.named_modules())
+        linear: dict[str, list[int]] = {}
+        attributes: dict[str, dict[str, int]] = {}
+        for name, module in self.model.named_modules():
+            ref = built.get(name)
+            if ref is None:
+                raise ValueError(f"module {name!r} is not in a model built from the config")
+            if isinstance(module, nn.Linear) and (module.in_features, module.out_features) != (
+                    ref.in_features, ref.out_features):
+                linear[name] = [module.in_features, module.out_features]
+            changed = {a: getattr(module, a) for a in self.module_attributes
+                       if hasattr(module, a) and getattr(module, a) != getattr(ref, a, None)}
+            if changed:
+                attributes[name] = changed
+        return {"linear": linear, "attributes": attributes}
