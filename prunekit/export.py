@@ -63,6 +63,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from prunekit.adapters.base import LayerShape
+    from prunekit.adapters.checkpoint import model_keys
     from prunekit.registry import get_registry
 
     path = Path(path)
@@ -75,6 +76,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))
+    state = model_keys(model, state)  # undo transformers' save-time renames (GPT-NeoX: embed_out)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
