@@ -57,6 +57,15 @@ def _config(arch: str):
 ARCHS = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(arch: str, seed: int = 0):
     """A random-weight causal LM of ``arch``; weights, norms and biases spread so methods disagree."""
     from transformers import AutoModelForCausalLM
