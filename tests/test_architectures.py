@@ -170,6 +170,31 @@ def test_slots_cover_every_sliced_module(arch):
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == before
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_graph_agrees_with_slots_where_traceable(arch):
+    """Unfused MLPs are pruned through torch-pruning's graph, whose coupling must equal the adapter's slots."""
+    model = make_model(arch)
+    adapter = get_registry().adapter_for(model)
+    groups = build_groups(model, adapter, range(adapter.num_layers), GrouperOptions())
+    mlp = [g for g in groups if g.kind == "mlp"]
+    assert all((g.graph_root is not None) == adapter.trace_mlp for g in mlp)
+    assert adapter.trace_mlp == (arch != "phi3")  # fused gate_up_proj: low-level pruners only
+
+
+def test_phi3_per_layer_widths_survive_deepcopy():
+    """Phi-3 layers read their widths from a per-layer config view; copies keep working."""
+    import copy
+
+    model = make_model("phi3")
+    adapter, groups, kept = prune(model, "magnitude", "heads", layers=range(0, 1))
+    apply_plan(model, adapter, groups, kept)
+    adapter.sync_config()
+    assert model.config.num_attention_heads == 6  # per-layer shapes: the shared config keeps the base widths
+    assert model.model.layers[0].self_attn.config.num_attention_heads == adapter.layer_shape(0).num_attention_heads == 2
+    clone = copy.deepcopy(model)
+    assert torch.equal(logits(clone), logits(model))
+
+
 def test_phi3_fused_rows_follow_their_units():
     """A removed KV group takes its q rows, its k rows and its v rows out of the one fused qkv_proj."""
     model = make_model("phi3")
@@ -202,3 +227,26 @@ def test_gpt_neox_biases_and_olmo2_norms_shrink_with_units():
     attn = model.model.layers[0].self_attn
     assert attn.q_norm.weight.shape == attn.q_proj.weight.shape[:1]
     assert attn.k_norm.weight.shape == attn.k_proj.weight.shape[:1] == (adapter.head_dim,)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cli_run_prunes_and_reloads(arch, tmp_path):
+    """The whole run as a user starts it, on a saved model of each family (default layer range)."""
+    import json
+
+    from conftest import make_tiny_tokenizer
+
+    from prunekit.cli import main
+
+    model_dir, out = tmp_path / arch, tmp_path / "out"
+    make_model(arch).save_pretrained(model_dir)
+    make_tiny_tokenizer(VOCAB).save_pretrained(model_dir)
+    # magnitude: no calibration corpus to load; every method is covered on these models above
+    assert main(["run", "--no-eval", "--ratio", "0.5", "--method", "magnitude", "--model", str(model_dir),
+                 "--output", str(out)]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    reloaded = load_pruned(out)
+    assert reloaded.num_parameters() == manifest["reduction"]["params_after"] < manifest["reduction"]["params_before"]
+    adapter = get_registry().adapter_for(reloaded)
+    assert [adapter.layer_shape(i).as_dict() for i in range(adapter.num_layers)] == manifest["layer_shapes"]
+    assert torch.isfinite(logits(reloaded)).all()
