@@ -30,6 +30,12 @@ def _config(arch: str):
     import transformers as t
 
     common = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if arch == "qwen2":  # the LLaMA adapter's families: q/k/v biases, GQA 3:1
+        return t.Qwen2Config(hidden_size=48, intermediate_size=40, num_attention_heads=6, num_key_value_heads=2,
+                             **common)
+    if arch == "mistral":  # sliding window over every layer, GQA 2:1
+        return t.MistralConfig(hidden_size=48, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
+                               sliding_window=4, **common)
     if arch == "qwen3":  # GQA 3:1, per-head q/k norms, one sliding-window layer
         return t.Qwen3Config(hidden_size=48, intermediate_size=40, num_attention_heads=6, num_key_value_heads=2,
                              head_dim=8, use_sliding_window=True, sliding_window=4, layer_types=SLIDING, **common)
@@ -54,7 +60,7 @@ def _config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox"]
+ARCHS = ["qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox"]
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +218,13 @@ def test_phi3_fused_rows_follow_their_units():
     assert torch.equal(w[4 * hd:], original[8 * hd + g * hd: 8 * hd + (g + 1) * hd])
 
 
-def test_gpt_neox_biases_and_olmo2_norms_shrink_with_units():
+def test_biases_and_norms_shrink_with_units():
+    model = make_model("qwen2")
+    adapter, groups, kept = prune(model, "magnitude", "kv_groups")
+    apply_plan(model, adapter, groups, kept)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.bias.shape == (3 * adapter.head_dim,) and attn.k_proj.bias.shape == (adapter.head_dim,)
+
     model = make_model("gpt_neox")
     adapter, groups, kept = prune(model, "magnitude", "heads")
     apply_plan(model, adapter, groups, kept)
