@@ -268,3 +268,15 @@ def test_cli_run_prunes_and_reloads(arch, tmp_path):
     adapter = get_registry().adapter_for(reloaded)
     assert [adapter.layer_shape(i).as_dict() for i in range(adapter.num_layers)] == manifest["layer_shapes"]
     assert torch.isfinite(logits(reloaded)).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_per_head_qk_norms_are_shared_and_stay_whole(arch):
+    """Qwen3/Gemma 3 q/k norms weigh head_dim entries used by every head: pruning heads leaves them as they are."""
+    model = make_model(arch)
+    attn = model.model.layers[0].self_attn
+    q_norm = attn.q_norm.weight.clone()
+    adapter, groups, kept = prune(model, "magnitude", "kv_groups")
+    assert not any(g.followers for g in groups)
+    apply_plan(model, adapter, groups, kept)
+    assert torch.equal(attn.q_norm.weight, q_norm) and q_norm.shape == (adapter.head_dim,)
