@@ -53,6 +53,10 @@ def _config(arch: str):
     if arch == "olmo2":  # q/k norms over the full projection width, GQA 2:1
         return t.Olmo2Config(hidden_size=48, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
                              pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
+    if arch == "olmo3":  # OLMo 2's layout plus sliding-window layers
+        return t.Olmo3Config(hidden_size=48, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
+                             sliding_window=4, layer_types=SLIDING, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                             **common)
     if arch == "gpt_neox":  # fused interleaved query_key_value, biases everywhere, non-gated MLP, parallel residual
         return t.GPTNeoXConfig(hidden_size=48, intermediate_size=40, num_attention_heads=4, attention_bias=True,
                                use_parallel_residual=True, rope_parameters={"rope_type": "default",
@@ -60,7 +64,7 @@ def _config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ["qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox"]
+ARCHS = ["qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "olmo3", "gpt_neox"]
 
 
 @pytest.fixture(autouse=True)

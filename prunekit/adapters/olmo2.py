@@ -1,4 +1,4 @@
-"""Adapter for OLMo 2: the LLaMA projections with q/k RMSNorm over the whole projection width.
+"""Adapter for OLMo 2 and OLMo 3: the LLaMA projections with q/k RMSNorm over the whole projection width.
 
 ``q_norm`` has ``num_attention_heads * head_dim`` weights (``k_norm`` the KV width) and normalises
 the whole projection before the per-head reshape, so its entries shrink with the heads they scale.
@@ -17,9 +17,10 @@ from prunekit.hookspecs import hookimpl
 
 
 class Olmo2Adapter(LlamaAdapter):
-    """OLMo 2 decoder: post-norm blocks, q/k norms over the full projection width."""
+    """OLMo 2 / OLMo 3 decoders: post-norm blocks, q/k norms over the full projection width (OLMo 3 adds
+    sliding-window layers, which pruning does not touch)."""
 
-    model_types = ("olmo2",)
+    model_types = ("olmo2", "olmo3")
 
     def attention_slots(self, i: int, shape: LayerShape) -> list[Slot]:
         p, hd = self.block(i, "attention"), self.head_dim
