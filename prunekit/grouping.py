@@ -161,7 +161,8 @@ def apply_plan(model, adapter: Adapter, groups: list[PruningGroup], kept: list[t
                 fn(model.get_submodule(s.module_name), group.channels_of(removed, s).tolist())
         for s in group.followers:
             norm = model.get_submodule(s.module_name)
-            slice_norm(norm, _complement(group.channels_of(removed, s), norm.weight.shape[0]))
+            kept_entries = _complement(group.channels_of(removed, s), norm.weight.shape[0])
+            slice_norm(norm, kept_entries)
 
 
 def _complement(keep: torch.Tensor, n: int) -> torch.Tensor:
