@@ -137,6 +137,7 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from prunekit.adapters.base import LayerShape
+    from prunekit.adapters.checkpoint import model_keys
     from prunekit.registry import get_registry
     from prunekit.remote_code import checkpoint_folder
     from prunekit.templates.modeling_prunekit import resize_modules
@@ -165,6 +166,7 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))
+    state = model_keys(model, state)  # undo transformers' save-time renames (GPT-NeoX: embed_out)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor whose shape differs from the config's

@@ -1,8 +1,9 @@
 """The default grouper: one attention group and one MLP group per pruned decoder layer.
 
-MLP coupling (gate/up rows, down columns) is read from torch-pruning's DependencyGraph. Attention
-coupling comes from the adapter's head geometry because the graph couples q/k/v/o channel-for-channel
-even under GQA (wrong when k/v are narrower than q).
+Which rows/columns belong to a unit comes from the adapter's slots (separate or fused projections,
+interleaved heads, norms that shrink with heads). For traceable MLP layouts the coupling is also read
+from torch-pruning's DependencyGraph and must agree. Attention never uses the graph: it couples q/k/v/o
+channel-for-channel even under GQA (wrong when k/v are narrower than q).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch_pruning as tp
 from pydantic import BaseModel, ConfigDict
 
 from prunekit.adapters.base import Adapter
+from prunekit.adapters.layout import Slot, merge_channels, slice_norm
 from prunekit.errors import UserError
 from prunekit.groups import CoupledSlice, PruningGroup
 from prunekit.hookspecs import hookimpl
@@ -52,54 +54,76 @@ def build_dependency_graph(model: torch.nn.Module, adapter: Adapter) -> tp.Depen
     return graph
 
 
-def mlp_group(model, adapter: Adapter, graph: tp.DependencyGraph, layer: int) -> PruningGroup:
-    """MLP channels of ``layer``; the coupled layers are whatever the graph says depends on down_proj's inputs."""
-    names = adapter.mlp_names(layer)
-    down = model.get_submodule(names.down)
-    width = down.in_features
-    module_names = {m: n for n, m in model.named_modules()}
-    slices = []
-    for dep, _ in graph.get_pruning_group(down, tp.prune_linear_in_channels, idxs=[0]):
-        target = dep.target.module
-        if not isinstance(target, torch.nn.Linear):
-            continue  # element-wise ops carry the coupling but own no weights
-        dim = 1 if dep.handler == tp.prune_linear_in_channels else 0
-        slices.append(CoupledSlice(module_names[target], dim, torch.arange(width).unsqueeze(1)))
-    expected = {(names.gate, 0), (names.up, 0), (names.down, 1)}
-    found = {(s.module_name, s.dim) for s in slices}
-    if found != expected:
-        raise RuntimeError(f"layer {layer}: dependency graph coupled {sorted(found)}, expected {sorted(expected)}")
-    slices.sort(key=lambda s: (s.dim, s.module_name))
+def _slices(slots: list[Slot], tables: list[torch.Tensor]) -> tuple[tuple[CoupledSlice, ...], tuple[CoupledSlice, ...]]:
+    """Coupled slices from slots and their channel tables; slots on one module/dim are merged (fused
+    projections: a unit owns rows in several ranges of one Linear). Returns (weights, norm followers)."""
+    merged: dict[tuple[str, int, str], list[torch.Tensor]] = {}
+    for slot, table in zip(slots, tables):
+        merged.setdefault((slot.module, slot.dim, slot.kind), []).append(table)
+    weights, norms = [], []
+    for (module, dim, kind), parts in merged.items():
+        (norms if kind == "norm" else weights).append(CoupledSlice(module, dim, merge_channels(parts)))
+    return tuple(weights), tuple(norms)
+
+
+def mlp_group(model, adapter: Adapter, graph: tp.DependencyGraph | None, layer: int) -> PruningGroup:
+    """MLP channels of ``layer`` where the adapter's slots say they are.
+
+    For adapters with ``trace_mlp`` the graph's coupling (whatever depends on the closing Linear's inputs)
+    must match the slots, and the group is pruned through the graph.
+    """
+    shape = adapter.layer_shape(layer)
+    slots = adapter.mlp_slots(layer, shape)
+    width = shape.intermediate_size
+    weights, norms = _slices(slots, [s.channels(width) for s in slots])
+    closing = next(s for s in weights if s.dim == 1)
+    graph_root = None
+    if graph is not None and adapter.trace_mlp:
+        _check_graph_coupling(model, graph, closing, {(s.module_name, s.dim) for s in weights}, layer)
+        graph_root = (closing.module_name, 1)
+    weights = tuple(sorted(weights, key=lambda s: (s.dim, s.module_name)))
     return PruningGroup(
         name=f"layers.{layer}.mlp", kind="mlp", layer=layer, unit="channel", n_units=width,
-        slices=tuple(slices), graph_root=(names.down, 1),
+        slices=weights, graph_root=graph_root, followers=norms,
     )
+
+
+def _check_graph_coupling(model, graph: tp.DependencyGraph, closing: CoupledSlice, expected: set, layer: int) -> None:
+    """Refuse to prune through the graph when it couples other weights than the adapter describes."""
+    module_names = {m: n for n, m in model.named_modules()}
+    found = set()
+    root = model.get_submodule(closing.module_name)
+    for dep, _ in graph.get_pruning_group(root, tp.prune_linear_in_channels, idxs=[0]):
+        target = dep.target.module
+        if isinstance(target, torch.nn.Linear):  # element-wise ops carry the coupling but own no weights
+            found.add((module_names[target], 1 if dep.handler == tp.prune_linear_in_channels else 0))
+    if found != expected:
+        raise RuntimeError(f"layer {layer}: dependency graph coupled {sorted(found)}, expected {sorted(expected)}")
 
 
 def attention_group(model, adapter: Adapter, layer: int, unit: str) -> PruningGroup:
     """Attention units of ``layer``: whole KV groups, or query heads pruned evenly inside each KV group."""
-    names, shape, hd = adapter.attention_names(layer), adapter.layer_shape(layer), adapter.head_dim
+    shape = adapter.layer_shape(layer)
     n_q, n_kv = shape.num_attention_heads, shape.num_key_value_heads
     per_kv = n_q // n_kv
-    q_heads = torch.arange(n_q * hd).view(n_q, hd)  # channels of each query head in q rows / o columns
+    slots = adapter.attention_slots(layer, shape)
     if n_q == n_kv or unit == "kv_groups":
-        kv_heads = torch.arange(n_kv * hd).view(n_kv, hd)
-        q_of_group = q_heads.view(n_kv, per_kv * hd)
-        slices = (
-            CoupledSlice(names.q, 0, q_of_group), CoupledSlice(names.k, 0, kv_heads),
-            CoupledSlice(names.v, 0, kv_heads), CoupledSlice(names.o, 1, q_of_group),
-        )
+        # a KV group owns its KV head and the per_kv query heads that read it
+        tables = [s.channels(n_kv) if s.role == "kv" else s.channels(n_q).reshape(n_kv, per_kv * s.width)
+                  for s in slots]
+        weights, norms = _slices(slots, tables)
         return PruningGroup(f"layers.{layer}.attention", "attention", layer,
-                            "head" if n_q == n_kv else "kv_group", n_kv, slices)
-    slices = (CoupledSlice(names.q, 0, q_heads), CoupledSlice(names.o, 1, q_heads))
+                            "head" if n_q == n_kv else "kv_group", n_kv, weights, followers=norms)
+    q_slots = [s for s in slots if s.role == "q"]
+    weights, norms = _slices(q_slots, [s.channels(n_q) for s in q_slots])
     partition = torch.arange(n_q) // per_kv
-    return PruningGroup(f"layers.{layer}.attention", "attention", layer, "head", n_q, slices,
-                        partition=partition)
+    return PruningGroup(f"layers.{layer}.attention", "attention", layer, "head", n_q, weights,
+                        partition=partition, followers=norms)
 
 
 def build_groups(model, adapter: Adapter, layers: range, options: GrouperOptions) -> list[PruningGroup]:
     """The pruning groups of ``layers``; every method scores exactly these objects."""
-    graph = build_dependency_graph(model, adapter) if options.prune_mlp else None
+    graph = build_dependency_graph(model, adapter) if options.prune_mlp and adapter.trace_mlp else None
     groups: list[PruningGroup] = []
     for layer in layers:
         if options.prune_attention:
@@ -114,8 +138,9 @@ def build_groups(model, adapter: Adapter, layers: range, options: GrouperOptions
 def apply_plan(model, adapter: Adapter, groups: list[PruningGroup], kept: list[torch.Tensor]) -> None:
     """Physically remove every unit not in ``kept``; torch-pruning does the surgery.
 
-    Graph-rooted groups (MLP) are pruned through one dependency graph traced before any change;
-    head-geometry groups (attention) with torch-pruning's exact low-level Linear pruners.
+    Graph-rooted groups (MLP of traceable layouts) are pruned through one dependency graph traced
+    before any change; slot-described groups (attention, fused or biased layouts) with torch-pruning's
+    exact low-level Linear pruners (biases of pruned rows go with them); norm followers are sliced.
     """
     graph = None
     if any(g.graph_root is not None for g in groups):
@@ -134,6 +159,10 @@ def apply_plan(model, adapter: Adapter, groups: list[PruningGroup], kept: list[t
             for s in group.slices:
                 fn = tp.prune_linear_out_channels if s.dim == 0 else tp.prune_linear_in_channels
                 fn(model.get_submodule(s.module_name), group.channels_of(removed, s).tolist())
+        for s in group.followers:
+            norm = model.get_submodule(s.module_name)
+            kept_entries = _complement(group.channels_of(removed, s), norm.weight.shape[0])
+            slice_norm(norm, kept_entries)
 
 
 def _complement(keep: torch.Tensor, n: int) -> torch.Tensor:

@@ -50,6 +50,9 @@ class PruningGroup:
     partition: torch.Tensor | None = None
     # The module/dim whose channels root the torch-pruning dependency group, when pruned via the graph.
     graph_root: tuple[str, int] | None = None
+    # Norm weights that shrink with the units but are not scored (OLMo 2's q/k norms over the full
+    # projection width); ``dim`` is 0, ``channels`` index the norm's entries.
+    followers: tuple[CoupledSlice, ...] = ()
     meta: dict = field(default_factory=dict)
 
     def channels_of(self, units: torch.Tensor, slice_: CoupledSlice) -> torch.Tensor:

@@ -9,6 +9,8 @@ from typing import ClassVar, Iterator
 import torch
 from torch import nn
 
+from prunekit.adapters.layout import Slot
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -78,6 +80,19 @@ class Adapter:
         raise NotImplementedError
 
     def mlp_names(self, i: int) -> MlpNames:
+        raise NotImplementedError
+
+    # -- block geometry (what the grouper, apply_plan and rebuild read) --------------------------
+    # When True, the MLP coupling is also read from torch-pruning's DependencyGraph, checked against
+    # ``mlp_slots`` and pruned through the graph; False for layouts the graph cannot express (fused).
+    trace_mlp: ClassVar[bool] = False
+
+    def attention_slots(self, i: int, shape: LayerShape) -> list[Slot]:
+        """Where every query head (role ``q``) and KV head (role ``kv``) of layer ``i`` lives at ``shape``."""
+        raise NotImplementedError
+
+    def mlp_slots(self, i: int, shape: LayerShape) -> list[Slot]:
+        """Where every MLP channel of layer ``i`` lives at ``shape``."""
         raise NotImplementedError
 
     # -- tracing --------------------------------------------------------------------------------
