@@ -9,9 +9,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from prunekit.component_config import GrouperConfig
 from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec
-from prunekit.grouping import GrouperOptions
 
 
 class _Strict(BaseModel):
@@ -64,7 +64,7 @@ class RunConfig(_Strict):
     seed: int = 42
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    grouper: GrouperOptions = Field(default_factory=GrouperOptions)
+    grouper: GrouperConfig = Field(default_factory=GrouperConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)

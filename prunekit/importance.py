@@ -65,6 +65,10 @@ class Importance:
     def __init__(self, options: Options):
         self.options = options
 
+    def requires_calibration(self) -> bool:
+        """Whether scoring with these options reads ``ctx.batches``; override when it depends on the options."""
+        return bool(self.needs_calibration)
+
     def salience(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         """Per-weight salience for every prunable weight (same shape as the weight)."""
         raise NotImplementedError

@@ -140,6 +140,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
     registry = registry or Registry.from_host(host)
     entry = registry.method(config.method)
     options = entry.options(config.method_options)
+    grouper = registry.resolve("groupers", config.grouper.name, config.grouper.options, "grouper.options.")
     recovery = None if config.recovery.method == "none" else registry.named("recovery", config.recovery.method)
     recovery_options = (validate_recovery(recovery, config.recovery.options) if recovery else None)
     if config.evaluation.enabled:
@@ -155,7 +156,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
     ctx.adapter = registry.adapter_for(ctx.model)
     layers = resolve_layers(ctx.adapter.num_layers, config.selection.layers)
     with ctx.stage("groups"):
-        ctx.groups = registry.named("groupers", "blocks").impl(ctx.model, ctx.adapter, layers, config.grouper)
+        ctx.groups = grouper(ctx.model, ctx.adapter, layers)
     params_before = ctx.model.num_parameters()
     metrics: dict[str, Any] = {}
     evaluate = evaluate_fn or functools.partial(evaluate_model, registry=registry)
@@ -164,7 +165,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
             metrics["before"] = evaluate(ctx.model, ctx.tokenizer, config.evaluation, progress=progress)
 
     batches, calibration = [], None
-    if entry.cls.needs_calibration:
+    if entry.needs_calibration(options):
         with ctx.stage("calibrate"):
             batches, calibration = calibration_batches(ctx.tokenizer, config)
     with ctx.stage("score"):
@@ -194,6 +195,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         "seed": config.seed,
         "calibration": calibration,
         "layers_pruned": [layers.start, layers.stop],
+        "grouper": grouper.describe(),
         "recovery": {"method": config.recovery.method, "info": recovery_info},
         "reduction": reduction_report(ctx.groups, ctx.kept, params_before, ctx.model.num_parameters()),
         "layer_shapes": [s.as_dict() for s in shapes],
