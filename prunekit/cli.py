@@ -82,12 +82,12 @@ def cmd_methods(_: argparse.Namespace) -> int:
     from prunekit.registry import get_registry
 
     table = Table(title="prunekit methods")
-    for col in ("method", "provider", "calibration", "options (defaults)"):
+    for col in ("method", "provider", "description", "calibration", "options (defaults)"):
         table.add_column(col)
     for name, entry in sorted(get_registry().methods.items()):
         d = entry.describe()
         opts = ", ".join(f"{k}={v}" for k, v in d["options"].items())
-        table.add_row(name, d["provider"], "yes" if d["needs_calibration"] else "no", opts)
+        table.add_row(name, d["provider"], d["description"], "yes" if d["needs_calibration"] else "no", opts)
     Console(width=200).print(table)
     return 0
 
