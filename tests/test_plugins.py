@@ -1,16 +1,23 @@
-"""The plugin host: entry points, broken plugins, allow/deny lists, misspelled hooks."""
+"""The plugin host and registry: entry points, allow/deny lists, components selected by name, documented
+hook signatures, listings, and the conformance kit run on every installed method."""
 
 from __future__ import annotations
 
-import sys
+import ast
+import inspect
+import json
+from pathlib import Path
 
 import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
 
-from prunekit import hookimpl
-from prunekit.importance import Importance
+from prunekit import hookimpl, hookspecs
+from prunekit.cli import main
 from prunekit.errors import UserError
-from prunekit.plugins import build_host
-from prunekit.registry import Registry
+from prunekit.importance import Importance
+from prunekit.plugins import build_host, get_host
+from prunekit.registry import EVALUATOR_CALL, GROUPER_CALL, TABLES, Registry, register_signature
 
 
 @pytest.fixture
@@ -83,19 +90,6 @@ def test_preset_with_invalid_defaults_is_the_plugins_bug_not_the_users():
 
 
 # ------------------------------------------------------------------ every hook usable from a run
-
-import ast  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from pydantic import BaseModel, ConfigDict  # noqa: E402
-
-from prunekit import hookspecs  # noqa: E402
-from prunekit.cli import main  # noqa: E402
-from prunekit.plugins import get_host  # noqa: E402
-from prunekit.registry import EVALUATOR_CALL, GROUPER_CALL, TABLES, register_signature  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["run", "--no-eval", "--method", "magnitude", "--ratio", "0.34"]
