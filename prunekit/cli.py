@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +14,8 @@ from prunekit.errors import UserError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="full tracebacks of plugins that fail to load "
+                                                                 "(same as PRUNEKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="prune a model, evaluate it before and after, save it")
@@ -138,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = _parser().parse_args(argv)
+        if args.verbose:
+            os.environ["PRUNEKIT_DEBUG"] = "1"
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)

@@ -244,7 +244,7 @@ def test_cli_warning_is_one_line_and_debug_shows_the_traceback(install, tmp_path
     assert result.stderr.strip().splitlines() == [
         f"prunekit: warning: plugin 'imp' from package broken-pkg disabled: cannot import '{module}': "
         "ImportError: needs libfoo (to silence: PRUNEKIT_DISABLE_PLUGINS=imp)"]
-    debug = _cli(tmp_path, "methods", PRUNEKIT_DEBUG="1")
-    assert "Traceback (most recent call last)" in debug.stderr and "needs libfoo" in debug.stderr
+    for debug in (_cli(tmp_path, "methods", PRUNEKIT_DEBUG="1"), _cli(tmp_path, "--verbose", "methods")):
+        assert "Traceback (most recent call last)" in debug.stderr and "needs libfoo" in debug.stderr
     quiet = _cli(tmp_path, "methods", PRUNEKIT_DISABLE_PLUGINS="imp")
     assert quiet.returncode == 0 and quiet.stderr == ""
