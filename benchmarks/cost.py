@@ -30,7 +30,7 @@ def measure(model: str | None, method: str, ratio: float, seed: int, profile: Pr
     wb = Workbench.open(model, profile, device)
     entry = wb.method(method)
     groups = wb.groups(wb.model)
-    batches, _ = wb.calibration(seed) if entry.cls.needs_calibration else ([], None)
+    batches, _ = wb.calibration(seed) if entry.needs_calibration() else ([], None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:

@@ -33,7 +33,7 @@ def dense_zero_shot_mean(wb: Workbench) -> float:
 def one_seed(wb: Workbench, method: str, ratios: tuple[float, ...], seed: int, zero_shot: bool) -> list[dict]:
     """Pruned perplexities at every ratio for one seed."""
     entry = wb.method(method)
-    batches, _ = wb.calibration(seed) if entry.cls.needs_calibration else ([], None)
+    batches, _ = wb.calibration(seed) if entry.needs_calibration() else ([], None)
     groups = wb.groups(wb.model)
     scores, _, seconds = wb.score(wb.model, groups, method, batches, seed)
     rows = []

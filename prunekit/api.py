@@ -27,11 +27,13 @@ from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec, evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, load_pruned, save_pruned
 from prunekit.finite import check_weights_finite
-from prunekit.grouping import GrouperOptions, apply_plan
+from prunekit.component_config import GrouperConfig
+from prunekit.grouping import apply_plan
 from prunekit.groups import PruningGroup
 from prunekit.modelstate import computed_in, preserved
 from prunekit.plugins import PluginHost, get_host
-from prunekit.registry import MethodEntry, NamedEntry, Registry, format_validation_error, validate_options
+from prunekit.registry import (MethodEntry, NamedEntry, Registry, Resolved, format_validation_error,
+                               validate_options)
 from prunekit.select import select
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +74,7 @@ class PruneResult:
     layer_shapes: list[dict[str, Any]]
     uniform_shapes: bool
     calibration: dict[str, Any] | None = None
+    grouper: dict[str, Any] = field(default_factory=dict)
     recovery: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -90,6 +93,7 @@ class PruneResult:
             "seeds": {"run": self.config.seed, "calibration": self.calibration and self.calibration["seed"]},
             "calibration": self.calibration,
             "layers_pruned": [self.layers.start, self.layers.stop],
+            "grouper": self.grouper,
             "recovery": self.recovery,
             "reduction": self.reduction,
             "layer_shapes": self.layer_shapes,
@@ -185,16 +189,22 @@ def _registry(registry: Registry | None) -> Registry:
 
 
 def build_groups(model: torch.nn.Module, layers: range | tuple[int, int] | None = None,
-                 grouper: GrouperOptions | dict | None = None, registry: Registry | None = None) -> list[PruningGroup]:
-    """The pruning groups of ``model`` (every method scores exactly these): the registered ``blocks`` grouper
-    over ``layers`` (a range, [start, end), or None for the default range)."""
+                 grouper: GrouperConfig | Resolved | BaseModel | dict | None = None,
+                 registry: Registry | None = None) -> list[PruningGroup]:
+    """The pruning groups of ``model`` (every method scores exactly these) over ``layers`` (a range,
+    [start, end), or None for the default range). ``grouper`` names a registered grouper and its options
+    (``{"name": "blocks", "options": {...}}``; default: ``blocks``)."""
     registry = _registry(registry)
     adapter = registry.adapter_for(model)
     if not isinstance(layers, range):
         layers = resolve_layers(adapter.num_layers, tuple(layers) if layers is not None else None)
-    options = grouper if isinstance(grouper, GrouperOptions) else validate_options(GrouperOptions, grouper or {},
-                                                                                  "grouper.")
-    return registry.named("groupers", "blocks").impl(model, adapter, layers, options)
+    if not isinstance(grouper, Resolved):
+        try:  # a GrouperConfig, a dict, or the blocks grouper's own options model
+            config = GrouperConfig.model_validate(grouper or {})
+        except ValidationError as exc:
+            raise UserError(format_validation_error("grouper.", exc)) from None
+        grouper = registry.resolve("groupers", config.name, config.options, "grouper.options.")
+    return grouper(model, adapter, layers)
 
 
 def calibrate(tokenizer: Any, calibration: CalibrationConfig | dict | None = None,
@@ -261,19 +271,21 @@ class RunPlan:
 
     method: MethodEntry
     options: BaseModel
+    grouper: Resolved
     recovery: NamedEntry | None
     recovery_options: BaseModel | None
 
 
 def plan(config: RunConfig, registry: Registry | None = None) -> RunPlan:
-    """Validate a config's method, method options and recovery (UserError naming the field) without touching a model."""
+    """Validate a config's method, method options, grouper and recovery (UserError naming the field) without touching a model."""
     registry = _registry(registry)
     entry = registry.method(config.method)
     options = entry.options(config.method_options)
+    grouper = registry.resolve("groupers", config.grouper.name, config.grouper.options, "grouper.options.")
     recovery = None if config.recovery.method == "none" else registry.named("recovery", config.recovery.method)
     recovery_options = (validate_options(recovery.impl.Options, config.recovery.options, "recovery.options.")
                         if recovery else None)
-    return RunPlan(entry, options, recovery, recovery_options)
+    return RunPlan(entry, options, grouper, recovery, recovery_options)
 
 
 def _section(model_cls: type[BaseModel], given: BaseModel | dict | None, extra: dict, prefix: str) -> Any:
@@ -332,18 +344,18 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     ctx.model, ctx.tokenizer = model, tokenizer
     ctx.adapter = registry.adapter_for(model)
     layers = resolve_layers(ctx.adapter.num_layers, config.selection.layers)
-    check_context(model, config, run_plan.method.cls.needs_calibration and batches is None)
-    needs_tokenizer = (run_plan.method.cls.needs_calibration and batches is None) or run_plan.recovery
+    check_context(model, config, run_plan.method.needs_calibration(run_plan.options) and batches is None)
+    needs_tokenizer = (run_plan.method.needs_calibration(run_plan.options) and batches is None) or run_plan.recovery
     if needs_tokenizer and tokenizer is None:
         raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
 
     with preserved(model):
         with ctx.stage("groups"):
-            ctx.groups = build_groups(model, layers, config.grouper, registry)
+            ctx.groups = build_groups(model, layers, run_plan.grouper, registry)
         check_ratio(ctx.groups, config)  # a ratio that rounds to removing nothing fails before scoring
         params_before = model.num_parameters()
         calibration = None
-        if run_plan.method.cls.needs_calibration and batches is None:
+        if run_plan.method.needs_calibration(run_plan.options) and batches is None:
             with ctx.stage("calibrate"):
                 batches, calibration = calibrate(tokenizer, config.calibration, seed=calibration_seed(config))
         with ctx.stage("score"):
@@ -367,6 +379,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
                           run_plan.options.model_dump(mode="json"), method_info),
         config=config, groups=ctx.groups, kept=ctx.kept, layers=layers, layer_shapes=[s.as_dict() for s in shapes],
         uniform_shapes=not getattr(model.config, "prunekit_layer_shapes", None), calibration=calibration,
+        grouper=run_plan.grouper.describe(),
         recovery={"method": config.recovery.method, "info": recovery_info}, source=source, timings=ctx.timings,
     )
 

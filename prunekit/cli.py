@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prunekit", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="full tracebacks of plugins that fail to load "
+                                                                 "(same as PRUNEKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="prune a model, evaluate it before and after, save it")
@@ -100,12 +103,12 @@ def cmd_methods(_: argparse.Namespace) -> int:
     from prunekit.registry import get_registry
 
     table = Table(title="prunekit methods")
-    for col in ("method", "provider", "calibration", "options (defaults)"):
+    for col in ("method", "provider", "description", "calibration", "options (defaults)"):
         table.add_column(col)
     for name, entry in sorted(get_registry().methods.items()):
         d = entry.describe()
         opts = ", ".join(f"{k}={v}" for k, v in d["options"].items())
-        table.add_row(name, d["provider"], "yes" if d["needs_calibration"] else "no", opts)
+        table.add_row(name, d["provider"], d["description"], "yes" if d["needs_calibration"] else "no", opts)
     Console(width=200).print(table)
     return 0
 
@@ -160,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = _parser().parse_args(argv)
+        if args.verbose:
+            os.environ["PRUNEKIT_DEBUG"] = "1"
         return COMMANDS[args.command](args)
 
     return guarded(dispatch)

@@ -10,9 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prunekit.data import SOURCES
+from prunekit.component_config import GrouperConfig
 from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec
-from prunekit.grouping import GrouperOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,7 +76,7 @@ class RunConfig(_Strict):
     seed: int = Field(default=42, ge=0, le=SEED_MAX, description="drives everything random in the run")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    grouper: GrouperOptions = Field(default_factory=GrouperOptions)
+    grouper: GrouperConfig = Field(default_factory=GrouperConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)

@@ -75,7 +75,7 @@ def hub_offline() -> bool:
 def _normalize(source: str, split: str) -> tuple[str, str]:
     """Check a (source, split) pair against the known ones; aliases like 'valid' map to 'validation'."""
     if source not in SOURCE_SPLITS:
-        raise UserError(f"data source: {source!r} is not one of {', '.join(SOURCES)}")
+        raise UserError(f"data source: {source!r} is not one of {', '.join(SOURCES)} nor an existing file or folder")
     split = SPLIT_ALIASES.get(split, split)
     if source == "ptb-train":
         split = "train"
@@ -222,7 +222,12 @@ def _alpaca(split: str) -> Text:
 
 
 def load_text(source: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> Text:
-    """Load one split of a named source as a single text plus a description of the variant used."""
+    """Load one split of a named source (or a local text file / folder of ``*.txt``) as a single text plus a
+    description of the variant used."""
+    if source not in SOURCE_SPLITS and Path(source).expanduser().exists():
+        from prunekit.local_text import local_text
+
+        return local_text(Path(source), JOINER)
     source, split = _normalize(source, split)
     if source in ("ptb", "ptb-train"):
         return _ptb(split)

@@ -327,14 +327,15 @@ class EvalSpec(BaseModel):
 
 
 def plugin_evaluators(spec: EvalSpec, registry: Any | None = None) -> dict[str, Any]:
-    """The registered evaluator function for each name in ``spec.evaluators`` (UserError naming the
-    available ones for an unknown name), so a run can refuse a typo before loading anything."""
+    """The registered evaluator for each name in ``spec.evaluators`` with its options validated (UserError
+    naming the available ones for an unknown name, or the bad field), so a run refuses a typo before loading."""
     if not spec.evaluators:
         return {}
     from prunekit.registry import get_registry
 
     registry = registry or get_registry()
-    return {name: registry.named("evaluators", name).impl for name in spec.evaluators}
+    return {name: registry.resolve("evaluators", name, options, f"evaluation.evaluators.{name}.")
+            for name, options in spec.evaluators.items()}
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None = None,
@@ -356,8 +357,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None
         try:
             model.eval()
             with torch.no_grad():
-                out["evaluators"] = {name: fn(model, tokenizer, spec.evaluators[name])
-                                     for name, fn in evaluators.items()}
+                out["evaluators"] = {name: fn(model, tokenizer) for name, fn in evaluators.items()}
+            out["evaluator_options"] = {name: fn.describe() for name, fn in evaluators.items()}
         finally:
             model.train(training)
     out["seconds"] = round(time.perf_counter() - started, 1)

@@ -173,4 +173,4 @@ def _complement(keep: torch.Tensor, n: int) -> torch.Tensor:
 
 @hookimpl
 def prunekit_register_groupers(register) -> None:
-    register("blocks", build_groups)
+    register("blocks", build_groups, options=GrouperOptions)

@@ -1,7 +1,9 @@
 """The plugin contract: every hook prunekit calls, one docstring each.
 
 Registration hooks receive a ``register`` callback (the style of ``llm`` and ``datasette``) so the host
-owns names, duplicate detection and option validation. Lifecycle hooks let observers watch a run.
+owns names, duplicate detection and option validation. Each docstring states the one ``register(...)``
+signature the host accepts and how the core calls what was registered; ``tests/test_plugins.py`` checks
+both against :mod:`prunekit.registry` and the call sites. Lifecycle hooks let observers watch a run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
-    from prunekit.context import RunContext
+    from prunekit.pipeline import RunContext
 
 hookspec = pluggy.HookspecMarker("prunekit")
 hookimpl = pluggy.HookimplMarker("prunekit")
@@ -23,45 +25,64 @@ Register = Callable[..., None]
 
 @hookspec
 def prunekit_register_importances(register: Register) -> None:
-    """Register importance methods: ``register(name, ImportanceClass, defaults=None, description=None)``.
+    """Register importance methods: ``register(name, cls, defaults=None, description=None)``.
 
-    ``ImportanceClass`` subclasses :class:`prunekit.importance.Importance`; its nested pydantic
-    ``Options`` model (unknown fields forbidden) declares the options a user may set. One class may be
-    registered under several names with different ``defaults`` (a preset, e.g. ``moreau-gs``); the
-    name is what ``prunekit run --method`` accepts.
+    ``cls`` subclasses :class:`prunekit.importance.Importance`; its nested pydantic ``Options`` model
+    (unknown fields forbidden) declares the options a user may set. The core calls
+    ``cls(options).scores(ctx)`` with a :class:`prunekit.importance.ScoringContext`. One class may be
+    registered under several names with different ``defaults`` (a preset, e.g. ``moreau-gs``); the name
+    is what ``prunekit run --method`` accepts. ``description`` defaults to the class docstring's first line.
     """
 
 
 @hookspec
 def prunekit_register_groupers(register: Register) -> None:
-    """Register groupers: ``register(name, grouper_fn)`` where ``grouper_fn(model, adapter, options)``
-    returns the list of :class:`prunekit.groups.PruningGroup` that every method scores."""
+    """Register groupers: ``register(name, fn, options=None, description=None)``.
+
+    The core calls ``fn(model, adapter, layers, options)``, which returns the list of
+    :class:`prunekit.groups.PruningGroup` that every method scores; a run selects it with
+    ``grouper: {name: ..., options: {...}}``. ``options`` is the grouper's pydantic model (the run's
+    options are validated by it and handed over as an instance); without one they arrive as a dict.
+    """
 
 
 @hookspec
 def prunekit_register_recovery(register: Register) -> None:
-    """Register recovery trainers: ``register(name, RecoveryClass)`` with a nested ``Options`` model;
-    ``RecoveryClass(options).recover(model, tokenizer, config)`` fine-tunes the pruned model in place
-    (``config`` is the run's :class:`prunekit.config.RunConfig`) and returns a dict for run.json."""
+    """Register recovery trainers: ``register(name, cls, description=None)``.
+
+    ``cls`` has a nested pydantic ``Options`` model; the core calls
+    ``cls(options).recover(model, tokenizer, config)``, which fine-tunes the pruned model in place
+    (``config`` is the run's :class:`prunekit.config.RunConfig`) and returns a dict for run.json.
+    """
 
 
 @hookspec
 def prunekit_register_adapters(register: Register) -> None:
-    """Register architecture adapters: ``register(AdapterClass)``; the class attribute
-    ``model_types`` lists the ``config.model_type`` values it handles."""
+    """Register architecture adapters: ``register(cls)``.
+
+    ``cls`` subclasses :class:`prunekit.adapters.base.Adapter`; its ``model_types`` lists the
+    ``config.model_type`` values it handles, and the core calls ``cls(model)``.
+    """
 
 
 @hookspec
 def prunekit_register_evaluators(register: Register) -> None:
-    """Register evaluation suites: ``register(name, evaluator_fn)`` where
-    ``evaluator_fn(model, tokenizer, options) -> dict[str, float]``."""
+    """Register evaluation suites: ``register(name, fn, options=None, description=None)``.
+
+    The core calls ``fn(model, tokenizer, options)``, which returns ``dict[str, float]``, for each name in
+    the run's ``evaluation.evaluators`` (validated by ``options``, the evaluator's pydantic model, when
+    one is registered; otherwise a plain dict).
+    """
 
 
 @hookspec
-def prunekit_after_scoring(context: "RunContext", scores: "list[torch.Tensor]") -> None:
-    """Called once per run after every group was scored, before any unit is selected."""
+def prunekit_after_scoring(context: RunContext, scores: list[torch.Tensor]) -> None:
+    """Called once per run after every group was scored, before any unit is selected.
+
+    ``context`` is the run's :class:`prunekit.pipeline.RunContext`; ``scores`` holds one tensor per group.
+    """
 
 
 @hookspec
-def prunekit_after_pruning(context: "RunContext", model: Any) -> None:
+def prunekit_after_pruning(context: RunContext, model: Any) -> None:
     """Called once per run after the model was physically pruned and its config updated."""

@@ -14,6 +14,7 @@ from typing import ClassVar, Iterator, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from prunekit.activations import ActivationStats, collect_activation_stats
 from prunekit.groups import PruningGroup, prunable_param_names, unit_scores
 from prunekit.progress import track
 
@@ -35,11 +36,20 @@ class ScoringContext:
     batches: list[torch.Tensor]  # each LongTensor [batch, seq_len] of input ids
     seed: int = 0
     info: dict = field(default_factory=dict)  # methods record effective settings here (goes to run.json)
+    _activation_cache: dict | None = field(default=None, init=False, repr=False)
 
     def params(self) -> dict[str, torch.nn.Parameter]:
         """The prunable weights by name (the ones some group slices)."""
         named = dict(self.model.named_parameters())
         return {n: named[n] for n in prunable_param_names(self.groups)}
+
+    def activation_stats(self) -> dict[str, ActivationStats]:
+        """Input statistics (Σx², Σx, mean, variance per input channel over all calibration tokens) of every
+        prunable Linear, by module name; one forward pass over ``batches`` the first time, cached after."""
+        if self._activation_cache is None:
+            names = list(dict.fromkeys(s.module_name for g in self.groups for s in g.slices))
+            self._activation_cache = collect_activation_stats(self.model, names, self.batches)
+        return self._activation_cache
 
     def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of one calibration batch."""
@@ -64,6 +74,10 @@ class Importance:
 
     def __init__(self, options: Options):
         self.options = options
+
+    def requires_calibration(self) -> bool:
+        """Whether scoring with these options reads ``ctx.batches``; override when it depends on the options."""
+        return bool(self.needs_calibration)
 
     def salience(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         """Per-weight salience for every prunable weight (same shape as the weight)."""

@@ -34,7 +34,7 @@ def output_dir(config: RunConfig) -> Path:
 def preflight(config: RunConfig, registry: Registry) -> api.RunPlan:
     """Everything that can be refused before loading a model: method, options, recovery, evaluators, output folder."""
     run_plan = api.plan(config, registry)
-    check_sources(config, run_plan.method.cls.needs_calibration, run_plan.recovery_options)  # offline data
+    check_sources(config, run_plan.method.needs_calibration(run_plan.options), run_plan.recovery_options)  # offline data
     if config.evaluation.enabled:
         plugin_evaluators(config.evaluation, registry)  # an unknown evaluator fails before any work
     check_output_dir(output_dir(config), config.overwrite, config.model)
@@ -78,7 +78,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device)
     ctx.adapter = registry.adapter_for(ctx.model)
     resolve_layers(ctx.adapter.num_layers, config.selection.layers)  # bad layers fail before the evaluation
-    check_context(ctx.model, config, run_plan.method.cls.needs_calibration)  # windows that fit the context
+    check_context(ctx.model, config, run_plan.method.needs_calibration(run_plan.options))  # windows that fit the context
     metrics: dict[str, Any] = {}
     if config.evaluation.enabled:
         with ctx.stage("evaluate_before"):

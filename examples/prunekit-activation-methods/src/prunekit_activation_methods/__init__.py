@@ -1,0 +1,1 @@
+"""Activation-based structured pruning methods for prunekit (an example plugin package)."""
