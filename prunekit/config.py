@@ -39,7 +39,8 @@ class SelectionConfig(_Strict):
 class CalibrationConfig(_Strict):
     """Text the gradient-based methods estimate importance on."""
 
-    source: Literal[SOURCES] = "ptb"  # type: ignore[valid-type]
+    source: str = Field(default="ptb", description=f"one of {', '.join(SOURCES)}, or a local text file or "
+                                                      "folder of *.txt files")
     n_samples: int = Field(default=10, ge=1, le=MAX_SAMPLES)
     seq_len: int = Field(default=64, ge=2, description="tokens per window; at most the model's context length")
     batch_size: int = Field(
@@ -47,6 +48,17 @@ class CalibrationConfig(_Strict):
                                      "(losses weighted by share), so this only trades activation memory for speed")
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX,
                              description="which windows are drawn; default (None): the run's seed")
+
+    @field_validator("source")
+    @classmethod
+    def _named_or_local(cls, v: str) -> str:
+        """A named source, or an existing local file / folder (``~`` expanded)."""
+        if v in SOURCES:
+            return v
+        path = Path(v).expanduser()
+        if path.exists():
+            return str(path)
+        raise ValueError(f"{v!r} is neither a named source ({', '.join(SOURCES)}) nor an existing file or folder")
 
 
 class RecoveryConfig(_Strict):
