@@ -134,8 +134,8 @@ class Adapter:
         the config (plain ``from_pretrained`` loads it). The model is compared with one built from its
         config on the meta device: resized Linears, any other parameter or buffer whose shape differs
         (norm weights that shrink with heads), changed width attributes, and per-module config views
-        (:class:`~prunekit.templates.modeling_prunekit.LayerConfigView`). A family that keeps pruned
-        state elsewhere extends this.
+        (:class:`~prunekit.templates.modeling_prunekit.LayerConfigView`) whose widths differ from the
+        config's. A family that keeps pruned state elsewhere extends this.
         """
         import copy
 
@@ -163,7 +163,8 @@ class Adapter:
                        if hasattr(module, a) and getattr(module, a) != getattr(ref, a, None)}
             if changed and name not in linear:
                 attributes[name] = changed
-            own = {a: v.overrides for a, v in vars(module).items() if isinstance(v, LayerConfigView)}
+            own = {a: changed for a, v in vars(module).items() if isinstance(v, LayerConfigView)
+                   if (changed := {k: x for k, x in v.overrides.items() if getattr(v.base, k, None) != x})}
             if own:
                 views[name] = own
         return {"linear": linear, "tensors": tensors, "attributes": attributes, "config_views": views}
