@@ -8,7 +8,6 @@ It keeps the base class's checkpoint key names (transformers' load/save renames,
 ``embed_out``). Needs only transformers and torch, not prunekit.
 """
 
-from typing import Any
 
 import torch
 import transformers
@@ -24,10 +23,10 @@ class LayerConfigView:
     """A module's view of the shared config with its own widths, for modules that read widths from the
     config at forward time (Phi-3 slices its fused qkv output at ``config.num_attention_heads * head_dim``)."""
 
-    def __init__(self, base: Any, **overrides: Any):
+    def __init__(self, base: object, **overrides: object):
         self._base, self._overrides = base, overrides
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         if name.startswith("__") or name in ("_base", "_overrides"):
             raise AttributeError(name)
         if name in self._overrides:
@@ -35,7 +34,7 @@ class LayerConfigView:
         return getattr(self._base, name)
 
     @property
-    def base(self) -> Any:
+    def base(self) -> object:
         return self._base
 
     @property
