@@ -83,7 +83,7 @@ def write_remote_code(model: nn.Module, directory: Path) -> bool:
         (directory / name).unlink(missing_ok=True)
     base_model = transformers_class(type(model))
     spec = module_shapes(model)
-    if not spec["linear"] and not spec["attributes"]:
+    if not any(spec.values()):
         if config.get("architectures") == [REMOTE_ARCHITECTURE]:
             config["architectures"] = [base_model.__name__]
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -284,3 +284,33 @@ def test_per_head_qk_norms_are_shared_and_stay_whole(arch):
     assert not any(g.followers for g in groups)
     apply_plan(model, adapter, groups, kept)
     assert torch.equal(attn.q_norm.weight, q_norm) and q_norm.shape == (adapter.head_dim,)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_layer_checkpoint_loads_with_and_without_its_code(arch, tmp_path):
+    """Layer 1 pruned (heads and MLP), layer 0 whole → prunekit.save → load_pruned and
+    from_pretrained(trust_remote_code=True) both give the in-memory pruned model's logits."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import prunekit
+
+    model = make_model(arch)
+    result = prunekit.prune(model, None, method="magnitude", ratio=0.5, layers=(1, 2),
+                            grouper={"attention_unit": "heads"})
+    adapter = get_registry().adapter_for(model)
+    whole, cut = adapter.layer_shape(0), adapter.layer_shape(1)
+    assert cut.num_attention_heads < whole.num_attention_heads and cut.intermediate_size < whole.intermediate_size
+    out = prunekit.save(result, tmp_path / "out")
+    spec = json.loads((out / "config.json").read_text())["prunekit_modules"]
+    assert not any(name.startswith(f"{adapter.layers_path}.0.") for part in spec.values() for name in part)
+    expected = logits(model)
+    mine = load_pruned(out).eval()
+    mine.config._attn_implementation = "eager"
+    theirs, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, attn_implementation="eager",
+                                                        output_loading_info=True)
+    assert type(theirs).__name__ == "PrunekitForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (logits(mine) - expected).abs().max().item() <= 1e-5
+    assert (logits(theirs.eval()) - expected).abs().max().item() <= 1e-5

@@ -101,6 +101,21 @@ def prune_case(name: str):
     return model
 
 
+# Other families, pruned in layer 1 only (heads and MLP): OLMo 2's q/k norms shrink with the heads and
+# GPT-NeoX saves its lm_head as embed_out; the loading code handles both without naming them.
+FAMILIES = ("olmo2", "gpt_neox")
+
+
+def prune_family(arch: str):
+    """A tiny ``arch`` model (see tests/test_architectures.py) with layer 1's heads and channels halved."""
+    import prunekit
+    from test_architectures import make_model
+
+    model = make_model(arch)
+    prunekit.prune(model, None, method="magnitude", ratio=0.5, layers=(1, 2))
+    return model
+
+
 def prune_qwen3_by_hand():
     """A tiny Qwen3 (no prunekit adapter needed) with one query head per KV group and MLP channels cut
     from layer 1, as an adapter would: the exporter names no architecture."""
@@ -184,6 +199,10 @@ def checkpoints(tmp_path_factory):
     models["qwen3-by-hand"] = prune_qwen3_by_hand()
     save_pruned(models["qwen3-by-hand"], None, root / "qwen3-by-hand", {})
     jobs.append(["qwen3-by-hand", str(root / "qwen3-by-hand"), {}])
+    for arch in FAMILIES:
+        models[arch] = prune_family(arch)
+        save_pruned(models[arch], None, root / arch, {"case": arch})
+        jobs.append([arch, str(root / arch), {"attn_implementation": "eager"}])
     fake_hub_cache(root / "hub", HUB_ID, root / "gqa9x3-uneven-heads")
     jobs.append(["hub-cache", HUB_ID, {"cache_dir": str(root / "hub")}])
     return root, models, load_without_prunekit(root, jobs)
@@ -237,6 +256,18 @@ def test_exporter_names_no_architecture(checkpoints):
     assert (loaded["results"]["qwen3-by-hand/float32"]["logits"] - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_other_families_load_without_prunekit(checkpoints, arch):
+    root, models, loaded = checkpoints
+    config = json.loads((root / arch / "config.json").read_text())
+    assert config["architectures"] == ["PrunekitForCausalLM"] and config["prunekit_base"]["model_type"] == arch
+    result = loaded["results"][f"{arch}/float32"]
+    assert result["class"] == "PrunekitForCausalLM" and result["module"].startswith("transformers_modules.")
+    with torch.no_grad():
+        expected = models[arch](IDS).logits
+    assert (result["logits"] - expected).abs().max().item() <= 1e-5
+
+
 def test_remote_loaded_model_saves_again_with_its_code(checkpoints):
     _, models, loaded = checkpoints
     resaved = loaded["results"]["resaved"]
@@ -274,7 +305,7 @@ def test_load_pruned_reads_the_same_checkpoint_without_running_its_code(checkpoi
 
 def test_module_shapes_lists_exactly_what_pruning_changed():
     model = make_tiny_llama(9, 3)
-    assert LlamaAdapter(model).module_shapes() == {"linear": {}, "attributes": {}}
+    assert LlamaAdapter(model).module_shapes() == {"linear": {}, "tensors": {}, "attributes": {}, "config_views": {}}
     pruned = prune_case("mlp-only")
     spec, width = LlamaAdapter(pruned).module_shapes(), pruned.model.layers[1].mlp.gate_proj.out_features
     assert width == 48 - round(0.3 * 48) == pruned.model.layers[2].mlp.gate_proj.out_features

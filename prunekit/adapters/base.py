@@ -123,35 +123,69 @@ class Adapter:
     #: Module attributes that transformers' modules compute from their widths at construction and read
     #: at run time; a checkpoint's loading code sets those that pruning changed.
     module_attributes: ClassVar[tuple[str, ...]] = (
-        "num_heads", "num_key_value_heads", "num_key_value_groups", "intermediate_size",
+        "num_heads", "num_key_value_heads", "num_key_value_groups", "intermediate_size", "normalized_shape",
     )
 
     def module_shapes(self) -> dict:
         """What a checkpoint's own loading code must change in a model built from the saved config.
 
-        ``{"linear": {name: [in_features, out_features]}, "attributes": {name: {attr: value}}}``, both
-        empty when every module matches the config (plain ``from_pretrained`` loads it). The default
-        compares the model with one built from its config on the meta device, so it fits any family
-        whose pruned modules are ``nn.Linear``; a family with other state overrides it.
+        ``{"linear": {name: [in_features, out_features]}, "tensors": {name: shape}, "attributes": {name:
+        {attr: value}}, "config_views": {name: {attr: overrides}}}``, all empty when every module matches
+        the config (plain ``from_pretrained`` loads it). The model is compared with one built from its
+        config on the meta device: resized Linears, any other parameter or buffer whose shape differs
+        (norm weights that shrink with heads), changed width attributes, and per-module config views
+        (:class:`~prunekit.templates.modeling_prunekit.LayerConfigView`) whose widths differ from the
+        config's. A family that keeps pruned state elsewhere extends this.
         """
         import copy
 
         from prunekit.remote_code import transformers_class
+        from prunekit.templates.modeling_prunekit import LayerConfigView
 
         with torch.device("meta"):
             reference = transformers_class(type(self.model))(copy.deepcopy(self.config))
         built = dict(reference.named_modules())
         linear: dict[str, list[int]] = {}
-        attributes: dict[str, dict[str, int]] = {}
+        tensors: dict[str, list[int]] = {}
+        attributes: dict[str, dict] = {}
+        views: dict[str, dict[str, dict]] = {}
         for name, module in self.model.named_modules():
             ref = built.get(name)
             if ref is None:
                 raise ValueError(f"module {name!r} is not in a model built from the config")
+            prefix = f"{name}." if name else ""
             if isinstance(module, nn.Linear) and (module.in_features, module.out_features) != (
                     ref.in_features, ref.out_features):
                 linear[name] = [module.in_features, module.out_features]
-            changed = {a: getattr(module, a) for a in self.module_attributes
+            else:
+                tensors.update(_changed_tensors(module, ref, prefix))
+            changed = {a: _plain(getattr(module, a)) for a in self.module_attributes
                        if hasattr(module, a) and getattr(module, a) != getattr(ref, a, None)}
-            if changed:
+            if changed and name not in linear:
                 attributes[name] = changed
-        return {"linear": linear, "attributes": attributes}
+            own = {a: changed for a, v in vars(module).items() if isinstance(v, LayerConfigView)
+                   if (changed := {k: x for k, x in v.overrides.items() if getattr(v.base, k, None) != x})}
+            if own:
+                views[name] = own
+        return {"linear": linear, "tensors": tensors, "attributes": attributes, "config_views": views}
+
+
+def _plain(value):
+    """``value`` as JSON stores it (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _changed_tensors(module: nn.Module, ref: nn.Module, prefix: str) -> dict[str, list[int]]:
+    """The module's own parameters and buffers whose shape differs from ``ref``'s; a non-persistent buffer
+    cannot be one (the checkpoint does not hold its values)."""
+    out: dict[str, list[int]] = {}
+    own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+    theirs = dict(ref.named_parameters(recurse=False)) | dict(ref.named_buffers(recurse=False))
+    for key, tensor in own.items():
+        other = theirs.get(key)
+        if other is None or tuple(other.shape) == tuple(tensor.shape):
+            continue
+        if key in module._non_persistent_buffers_set:
+            raise ValueError(f"buffer {prefix}{key} changed shape but is not saved; cannot write loading code for it")
+        out[f"{prefix}{key}"] = list(tensor.shape)
+    return out

@@ -14,6 +14,7 @@ from torch import nn
 
 from prunekit.adapters.base import Adapter, LayerShape
 from prunekit.adapters.layout import Slot, replace_linear, resize_norm, widths
+from prunekit.templates.modeling_prunekit import LayerConfigView  # noqa: F401 (re-exported; checkpoints carry it)
 
 
 def _elementwise_rotary(q, k, cos, sin, *args, unsqueeze_dim=1, **kwargs):
@@ -24,25 +25,6 @@ def _elementwise_rotary(q, k, cos, sin, *args, unsqueeze_dim=1, **kwargs):
     """
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + q * sin, k * cos + k * sin
-
-
-class LayerConfigView:
-    """A layer's view of the shared config with its own widths, for modules that read widths from config
-    at forward time (Phi-3 slices its fused qkv output at ``config.num_attention_heads * head_dim``)."""
-
-    def __init__(self, base: Any, **overrides: Any):
-        self._base, self._overrides = base, overrides
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_base", "_overrides"):
-            raise AttributeError(name)
-        if name in self._overrides:
-            return self._overrides[name]
-        return getattr(self._base, name)
-
-    @property
-    def base(self) -> Any:
-        return self._base
 
 
 class DecoderAdapter(Adapter):
