@@ -1,10 +1,11 @@
 """A disk cache for a model's evaluation metrics, keyed by what determines them.
 
 The key hashes the model's weights (every parameter and buffer: name, dtype, shape, bytes), its
-config, its tokenizer's vocabulary, the evaluation settings and the versions of prunekit, torch,
-transformers and lm-eval. The same dense model evaluated the same way on a second run is therefore
-read back instead of recomputed (``prunekit run`` does this for the "before" metrics); any change to
-weights, settings or versions misses. Entries are JSON files under ``<prunekit cache>/metrics/``.
+config, its tokenizer's vocabulary, the evaluation settings, the versions of prunekit, torch,
+transformers and lm-eval, and the source of prunekit's evaluation and data modules. The same dense
+model evaluated the same way on a second run is therefore read back instead of recomputed
+(``prunekit run`` does this for the "before" metrics); any change to weights, settings, versions or
+that code misses. Entries are JSON files under ``<prunekit cache>/metrics/``.
 """
 
 from __future__ import annotations
@@ -73,9 +74,21 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _code_fingerprint() -> str:
+    """SHA-256 of the modules that compute and feed the metrics, so an edit to them (same version number, e.g.
+    in a checkout) never reads figures the old code produced."""
+    from prunekit import data, evaluate
+
+    h = hashlib.sha256()
+    for module in (evaluate, data):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def cache_key(fingerprint: str, settings: dict[str, Any], device: str) -> str:
     """The entry name for a model fingerprint evaluated with ``settings`` on a device type."""
-    material = {"model": fingerprint, "settings": settings, "device": device, "versions": _versions()}
+    material = {"model": fingerprint, "settings": settings, "device": device, "versions": _versions(),
+                "code": _code_fingerprint()}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
