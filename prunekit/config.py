@@ -64,6 +64,8 @@ class RunConfig(_Strict):
     seed: int = 42
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    stability: int = Field(default=1, ge=1, description="score K calibration resamples, report their agreement, "
+                                                         "prune with the consensus (1: one plain scoring)")
     grouper: GrouperOptions = Field(default_factory=GrouperOptions)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
+from prunekit import stability
 from prunekit.adapters.base import Adapter
 from prunekit.config import RunConfig
 from prunekit.errors import UserError
@@ -97,13 +98,13 @@ def package_versions() -> dict[str, str | None]:
 
 
 def score_groups(ctx: RunContext, method_entry, options, batches: list[torch.Tensor],
-                 compute_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], dict]:
+                 compute_dtype: torch.dtype = torch.float32, sampler=None) -> tuple[list[torch.Tensor], dict]:
     """Unit scores estimated in ``compute_dtype``: float32 whatever the load dtype in a run (that cast is
     lossless and undone afterwards); benchmarks pass a lower precision to measure what it changes."""
     model, dtype = ctx.model, next(ctx.model.parameters()).dtype
     model.to(compute_dtype)
     try:
-        scoring = ScoringContext(model=model, groups=ctx.groups, batches=batches, seed=ctx.config.seed)
+        scoring = ScoringContext(model=model, groups=ctx.groups, batches=batches, seed=ctx.config.seed, sampler=sampler)
         scores = [s.detach().float().cpu() for s in method_entry.cls(options).scores(scoring)]
     finally:
         for p in model.parameters():
@@ -168,7 +169,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         with ctx.stage("calibrate"):
             batches, calibration = calibration_batches(ctx.tokenizer, config)
     with ctx.stage("score"):
-        scores, method_info = score_groups(ctx, entry, options, batches)
+        scores, method_info = stability.score(ctx, entry, options, batches)  # K = config.stability resamples
     host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
     with ctx.stage("select"):
         ctx.kept = select(ctx.groups, scores, config.ratio, config.selection.scope, config.selection.round_to)

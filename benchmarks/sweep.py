@@ -1,0 +1,187 @@
+"""Sweep suite: quality per unit of compute (issue 13) for taylor, fisher, moreau and moreau-gs.
+
+Every grid point (method, options, calibration size) is scored on 3 calibration seeds; each point
+records the scoring wall time, the pruned model's perplexity on evenly spaced PTB *validation* windows
+(mean and spread over seeds) and the mean pairwise IoU of the removed units across seeds. Settings are
+chosen on PTB validation only: per method, the lowest mean validation perplexity at a cost of at most
+``max_cost`` default taylor passes (the taylor point with the run's default calibration is the unit).
+The chosen points, and the default taylor, are then reported on PTB test and WikiText-2 test (evenly
+spaced windows) from the masks already computed — nothing is re-scored, nothing is tuned on test.
+
+The issue's setting: ratio 0.25 of the MLP channels of the pipeline's default layers (4–27 on
+SmolLM2-135M), attention left whole, local selection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.benchmarks.metrics import iou, summary
+from prunekit.benchmarks.workbench import Workbench
+from prunekit.config import CalibrationConfig, RunConfig
+from prunekit.data import calibration_batches, load_text, token_ids
+from prunekit.evaluate import window_nll
+from prunekit.grouping import GrouperOptions
+from prunekit.pipeline import RunContext, score_groups
+from prunekit.sampling import CalibrationSampler
+
+log = logging.getLogger("benchmarks")
+SEQ_LEN = CalibrationConfig().seq_len
+DEFAULT_SAMPLES = CalibrationConfig().n_samples
+MLP_ONLY = GrouperOptions(prune_attention=False)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: a method preset, its options and the calibration size (sequences of 64 tokens)."""
+
+    method: str
+    options: dict = field(default_factory=dict)
+    samples: int = DEFAULT_SAMPLES
+    label: str = ""
+
+    def name(self) -> str:
+        """A short unique label for tables."""
+        return self.label or f"{self.method} n={self.samples}"
+
+
+RELATIVE = {"rho_relative": 0.02, "step_fraction": 0.5}
+# Kept small: every moreau point costs ~10 taylor passes per seed on a shared 2-core CPU.
+GRID: tuple[Point, ...] = (
+    Point("taylor", {}, 10, "taylor 10x64 (default)"),
+    Point("taylor", {}, 40, "taylor 40x64"),
+    Point("taylor", {}, 100, "taylor 100x64"),
+    Point("fisher", {}, 10, "fisher 10x64"),
+    Point("fisher", {}, 40, "fisher 40x64"),
+    Point("moreau-gs", {}, 10, "moreau-gs reference settings"),
+    Point("moreau-gs", {"resample": True}, 10, "moreau-gs resample"),
+    Point("moreau-gs", {"resample": True, **RELATIVE}, 10, "moreau-gs resample rho_rel=0.02 c=0.5"),
+    Point("moreau-gs", {"resample": True, "rho_relative": 0.1, "step_fraction": 0.5}, 10,
+          "moreau-gs resample rho_rel=0.1 c=0.5"),
+    Point("moreau", {"resample": True, **RELATIVE}, 10, "moreau resample rho_rel=0.02 c=0.5"),
+)
+
+
+def evenly_spaced(tokenizer, corpus: str, split: str, n: int, window: int = 128) -> torch.Tensor:
+    """``n`` evenly spaced non-overlapping windows of the split (all windows when n is None or larger)."""
+    ids = token_ids(tokenizer, load_text(corpus, split))
+    total = ids.numel() // window
+    windows = ids[: total * window].view(total, window)
+    if n is None or n >= total:
+        return windows
+    return windows[torch.linspace(0, total - 1, n).round().long()]
+
+
+@torch.no_grad()
+def ppl(model: torch.nn.Module, windows: torch.Tensor, batch: int = 8) -> float:
+    """Perplexity of ``model`` over the given token windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        nll, n = window_nll(model, windows[i:i + batch])
+        total, count = total + nll, count + n
+    return float(torch.tensor(total / count).exp())
+
+
+def removed(groups, kept) -> set[tuple[str, int]]:
+    """Removed (group, unit) pairs."""
+    return {(g.name, u) for g, k in zip(groups, kept) for u in set(range(g.n_units)) - set(k.tolist())}
+
+
+def mean_pairwise_iou(sets: list[set]) -> float | None:
+    """Mean IoU over all pairs of sets (None for fewer than two)."""
+    pairs = list(itertools.combinations(sets, 2))
+    return statistics.fmean(iou(a, b) for a, b in pairs) if pairs else None
+
+
+def score_point(wb: Workbench, groups, point: Point, seed: int) -> tuple[list[torch.Tensor], dict, float]:
+    """Score the dense model for one point and seed through the pipeline's scorer (with a calibration sampler)."""
+    entry = wb.method(point.method)
+    options = entry.options(point.options)
+    ids, _ = calibration_batches(wb.tokenizer, "ptb", point.samples, SEQ_LEN, seed)
+    batches = list(ids.split(wb.profile.calib_batch))
+    sampler = CalibrationSampler(wb.tokenizer, "ptb", point.samples, SEQ_LEN, wb.profile.calib_batch, seed)
+    ctx = RunContext(config=RunConfig(method=point.method, seed=seed), registry=wb.registry, model=wb.model,
+                     groups=groups)
+    started = time.perf_counter()
+    scores, info = score_groups(ctx, entry, options, batches, sampler=sampler)
+    return scores, info, time.perf_counter() - started
+
+
+def _brief(info: dict) -> dict:
+    """The method info without per-window offsets."""
+    out = dict(info)
+    for draw in out.get("calibration_draws", []):
+        draw.pop("starts", None)
+    return out
+
+
+def run(wb: Workbench, methods: list[str], seeds: list[int], ratio: float = 0.25, val_windows: int = 40,
+        test_windows: int = 150, max_cost: float = 10.0, out: Path | None = None,
+        grid: tuple[Point, ...] = GRID) -> dict:
+    """The sweep record: every point on PTB validation, the chosen ones on PTB test and WikiText-2 test."""
+    started = time.perf_counter()
+    groups = wb.groups(wb.model, MLP_ONLY)
+    val = evenly_spaced(wb.tokenizer, "ptb", "validation", val_windows)
+    record: dict[str, Any] = {"suite": "sweep", "ratio": ratio, "seeds": seeds, "layers": [wb.layers.start, wb.layers.stop],
+                              "blocks": "mlp", "val_windows": len(val), "test_windows": test_windows,
+                              "max_cost_taylor_passes": max_cost, "points": [],
+                              "dense": {"ptb_validation": ppl(wb.model, val)}}
+    masks: dict[str, list] = {}
+    for point in (p for p in grid if p.method in methods):
+        rows = []
+        for seed in seeds:
+            scores, info, seconds = score_point(wb, groups, point, seed)
+            kept = wb.keep(groups, scores, ratio)
+            value = ppl(wb.pruned(wb.model, groups, kept), val)
+            rows.append({"seed": seed, "score_seconds": seconds, "ppl_ptb_validation": value, "info": _brief(info)})
+            masks.setdefault(point.name(), []).append(kept)
+            log.info("sweep %s seed %d: %.1fs, PTB val ppl %.2f", point.name(), seed, seconds, value)
+        record["points"].append({"point": asdict(point), "name": point.name(), "rows": rows,
+                                 "score_seconds": summary([r["score_seconds"] for r in rows]),
+                                 "ppl_ptb_validation": summary([r["ppl_ptb_validation"] for r in rows]),
+                                 "removed_iou": mean_pairwise_iou([removed(groups, k) for k in masks[point.name()]])})
+        _checkpoint(out, record)
+    record["chosen"] = choose(record["points"], max_cost)
+    test = {c: evenly_spaced(wb.tokenizer, c, "test", test_windows) for c in ("ptb", "wikitext2")}
+    record["dense"].update({f"{c}_test": ppl(wb.model, w) for c, w in test.items()})
+    record["test"] = {}
+    for name in dict.fromkeys([GRID[0].name(), *record["chosen"].values()]):
+        if name not in masks:
+            continue
+        per_corpus = {c: [ppl(wb.pruned(wb.model, groups, kept), w) for kept in masks[name]] for c, w in test.items()}
+        record["test"][name] = {f"ppl_{c}_test": summary(v) | {"values": v} for c, v in per_corpus.items()}
+        log.info("sweep test %s: %s", name, {c: statistics.fmean(v) for c, v in per_corpus.items()})
+        _checkpoint(out, record)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def choose(points: list[dict], max_cost: float) -> dict[str, str]:
+    """Per method, the point with the lowest mean PTB-validation perplexity within ``max_cost`` taylor passes."""
+    unit = next((p["score_seconds"]["mean"] for p in points if p["name"] == GRID[0].name()), None)
+    chosen: dict[str, str] = {}
+    for p in points:
+        p["cost_taylor_passes"] = p["score_seconds"]["mean"] / unit if unit else None
+    for method in dict.fromkeys(p["point"]["method"] for p in points):
+        fits = [p for p in points if p["point"]["method"] == method
+                and (p["cost_taylor_passes"] is None or p["cost_taylor_passes"] <= max_cost * 1.1)]
+        if fits:
+            chosen[method] = min(fits, key=lambda p: p["ppl_ptb_validation"]["mean"])["name"]
+    return chosen
+
+
+def _checkpoint(out: Path | None, record: dict) -> None:
+    """Write the partial record so a long sweep that stops early still leaves its results."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".sweep.partial.json").write_text(json.dumps(record, indent=2, default=str))
