@@ -185,3 +185,74 @@ def _checkpoint(out: Path | None, record: dict) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".sweep.partial.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+
+def _pm(stat: dict | None, digits: int = 1) -> str:
+    """'mean (min–max)' of a summary, or '—'."""
+    if not stat:
+        return "—"
+    return f"{stat['mean']:.{digits}f} ({stat['min']:.{digits}f}–{stat['max']:.{digits}f})"
+
+
+def pareto_plots(record: dict, out: Path) -> list[Path]:
+    """Perplexity vs cost and removed-set IoU vs cost, one marker series per method (PNG files in ``out``)."""
+    from prunekit.benchmarks import plots  # sets the Agg backend
+    import matplotlib.pyplot as plt
+
+    points = [p for p in record["points"] if p.get("cost_taylor_passes")]
+    paths = []
+    for key, ylabel, name in (("ppl_ptb_validation", "PTB validation perplexity (mean, min–max over seeds)",
+                               "sweep_ppl_vs_cost.png"),
+                              ("removed_iou", "removed-unit IoU across calibration seeds", "sweep_iou_vs_cost.png")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for method in dict.fromkeys(p["point"]["method"] for p in points):
+            mine = sorted((p for p in points if p["point"]["method"] == method), key=lambda p: p["cost_taylor_passes"])
+            xs = [p["cost_taylor_passes"] for p in mine]
+            if key == "removed_iou":
+                ax.plot(xs, [p[key] for p in mine], marker="o", label=method)
+            else:
+                ys = [p[key]["mean"] for p in mine]
+                err = [[p[key]["mean"] - p[key]["min"] for p in mine], [p[key]["max"] - p[key]["mean"] for p in mine]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+        if key != "removed_iou":
+            ax.axhline(record["dense"]["ptb_validation"], color="gray", linestyle="--", label="dense")
+        ax.set_xscale("log")
+        ax.set_xlabel("scoring cost (default taylor passes)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        paths.append(plots._save(fig, out / name))
+    return paths
+
+
+def report_lines(records: list[dict], out: Path) -> list[str]:
+    """The sweep section of report.md: every point, the validation choice, and the plots."""
+    lines = ["## Sweep: quality per unit of compute", ""]
+    for record in records:
+        if "points" not in record:
+            continue
+        w = record["windows"]
+        lines += [f"Ratio {record['ratio']} of MLP channels, layers {record['layers'][0]}–{record['layers'][1] - 1}; "
+                  f"seeds {record['seeds']}; evenly spaced 128-token windows: PTB validation {w['ptb_validation']}, "
+                  f"PTB test {w['ptb_test']}, WikiText-2 test {w['wikitext2_test']}; torch threads "
+                  f"{record.get('torch_threads')}, load average {record.get('loadavg_start')} → {record.get('loadavg_end')}. "
+                  "Perplexity: mean (min–max) over seeds. Cost: mean scoring seconds / the default taylor's.", ""]
+        d = record["dense"]
+        rows = [["dense", "–", "–", "–", f"{d['ptb_validation']:.1f}", f"{d['ptb_test']:.1f}", f"{d['wikitext2_test']:.1f}"]]
+        chosen = set(record.get("chosen", {}).values())
+        for p in record["points"]:
+            name = f"**{p['name']}**" if p["name"] in chosen else p["name"]
+            cost = p.get("cost_taylor_passes")
+            rows.append([name, f"{p['score_seconds']['mean']:.1f}", f"{cost:.1f}" if cost else "—",
+                         f"{p['removed_iou']:.3f}" if p["removed_iou"] is not None else "—",
+                         _pm(p["ppl_ptb_validation"]), _pm(p.get("ppl_ptb_test")), _pm(p.get("ppl_wikitext2_test"))])
+        lines += ["| point | scoring s | cost (taylor passes) | removed IoU | PTB val ppl | PTB test ppl | WikiText-2 test ppl |",
+                  "|---|---|---|---|---|---|---|", *("| " + " | ".join(r) + " |" for r in rows), ""]
+        lines += [f"Chosen on PTB validation (bold), at most {record['max_cost_taylor_passes']:g} taylor passes "
+                  f"(+10 % timing tolerance): " + ", ".join(f"{m}: {n}" for m, n in record.get("chosen", {}).items()), ""]
+        for path in pareto_plots(record, out):
+            lines += [f"![{path.stem}]({path.name})", ""]
+    return lines
