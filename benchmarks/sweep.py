@@ -66,9 +66,9 @@ GRID: tuple[Point, ...] = (
           "moreau-gs T=5 resample rho_rel=1e-4 c=0.5"),
     Point("fisher", {}, 40, "fisher 40x64"),
     Point("moreau-gs", {}, 10, "moreau-gs reference settings (T=10)"),
-    Point("taylor", {}, 100, "taylor 100x64"),
     Point("moreau", {"resample": True, "iterations": 5, "averaged": 2, **RELATIVE}, 10,
           "moreau T=5 resample rho_rel=1e-4 c=0.5"),
+    Point("taylor", {}, 100, "taylor 100x64"),
 )
 
 
