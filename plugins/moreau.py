@@ -318,7 +318,7 @@ def backward_calibration(ctx: ScoringContext, step: int, batches: list[torch.Ten
 
     ``batches`` (default: the context's sample) is the step's own sample when resampling."""
     total = 0.0
-    for loss in ctx.iter_losses(batches):
+    for loss in (ctx.iter_losses() if batches is None else ctx.iter_losses(batches)):
         check_finite(loss, "moreau calibration loss", step + 1)
         loss.backward()
         total += float(loss.detach())
