@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from prunekit import hookimpl
 from prunekit.groups import PruningGroup
-from prunekit.importance import Importance, Options, ScoringContext, check_finite
+from prunekit.importance import Importance, Options, ScoringContext, check_finite, fisher_diagonal
 
 Tensors = dict[str, torch.Tensor]
 GradFn = Callable[[Tensors, int], Tensors]  # (current δ, iteration) -> ∇L at the perturbed point
@@ -60,6 +60,8 @@ class MoreauOptions(Options):
         None, gt=0, description="if set, ρ = rho_relative × ‖w‖/‖∇L(w)‖ from the first gradient (scale-free)")
     step_fraction: float | None = Field(
         None, gt=0, le=1, description="if set, γ = step_fraction × ρ (reaches the proximal point in a few steps)")
+    salience: Literal["gradient", "fisher"] = Field(
+        "gradient", description="gradient: |w·δ̄|; fisher: ½·w²·F with F the per-sample Fisher at w + δ̄")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MoreauOptions":
@@ -634,6 +636,8 @@ class Moreau(Importance):
         if o.mode == "reference" and o.penalty == "group":
             info["shrink"] = prox.eta
         ctx.info["moreau"] = info
+        if o.salience == "fisher":
+            return fisher_at(ctx, mean_delta)
         return {n: mean_delta.pop(n).mul_(w.detach()).abs_() for n, w in ctx.params().items()}
 
     @staticmethod
@@ -660,11 +664,33 @@ class Moreau(Importance):
             "step": o.step, "rho": o.rho if o.mode == "math" else None, "sigma": o.sigma, "eta": o.eta,
             "eta_relative": o.eta_relative, "noise_samples": o.noise_samples, "seed": seed,
             "resample": o.resample, "rho_relative": o.rho_relative, "step_fraction": o.step_fraction,
+            "salience": o.salience,
             "scope": "prunable" if o.mode == "math" else "all", "scope_tensors": len(params),
             "scope_elements": elements,
             # fused: δ + running mean + W'; in place: δ + running mean + .grad + originals; all float32
             "state_bytes": 4 * (4 if in_place else 3) * elements,
         }
+
+
+def fisher_at(ctx: ScoringContext, mean_delta: Tensors) -> Tensors:
+    """½·w²·F(w + δ̄): the OBD salience with the Fisher diagonal taken at the smoothed proximal point.
+
+    The prunable weights are moved to w + δ̄ in place for the per-sample passes over the run's calibration
+    sample and copied back bit for bit afterwards (also on failure); w in ½·w² is the original weight.
+    """
+    params = ctx.params()
+    originals = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(mean_delta.pop(n).to(p.dtype))
+        with gradients_only_for(ctx.model, set(params)):
+            _, fisher = fisher_diagonal(ctx, with_mean=False)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(originals[n])
+    return {n: fisher.pop(n).mul_(originals.pop(n).float().square()).mul_(0.5) for n in params}
 
 
 def _global_norm(tensors: Tensors) -> float:

@@ -154,3 +154,23 @@ def test_model_path_records_the_effective_step_and_rho(groups, calibration_ids):
     assert m["step_effective"] == pytest.approx(0.5 * m["rho_effective"])
     assert m["threshold"] == pytest.approx(m["step_effective"] * m["eta_effective"])
     assert all(math.isfinite(x) for x in m["losses"])
+
+
+# -- second-order salience at the smoothed point ------------------------------------------------------
+
+
+def test_fisher_salience_at_a_vanishing_step_is_the_fisher_method(groups, calibration_ids):
+    from prunekit.builtin.fisher import Fisher, FisherOptions
+
+    ctx = ScoringContext(make_tiny_llama(8, 2), groups, calibration_ids, seed=0)
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    flags = [p.requires_grad for p in ctx.model.parameters()]
+    smoothed = Moreau(MoreauOptions(penalty="group", salience="fisher", step=1e-12, sigma=0.0, **FAST)).scores(ctx)
+    assert all(torch.equal(p, before[n]) for n, p in ctx.model.named_parameters())  # weights restored exactly
+    assert [p.requires_grad for p in ctx.model.parameters()] == flags
+    plain = Fisher(FisherOptions()).scores(ScoringContext(make_tiny_llama(8, 2), groups, calibration_ids, seed=0))
+    for a, b in zip(smoothed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10)
+    moved, info = score(groups, calibration_ids, salience="fisher", rho_relative=1e-2, step_fraction=0.5, **FAST)
+    assert info["moreau"]["salience"] == "fisher"
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(moved, plain))
