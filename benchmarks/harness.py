@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-isolate", action="store_true", help="cost suite: measure in this process (tests only)")
     ap.add_argument("--sweep-val-windows", type=int, default=40, help="sweep: evenly spaced PTB validation windows")
     ap.add_argument("--sweep-test-windows", type=int, default=150, help="sweep: evenly spaced test windows per corpus")
+    ap.add_argument("--sweep-grid", choices=("main", "smoothed"), default="main",
+                    help="sweep: which grid (sweep.GRIDS); records go to sweep.json / sweep-<grid>.json")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
@@ -119,8 +121,10 @@ def run_suites(args: argparse.Namespace) -> list[Path]:
     for suite in suites:
         if suite == "sweep":
             record = sweep.run(wb, methods, seeds, args.ratio, args.sweep_val_windows, args.sweep_test_windows,
-                               out=args.out)
-            written.append(write_json(args.out, "sweep", {**record, **common, "finished": time.time()}))
+                               out=args.out, grid=sweep.GRIDS[args.sweep_grid])
+            name = "sweep" if args.sweep_grid == "main" else f"sweep-{args.sweep_grid}"
+            written.append(write_json(args.out, name, {**record, "grid": args.sweep_grid, **common,
+                                                       "finished": time.time()}))
             continue
         if suite == "peer":
             record = peer.run(wb, args.ratio, seeds)

@@ -71,6 +71,16 @@ GRID: tuple[Point, ...] = (
     Point("taylor", {}, 100, "taylor 100x64"),
 )
 
+# Follow-ups to GRID on the same axes: the second-order salience at the smoothed point, and T = 10.
+SMOOTHED: tuple[Point, ...] = (
+    GRID[0],
+    Point("moreau-gs", {"resample": True, "iterations": 5, "averaged": 2, "salience": "fisher", **RELATIVE}, 10,
+          "moreau-gs T=5 resample rho_rel=1e-4 c=0.5 salience=fisher"),
+    Point("moreau-gs", {"resample": True, "iterations": 10, "averaged": 5, **RELATIVE}, 10,
+          "moreau-gs T=10 resample rho_rel=1e-4 c=0.5"),
+)
+GRIDS: dict[str, tuple[Point, ...]] = {"main": GRID, "smoothed": SMOOTHED}
+
 
 def evenly_spaced(tokenizer, corpus: str, split: str, n: int, window: int = 128) -> torch.Tensor:
     """``n`` evenly spaced non-overlapping windows of the split (all windows when n is None or larger)."""
@@ -224,7 +234,8 @@ def pareto_plots(record: dict, out: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-        paths.append(plots._save(fig, out / name))
+        grid = record.get("grid", "main")
+        paths.append(plots._save(fig, out / (name if grid == "main" else name.replace("sweep_", f"sweep-{grid}_"))))
     return paths
 
 
@@ -235,7 +246,7 @@ def report_lines(records: list[dict], out: Path) -> list[str]:
         if "points" not in record:
             continue
         w = record["windows"]
-        lines += [f"Ratio {record['ratio']} of MLP channels, layers {record['layers'][0]}–{record['layers'][1] - 1}; "
+        lines += [f"Grid `{record.get('grid', 'main')}`. Ratio {record['ratio']} of MLP channels, layers {record['layers'][0]}–{record['layers'][1] - 1}; "
                   f"seeds {record['seeds']}; evenly spaced 128-token windows: PTB validation {w['ptb_validation']}, "
                   f"PTB test {w['ptb_test']}, WikiText-2 test {w['wikitext2_test']}; torch threads "
                   f"{record.get('torch_threads')}, load average {record.get('loadavg_start')} → {record.get('loadavg_end')}. "
