@@ -71,13 +71,11 @@ GRID: tuple[Point, ...] = (
     Point("taylor", {}, 100, "taylor 100x64"),
 )
 
-# Follow-ups to GRID on the same axes: the second-order salience at the smoothed point, and T = 10.
+# Follow-up to GRID on the same axes: the second-order salience at the smoothed point (plus the cost unit).
 SMOOTHED: tuple[Point, ...] = (
     GRID[0],
     Point("moreau-gs", {"resample": True, "iterations": 5, "averaged": 2, "salience": "fisher", **RELATIVE}, 10,
           "moreau-gs T=5 resample rho_rel=1e-4 c=0.5 salience=fisher"),
-    Point("moreau-gs", {"resample": True, "iterations": 10, "averaged": 5, **RELATIVE}, 10,
-          "moreau-gs T=10 resample rho_rel=1e-4 c=0.5"),
 )
 GRIDS: dict[str, tuple[Point, ...]] = {"main": GRID, "smoothed": SMOOTHED}
 
