@@ -121,7 +121,8 @@ def test_sweep_choice_uses_validation_within_the_cost_cap(tiny_model_dir, tmp_pa
     assert [d["draw"] for d in mgs["rows"][0]["info"]["calibration_draws"]] == [1, 2]
     assert record["chosen"] == {"taylor": grid[0].name(), "fisher": "fisher 4x64", "moreau-gs": "mgs"}
     # a point over the cap is never chosen, whatever its perplexity
-    pts = [dict(p, score_seconds={"mean": s}, ppl_ptb_validation={"mean": v}) for p, s, v in
-           zip(record["points"], (1.0, 20.0, 5.0), (100.0, 1.0, 50.0))]
-    pts.append(dict(pts[1], name="cheap fisher", score_seconds={"mean": 2.0}, ppl_ptb_validation={"mean": 90.0}))
-    assert sweep.choose(pts, 10.0)["fisher"] == "cheap fisher"
+    assert [p["cost_taylor_passes"] for p in record["points"]] == [1.0, 0.4, 1.2]  # 10, 4, 3 x 4 sequences
+    big = dict(record["points"][1], name="fisher 200x64", point={"method": "fisher", "options": {}, "samples": 200},
+               ppl_ptb_validation={"mean": 0.5})
+    assert sweep.choose([*record["points"], big], 10.0)["fisher"] == "fisher 4x64"  # 20 passes: over the cap
+    assert sweep.choose([*record["points"], big], 20.0)["fisher"] == "fisher 200x64"
