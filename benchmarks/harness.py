@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from prunekit.benchmarks import cost, peer, quality, report, robustness
+from prunekit.benchmarks import cost, peer, quality, report, robustness, sweep
 from prunekit.benchmarks.machine import describe as describe_machine
 from prunekit.benchmarks.perturb import PERTURBATIONS
 from prunekit.benchmarks.profiles import PROFILES, Profile
@@ -25,15 +25,16 @@ from prunekit.benchmarks.workbench import Workbench
 from prunekit.errors import UserError
 
 SUITES = ("robustness", "cost", "quality", "peer")
-DEFAULT_METHODS = ("magnitude", "taylor", "moreau", "moreau-gs")
+DEFAULT_METHODS = ("magnitude", "taylor", "fisher", "moreau", "moreau-gs")
 log = logging.getLogger("benchmarks")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The harness's options."""
     ap = argparse.ArgumentParser(prog="benchmarks", description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=(*SUITES, "all", "report"), default="all",
-                    help="'report' only rebuilds the markdown and plots from the JSON files in --out")
+    ap.add_argument("--suite", choices=(*SUITES, "sweep", "all", "report"), default="all",
+                    help="'report' only rebuilds the markdown and plots from the JSON files in --out; "
+                         "'sweep' (not part of 'all') is the quality-per-cost grid of issue 13")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
     ap.add_argument("--model", default=None, help="local path or hub id; default: the embedded SmolLM2-135M")
     ap.add_argument("--ratio", type=float, default=0.25, help="fraction of units removed per pruned layer")
@@ -54,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"robustness: comma-separated subset of {','.join(PERTURBATIONS)} (default: all)")
     ap.add_argument("--zero-shot", action="store_true", help="quality suite: also the zero-shot mean")
     ap.add_argument("--no-isolate", action="store_true", help="cost suite: measure in this process (tests only)")
+    ap.add_argument("--sweep-val-windows", type=int, default=40, help="sweep: evenly spaced PTB validation windows")
+    ap.add_argument("--sweep-test-windows", type=int, default=150, help="sweep: evenly spaced test windows per corpus")
+    ap.add_argument("--sweep-grid", choices=("main", "smoothed"), default="main",
+                    help="sweep: which grid (sweep.GRIDS); records go to sweep.json / sweep-<grid>.json")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
@@ -114,6 +119,13 @@ def run_suites(args: argparse.Namespace) -> list[Path]:
     common = {"machine": describe_machine(), "workbench": wb.describe(), "command": "python -m prunekit.benchmarks " + shlex.join(args.argv)}
     written = []
     for suite in suites:
+        if suite == "sweep":
+            record = sweep.run(wb, methods, seeds, args.ratio, args.sweep_val_windows, args.sweep_test_windows,
+                               out=args.out, grid=sweep.GRIDS[args.sweep_grid])
+            name = "sweep" if args.sweep_grid == "main" else f"sweep-{args.sweep_grid}"
+            written.append(write_json(args.out, name, {**record, "grid": args.sweep_grid, **common,
+                                                       "finished": time.time()}))
+            continue
         if suite == "peer":
             record = peer.run(wb, args.ratio, seeds)
             written.append(write_json(args.out, "peer", {**record, **common, "finished": time.time()}))

@@ -186,6 +186,10 @@ def build(directory: Path) -> Path:
         lines += quality_section(by_suite["quality"], directory)
     if "peer" in by_suite:
         lines += peer_section(by_suite["peer"])
+    if "sweep" in by_suite:
+        from prunekit.benchmarks.sweep import report_lines
+
+        lines += report_lines(by_suite["sweep"], directory)
     if not by_suite:
         lines += ["No benchmark records found."]
     path = directory / "report.md"

@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from prunekit import hookimpl
 from prunekit.groups import PruningGroup
 from prunekit.finite import nonfinite_loss
-from prunekit.importance import Importance, Options, ScoringContext, check_finite
+from prunekit.importance import Importance, Options, ScoringContext, check_finite, fisher_diagonal
 
 Tensors = dict[str, torch.Tensor]
 GradFn = Callable[[Tensors, int], Tensors]  # (current δ, iteration) -> ∇L at the perturbed point
@@ -56,17 +56,38 @@ class MoreauOptions(Options):
         None, ge=0, description="if set, η = eta_relative × median group norm of the first gradient (scale-free)")
     noise_samples: int = Field(1, ge=1, description="noise draws averaged per step")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="noise seed; None uses the run seed")
+    resample: bool = Field(False, description="a fresh seeded calibration sample at every step after the first")
+    rho_relative: float | None = Field(
+        None, gt=0, description="if set, ρ = rho_relative × ‖w‖/‖∇L(w)‖ from the first gradient (scale-free)")
+    step_fraction: float | None = Field(
+        None, gt=0, le=1, description="if set, γ = step_fraction × ρ (reaches the proximal point in a few steps)")
+    salience: Literal["gradient", "fisher"] = Field(
+        "gradient", description="gradient: |w·δ̄|; fisher: ½·w²·F with F the per-sample Fisher at w + δ̄")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MoreauOptions":
         """Reject settings that cannot mean what the user asked for."""
         if self.averaged > self.iterations:
             raise ValueError(f"averaged ({self.averaged}) must be <= iterations ({self.iterations})")
-        if self.mode == "math" and self.step >= self.rho:
+        relative = self.rho_relative is not None or self.step_fraction is not None
+        if self.mode == "math" and not relative and self.step >= self.rho:
             raise ValueError(f"step ({self.step}) must be < rho ({self.rho}): the delta/rho pull-back would overshoot")
         if self.eta_relative is not None and "eta" in self.model_fields_set:
             raise ValueError("set eta or eta_relative, not both")
+        if self.rho_relative is not None and "rho" in self.model_fields_set:
+            raise ValueError("set rho or rho_relative, not both")
+        if self.step_fraction is not None and "step" in self.model_fields_set:
+            raise ValueError("set step or step_fraction, not both")
+        if self.mode == "reference" and relative:
+            raise ValueError("rho_relative and step_fraction need mode 'math' (reference mode has no pull-back)")
         return self
+
+    def initial_step(self) -> float:
+        """γ before the first gradient is seen: step_fraction × ρ for an absolute ρ, else ``step``
+        (with rho_relative the first step is rescaled once ρ is known, see :class:`StepScale`)."""
+        if self.step_fraction is not None and self.rho_relative is None:
+            return self.step_fraction * self.rho
+        return self.step
 
 
 # -- proximal operators -----------------------------------------------------------------------------
@@ -193,16 +214,61 @@ def median_statistic(prox: Prox, grads: Tensors) -> float:
 # -- the proximal gradient loop -----------------------------------------------------------------------
 
 
-def gradient_step(grad_at: GradFn, step: float, rho: float | None) -> StepFn:
-    """The step δ ← δ·(1 - γ/ρ) - γ·∇L from a function returning ∇L (rho None: no pull-back)."""
+@dataclass
+class GradientStep:
+    """The step δ ← δ·(1 - γ/ρ) - γ·∇L from a function returning ∇L (rho None: no pull-back).
 
-    def apply(delta: Tensors, t: int) -> None:
-        grads = grad_at(delta, t)
-        pull_back(delta, step, rho)
+    ``step`` and ``rho`` are read at every call, so a first-step calibration (:class:`StepScale`) can set them.
+    """
+
+    grad_at: GradFn
+    step: float
+    rho: float | None
+
+    def __call__(self, delta: Tensors, t: int) -> None:
+        grads = self.grad_at(delta, t)
+        pull_back(delta, self.step, self.rho)
         for name, d in delta.items():
-            d.add_(grads[name], alpha=-step)
+            d.add_(grads[name], alpha=-self.step)
 
-    return apply
+
+def gradient_step(grad_at: GradFn, step: float, rho: float | None) -> GradientStep:
+    """:class:`GradientStep` from a function returning ∇L."""
+    return GradientStep(grad_at, step, rho)
+
+
+@dataclass
+class StepScale:
+    """Scale-free γ and ρ, fixed from the first gradient (called on the first step's v = -γ₀·∇L).
+
+    ``rho_relative`` r: ρ = r·‖w‖/‖∇L‖ over the scope, so the first-order proximal displacement
+    ‖δ*‖ ≈ ρ‖∇L‖ is a fraction r of the weights' norm. ``step_fraction`` c: γ = c·ρ, so the iteration's
+    contraction on directions of small curvature is 1 - c and T steps leave (1 - c)^T of the way to
+    the proximal point (docs/moreau.md, "Reaching the proximal point"). v is rescaled to the new γ
+    (δ₀ = 0, so the first step is exactly linear in γ); ``step_fn`` and ``prox`` get the new values.
+    """
+
+    weight_norm: float
+    rho_relative: float | None
+    step_fraction: float | None
+    found: dict = field(default_factory=dict)
+
+    def __call__(self, first_step: Tensors, step_fn, prox: Prox) -> None:
+        old = step_fn.step
+        grad_norm = _global_norm(first_step) / old
+        rho = step_fn.rho
+        if self.rho_relative is not None:
+            if grad_norm == 0:
+                raise FloatingPointError("moreau: the first gradient is zero; rho_relative has no scale")
+            rho = self.rho_relative * self.weight_norm / grad_norm
+        step = self.step_fraction * rho if self.step_fraction is not None else old
+        if step >= rho:
+            raise ValueError(f"moreau: step ({step:g}) must be < rho ({rho:g}) = rho_relative x |w|/|grad L|; "
+                             "lower step or use step_fraction")
+        for d in first_step.values():
+            d.mul_(step / old)
+        step_fn.step, step_fn.rho, prox.step = step, rho, step
+        self.found.update(first_grad_norm=grad_norm, weight_norm=self.weight_norm)
 
 
 def pull_back(delta: Tensors, step: float, rho: float | None) -> None:
@@ -250,12 +316,15 @@ def proximal_descent(
 # -- the gradient at the perturbed model ----------------------------------------------------------------
 
 
-def backward_calibration(ctx: ScoringContext, step: int) -> float:
-    """Backpropagate every calibration batch's loss (stopping on NaN/Inf); returns the mean loss."""
+def backward_calibration(ctx: ScoringContext, step: int, batches: list[torch.Tensor] | None = None) -> float:
+    """Backpropagate every calibration batch's loss (stopping on NaN/Inf); returns the mean loss.
+
+    ``batches`` (default: the context's sample) is the step's own sample when resampling."""
     total = 0.0
-    for index, loss in enumerate(ctx.iter_losses()):
+    step_batches = ctx.batches if batches is None else batches
+    for index, loss in enumerate(ctx.iter_losses() if batches is None else ctx.iter_losses(batches)):
         if not torch.isfinite(loss):  # name the first layer that went non-finite at the perturbed weights
-            raise nonfinite_loss(ctx.model, ctx.batches[index], f"moreau calibration loss at iteration {step + 1}")
+            raise nonfinite_loss(ctx.model, step_batches[index], f"moreau calibration loss at iteration {step + 1}")
         loss.backward()
         total += float(loss.detach())
     return total
@@ -345,10 +414,12 @@ class PerturbedStep:
     noise_samples: int
     step: float
     rho: float | None
+    resample_calibration: bool = False
     losses: list[float] = field(default_factory=list)
 
     def __call__(self, delta: Tensors, t: int) -> None:
         """Move δ to v in place, the gradient averaged over ``noise_samples`` draws of ε."""
+        batches = self.ctx.draw_batches(t) if self.resample_calibration else None
         weights = self.build(delta, t)
         pull_back(delta, self.step, self.rho)
         scale = -self.step / self.noise_samples
@@ -358,7 +429,7 @@ class PerturbedStep:
             if sample:
                 self.resample(weights, t, sample)
             with self.routed(weights, delta, anchor, scale):
-                total += backward_calibration(self.ctx, t)
+                total += backward_calibration(self.ctx, t, batches)
         del weights
         for name, d in delta.items():
             check_finite(d, f"gradient of {name}", t + 1)
@@ -430,6 +501,7 @@ class InPlacePerturbedGradient:
     sigma: float
     seed: int
     noise_samples: int
+    resample_calibration: bool = False
     originals: Tensors = field(init=False)
     losses: list[float] = field(default_factory=list)
 
@@ -441,10 +513,11 @@ class InPlacePerturbedGradient:
         for p in self.params.values():
             p.grad = None
         total = 0.0
+        batches = self.ctx.draw_batches(step) if self.resample_calibration else None
         try:
             for sample in range(self.noise_samples):
                 self.perturb(delta, step, sample)
-                total += self.backward(step)
+                total += self.backward(step, batches)
         finally:
             self.restore()
         grads = {}
@@ -469,9 +542,9 @@ class InPlacePerturbedGradient:
             if name in delta:
                 p.add_(delta[name])
 
-    def backward(self, step: int) -> float:
+    def backward(self, step: int, batches: list[torch.Tensor] | None = None) -> float:
         """Accumulate the calibration-loss gradient into ``.grad``; returns the mean loss."""
-        return backward_calibration(self.ctx, step)
+        return backward_calibration(self.ctx, step, batches)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -500,11 +573,12 @@ def gradients_only_for(model: torch.nn.Module, names: set[str]) -> Iterator[None
 
 def make_prox(options: MoreauOptions, groups: list[PruningGroup]) -> Prox:
     """The prox the penalty and mode ask for, at the configured η."""
+    step = options.initial_step()
     if options.penalty == "l1":
-        return ElementProx(options.eta, options.step)
+        return ElementProx(options.eta, step)
     if options.mode == "reference":
-        return ReferenceRowProx(options.eta, options.step)
-    return UnitGroupProx(groups, options.eta, options.step)
+        return ReferenceRowProx(options.eta, step)
+    return UnitGroupProx(groups, options.eta, step)
 
 
 def scope_params(ctx: ScoringContext, mode: str) -> dict[str, torch.nn.Parameter]:
@@ -531,28 +605,42 @@ class Moreau(Importance):
         modules = linear_modules(ctx.model, params) if o.mode == "math" else None
         info = self._settings(o, params, seed, in_place=modules is None)
         rho = o.rho if o.mode == "math" else None
+        scale = StepScale(_global_norm({n: p.detach() for n, p in params.items()}), o.rho_relative, o.step_fraction)
         with gradients_only_for(ctx.model, set() if modules is not None else set(params)):
+            step_fn: PerturbedStep | GradientStep
             if modules is not None:
-                estimator = PerturbedStep(ctx, modules, o.sigma, seed, o.noise_samples, o.step, rho)
-                step_fn: StepFn = estimator
+                estimator = PerturbedStep(ctx, modules, o.sigma, seed, o.noise_samples, o.initial_step(), rho,
+                                          resample_calibration=o.resample)
+                step_fn = estimator
             else:
-                estimator = InPlacePerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples)
-                step_fn = gradient_step(estimator, o.step, rho)
+                estimator = InPlacePerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples,
+                                                     resample_calibration=o.resample)
+                step_fn = gradient_step(estimator, o.initial_step(), rho)
             delta = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
             delta_norms: list[float] = []
+            relative_eta = self._relative_eta(prox, o.eta_relative)
+
+            def on_first_step(first: Tensors) -> None:
+                if o.rho_relative is not None or o.step_fraction is not None:
+                    scale(first, step_fn, prox)
+                if relative_eta is not None:
+                    relative_eta(first)
+
             mean_delta = proximal_descent(
                 step_fn, delta, prox, iterations=o.iterations, averaged=o.averaged,
-                on_first_step=self._relative_eta(prox, o.eta_relative),
+                on_first_step=on_first_step,
                 on_iteration=lambda t, d: delta_norms.append(_global_norm(d)),
             )
             del delta
             if isinstance(estimator, InPlacePerturbedGradient):
                 estimator.originals.clear()
         info.update(eta_effective=prox.eta, threshold=prox.step * prox.eta, delta_norms=delta_norms,
-                    losses=estimator.losses)
+                    losses=estimator.losses, step_effective=step_fn.step, rho_effective=step_fn.rho, **scale.found)
         if o.mode == "reference" and o.penalty == "group":
             info["shrink"] = prox.eta
         ctx.info["moreau"] = info
+        if o.salience == "fisher":
+            return fisher_at(ctx, mean_delta)
         return {n: mean_delta.pop(n).mul_(w.detach()).abs_() for n, w in ctx.params().items()}
 
     @staticmethod
@@ -578,11 +666,34 @@ class Moreau(Importance):
             "penalty": o.penalty, "mode": o.mode, "iterations": o.iterations, "averaged": o.averaged,
             "step": o.step, "rho": o.rho if o.mode == "math" else None, "sigma": o.sigma, "eta": o.eta,
             "eta_relative": o.eta_relative, "noise_samples": o.noise_samples, "seed": seed,
+            "resample": o.resample, "rho_relative": o.rho_relative, "step_fraction": o.step_fraction,
+            "salience": o.salience,
             "scope": "prunable" if o.mode == "math" else "all", "scope_tensors": len(params),
             "scope_elements": elements,
             # fused: δ + running mean + W'; in place: δ + running mean + .grad + originals; all float32
             "state_bytes": 4 * (4 if in_place else 3) * elements,
         }
+
+
+def fisher_at(ctx: ScoringContext, mean_delta: Tensors) -> Tensors:
+    """½·w²·F(w + δ̄): the OBD salience with the Fisher diagonal taken at the smoothed proximal point.
+
+    The prunable weights are moved to w + δ̄ in place for the per-sample passes over the run's calibration
+    sample and copied back bit for bit afterwards (also on failure); w in ½·w² is the original weight.
+    """
+    params = ctx.params()
+    originals = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(mean_delta.pop(n).to(p.dtype))
+        with gradients_only_for(ctx.model, set(params)):
+            _, fisher = fisher_diagonal(ctx, with_mean=False)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(originals[n])
+    return {n: fisher.pop(n).mul_(originals.pop(n).float().square()).mul_(0.5) for n in params}
 
 
 def _global_norm(tensors: Tensors) -> float:

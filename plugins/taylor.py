@@ -1,7 +1,8 @@
 """``taylor``: gradient importance of LLM-Pruner, first-order, second-order or vector-wise.
 
 - ``first``: per-weight |w*g| summed per unit (element-wise first-order Taylor).
-- ``second``: |w*g - 0.5*w^2*F| with F the Fisher diagonal from per-sample gradients.
+- ``second``: |w*g - 0.5*w^2*F| with F the Fisher diagonal from per-sample gradients (LLM-Pruner's
+  ``param_mix``; the pure second-order term 0.5*w^2*F is the separate ``fisher`` method).
 - ``vector``: |sum over a channel of w*g| (vector-wise first-order Taylor).
 """
 
@@ -12,31 +13,11 @@ from typing import Literal
 import torch
 
 from prunekit import hookimpl
-from prunekit.importance import Importance, Options, ScoringContext, accumulate_gradients, check_finite
+from prunekit.importance import Importance, Options, ScoringContext, accumulate_gradients, fisher_diagonal
 
 
 class TaylorOptions(Options):
     variant: Literal["first", "second", "vector"] = "first"
-
-
-def fisher_diagonal(ctx: ScoringContext) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Mean gradient and Fisher diagonal (mean of squared per-sample gradients), one sample at a time."""
-    params = ctx.params()
-    for name, p in ctx.model.named_parameters():
-        p.requires_grad_(name in params)
-    grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    samples = [row.unsqueeze(0) for batch in ctx.batches for row in batch]
-    for sample in samples:
-        loss = ctx.batch_loss(sample)
-        check_finite(loss, "loss")
-        loss.backward()
-        for n, p in params.items():
-            g = p.grad.float()
-            grad[n].add_(g, alpha=1 / len(samples))
-            fisher[n].addcmul_(g, g, value=1 / len(samples))
-            p.grad = None
-    return grad, fisher
 
 
 class Taylor(Importance):

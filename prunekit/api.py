@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from prunekit.adapters.base import LayerShape
+from prunekit import stability
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
@@ -229,27 +230,28 @@ def calibration_seed(config: RunConfig) -> int:
 
 def score(model: torch.nn.Module, groups: list[PruningGroup], method: str, batches: list[torch.Tensor] = (),
           *, options: BaseModel | dict | None = None, seed: int = 42, compute_dtype: torch.dtype = torch.float32,
-          registry: Registry | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
+          registry: Registry | None = None, sampler: Any = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One float32 CPU score per unit of every group (higher = keep) and the method's info.
 
     Estimated with the model cast to ``compute_dtype`` (float32: lossless for any load dtype and undone
     afterwards; benchmarks pass a lower precision to measure what it changes — casting a float32 model
     down and back is not lossless). The model's dtype/device/requires_grad come back as they were.
+    ``sampler`` (a :class:`prunekit.sampling.CalibrationSampler`) lets methods draw fresh calibration samples.
     """
     entry = _registry(registry).method(method)
     opts = options if isinstance(options, BaseModel) else entry.options(options or {})
     with computed_in(model, compute_dtype):
-        scoring_ctx = _scoring_context(model, groups, list(batches), seed)
+        scoring_ctx = _scoring_context(model, groups, list(batches), seed, sampler)
         scores = [s.detach().float().cpu() for s in entry.cls(opts).scores(scoring_ctx)]
     if len(scores) != len(groups) or any(s.numel() != g.n_units for s, g in zip(scores, groups)):
         raise RuntimeError(f"method {entry.name!r} returned scores that do not match the groups")
     return scores, scoring_ctx.info
 
 
-def _scoring_context(model, groups, batches, seed):
+def _scoring_context(model, groups, batches, seed, sampler=None):
     from prunekit.importance import ScoringContext
 
-    return ScoringContext(model=model, groups=groups, batches=batches, seed=seed)
+    return ScoringContext(model=model, groups=groups, batches=batches, seed=seed, sampler=sampler)
 
 
 def apply(model: torch.nn.Module, groups: list[PruningGroup], kept: list[torch.Tensor],
@@ -358,9 +360,8 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
         if run_plan.method.needs_calibration(run_plan.options) and batches is None:
             with ctx.stage("calibrate"):
                 batches, calibration = calibrate(tokenizer, config.calibration, seed=calibration_seed(config))
-        with ctx.stage("score"):
-            scores, method_info = score(model, ctx.groups, config.method, batches or [], options=run_plan.options,
-                                        seed=config.seed, registry=registry)
+        with ctx.stage("score"):  # K = config.stability calibration resamples, consensus when K > 1
+            scores, method_info = stability.score(ctx, run_plan.method, run_plan.options, batches or [])
         host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
         with ctx.stage("select"):
             ctx.kept = select(ctx.groups, scores, config.ratio, config.selection.scope, config.selection.round_to)

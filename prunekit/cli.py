@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-eval", action="store_true", help="skip evaluation before and after pruning")
     run.add_argument("--no-eval-cache", action="store_true",
                      help="evaluate the dense model again instead of reusing its cached 'before' metrics")
+    run.add_argument("--stability", type=int, metavar="K",
+                     help="score K calibration resamples, report per-layer overlap and undecided units, prune with the consensus")
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                      help="method option, e.g. -o variant=second (repeatable; value parsed as JSON if it can be)")
 
@@ -79,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     file_values = read_config_file(expand_path(args.config, "--config")) if args.config else {}
     overrides = {"method": args.method, "model": args.model, "ratio": args.ratio, "output": args.output,
-                 "seed": args.seed, "device": args.device, "dtype": args.dtype, "overwrite": args.overwrite}
+                 "seed": args.seed, "device": args.device, "dtype": args.dtype, "overwrite": args.overwrite,
+                 "stability": args.stability}
     if args.option:
         overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
     if args.no_eval:

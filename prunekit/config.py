@@ -88,6 +88,8 @@ class RunConfig(_Strict):
     seed: int = Field(default=42, ge=0, le=SEED_MAX, description="drives everything random in the run")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    stability: int = Field(default=1, ge=1, description="score K calibration resamples, report their agreement, "
+                                                         "prune with the consensus (1: one plain scoring)")
     grouper: GrouperConfig = Field(default_factory=GrouperConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

@@ -9,7 +9,7 @@ nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Literal
+from typing import Callable, ClassVar, Iterator, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +36,8 @@ class ScoringContext:
     batches: list[torch.Tensor]  # each LongTensor [batch, seq_len] of input ids
     seed: int = 0
     info: dict = field(default_factory=dict)  # methods record effective settings here (goes to run.json)
+    # draw k -> (fresh seeded calibration batches, their provenance); k = 0 is ``batches`` itself.
+    sampler: Callable[[int], tuple[list[torch.Tensor], dict]] | None = None
     _activation_cache: dict | None = field(default=None, init=False, repr=False)
 
     def params(self) -> dict[str, torch.nn.Parameter]:
@@ -57,12 +59,25 @@ class ScoringContext:
         out = self.model(input_ids=batch, labels=batch, use_cache=False)
         return out.loss
 
-    def iter_losses(self) -> Iterator[torch.Tensor]:
+    def iter_losses(self, batches: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
         """Loss of each calibration batch weighted by its share of the sequences, so the losses sum to the
-        mean over all sequences whatever the batch split (batches are micro-batches: same gradient, less memory)."""
-        total = sum(batch.shape[0] for batch in self.batches)
-        for batch in track(self.batches, "gradient pass"):
+        mean over all sequences whatever the batch split (batches are micro-batches: same gradient, less memory).
+        ``batches`` defaults to the context's own sample."""
+        batches = self.batches if batches is None else batches
+        total = sum(batch.shape[0] for batch in batches)
+        for batch in track(batches, "gradient pass"):
             yield self.batch_loss(batch) * (batch.shape[0] / total)
+
+    def draw_batches(self, draw: int) -> list[torch.Tensor]:
+        """Calibration sample number ``draw``: 0 is ``batches``, k >= 1 a fresh seeded sample from ``sampler``
+        (its provenance is appended to ``info["calibration_draws"]``, so run.json says what was used)."""
+        if draw == 0:
+            return self.batches
+        if self.sampler is None:
+            raise ValueError("this method asks for fresh calibration samples, but the scoring context has no sampler")
+        batches, provenance = self.sampler(draw)
+        self.info.setdefault("calibration_draws", []).append({"draw": draw, **provenance})
+        return batches
 
 
 class Importance:
@@ -108,6 +123,34 @@ def accumulate_gradients(ctx: ScoringContext) -> dict[str, torch.Tensor]:
         grads[name] = p.grad.detach().float()
         p.grad = None
     return grads
+
+
+def fisher_diagonal(ctx: ScoringContext, with_mean: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Mean gradient (empty unless ``with_mean``) and empirical Fisher diagonal (mean of squared per-sample
+    gradients), both float32.
+
+    One forward and backward per calibration *sequence*: the square must be taken per sample, so the
+    micro-batching of ``iter_losses`` (which only changes memory) cannot be used here.
+    """
+    params = ctx.params()
+    for name, p in ctx.model.named_parameters():
+        p.requires_grad_(name in params)
+        p.grad = None
+    grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if with_mean else {}
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    samples = [row.unsqueeze(0) for batch in ctx.batches for row in batch]
+    for sample in track(samples, "per-sample gradients"):
+        loss = ctx.batch_loss(sample)
+        check_finite(loss, "loss")
+        loss.backward()
+        for n, p in params.items():
+            g = p.grad.float()
+            check_finite(g, n)
+            if with_mean:
+                grad[n].add_(g, alpha=1 / len(samples))
+            fisher[n].addcmul_(g, g, value=1 / len(samples))
+            p.grad = None
+    return grad, fisher
 
 
 def check_finite(t: torch.Tensor, what: str, step: int | None = None) -> None:

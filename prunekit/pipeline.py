@@ -104,12 +104,12 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
 
 
 # Kept for callers of the pre-API pipeline; new code calls prunekit.api.score / prunekit.api.calibrate.
-def score_groups(ctx: RunContext, method_entry, options, batches, compute_dtype=None):
+def score_groups(ctx: RunContext, method_entry, options, batches, compute_dtype=None, sampler=None):
     """Unit scores of ``ctx.groups`` (see :func:`prunekit.api.score`)."""
     import torch
 
     return api.score(ctx.model, ctx.groups, method_entry.name, batches, options=options, seed=ctx.config.seed,
-                     compute_dtype=compute_dtype or torch.float32, registry=ctx.registry)
+                     compute_dtype=compute_dtype or torch.float32, registry=ctx.registry, sampler=sampler)
 
 
 def calibration_batches(tokenizer, config: RunConfig):

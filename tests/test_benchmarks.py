@@ -89,3 +89,40 @@ def test_harness_unknown_model_is_a_user_error(tmp_path, capsys):
     assert harness.main(["--model", str(tmp_path / "missing"), "--suite", "cost", "--quiet",
                          "--out", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_sweep_suite_writes_points_choice_and_pareto_plots(tiny_model_dir, tmp_path):
+    out = tmp_path / "sweep"
+    code = harness.main(["--model", str(tiny_model_dir), "--suite", "sweep", "--methods", "taylor", "--seeds", "0,1",
+                         "--threads", "1", "--sweep-val-windows", "2", "--sweep-test-windows", "2", "--quiet",
+                         "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert [p["name"] for p in record["points"]] == ["taylor 10x64 (default)", "taylor 100x64"]
+    assert record["points"][0]["cost_taylor_passes"] == 1.0
+    for p in record["points"]:
+        assert 0.0 <= p["removed_iou"] <= 1.0 and p["ppl_ptb_validation"]["n"] == 2
+        assert p["ppl_ptb_test"]["mean"] > 1 and p["ppl_wikitext2_test"]["mean"] > 1
+    assert record["chosen"]["taylor"] in {"taylor 10x64 (default)", "taylor 100x64"}
+    assert {"sweep_ppl_vs_cost.png", "sweep_iou_vs_cost.png"} <= {p.name for p in out.iterdir()}
+    assert "## Sweep" in (out / "report.md").read_text()
+
+
+def test_sweep_choice_uses_validation_within_the_cost_cap(tiny_model_dir, tmp_path):
+    from prunekit.benchmarks import sweep
+    from prunekit.benchmarks.profiles import PROFILES
+    from prunekit.benchmarks.workbench import Workbench
+
+    grid = (sweep.GRID[0], sweep.Point("fisher", {}, 4, "fisher 4x64"),
+            sweep.Point("moreau-gs", {"resample": True, "iterations": 3, "averaged": 2, **sweep.RELATIVE}, 4, "mgs"))
+    wb = Workbench.open(str(tiny_model_dir), PROFILES["quick"])
+    record = sweep.run(wb, ["taylor", "fisher", "moreau-gs"], [0, 1], val_windows=2, test_windows=2, grid=grid)
+    mgs = record["points"][2]
+    assert [d["draw"] for d in mgs["rows"][0]["info"]["calibration_draws"]] == [1, 2]
+    assert record["chosen"] == {"taylor": grid[0].name(), "fisher": "fisher 4x64", "moreau-gs": "mgs"}
+    # a point over the cap is never chosen, whatever its perplexity
+    assert [p["cost_taylor_passes"] for p in record["points"]] == [1.0, 0.4, 1.2]  # 10, 4, 3 x 4 sequences
+    big = dict(record["points"][1], name="fisher 200x64", point={"method": "fisher", "options": {}, "samples": 200},
+               ppl_ptb_validation={"mean": 0.5})
+    assert sweep.choose([*record["points"], big], 10.0)["fisher"] == "fisher 4x64"  # 20 passes: over the cap
+    assert sweep.choose([*record["points"], big], 20.0)["fisher"] == "fisher 200x64"

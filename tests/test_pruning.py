@@ -18,7 +18,7 @@ from prunekit.select import select
 from conftest import LAYOUTS, make_tiny_llama
 
 METHODS = [("magnitude", {}), ("magnitude", {"p": 1}), ("random", {}), ("taylor", {}),
-           ("taylor", {"variant": "second"}), ("taylor", {"variant": "vector"}),
+           ("taylor", {"variant": "second"}), ("taylor", {"variant": "vector"}), ("fisher", {}),
            ("moreau", {"iterations": 2, "averaged": 1}), ("moreau-gs", {"iterations": 2, "averaged": 1}),
            ("moreau-gs", {"iterations": 2, "averaged": 1, "mode": "reference"})]
 IDS = torch.arange(24).view(2, 12) % 96
