@@ -42,7 +42,8 @@ for info in pkgutil.iter_modules(prunekit.benchmarks.__path__):
 print(json.dumps({
     "prunekit": prunekit.__file__,
     "distribution": str(importlib.metadata.distribution("prunekit").locate_file("")),
-    "plugin_files": sorted(getattr(p, "__file__", "") for p in get_host().pm.get_plugins()),
+    "plugin_files": sorted(getattr(p, "__file__", "") for p in get_host().pm.get_plugins()
+                           if getattr(p, "__name__", "").startswith("prunekit.")),  # not third-party examples
     "benchmark_files": sorted(m.__file__ for n, m in sys.modules.items() if n.startswith("prunekit.benchmarks")),
     "methods": sorted(registry.methods),
     "failed": registry.failed_plugins,
