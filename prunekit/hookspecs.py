@@ -58,6 +58,14 @@ def prunekit_register_evaluators(register: Register) -> None:
 
 
 @hookspec
+def prunekit_register_allocators(register: Register) -> None:
+    """Register allocators: ``register(name, AllocatorClass)`` with a nested pydantic ``Options`` model
+    (unknown fields forbidden); ``AllocatorClass(options).allocate(ctx)`` receives a
+    :class:`prunekit.allocate.AllocationContext` (groups, unit scores, per-unit parameter costs, the
+    budget, a calibration-loss probe) and returns how many units each group loses."""
+
+
+@hookspec
 def prunekit_after_scoring(context: "RunContext", scores: "list[torch.Tensor]") -> None:
     """Called once per run after every group was scored, before any unit is selected."""
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.adapters.base import Adapter
+from prunekit.allocate import allocate_select, allocator_plan, pruned_layers
 from prunekit.config import RunConfig
 from prunekit.errors import UserError
 from prunekit.evaluate import evaluate_model, plugin_evaluators
@@ -23,7 +24,6 @@ from prunekit.groups import PruningGroup
 from prunekit.importance import ScoringContext
 from prunekit.plugins import PluginHost, get_host
 from prunekit.registry import Registry
-from prunekit.select import select
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VERSIONED = ("prunekit", "torch", "transformers", "torch-pruning", "peft", "lm-eval", "datasets", "pluggy", "pydantic")
@@ -144,6 +144,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
     recovery_options = (validate_recovery(recovery, config.recovery.options) if recovery else None)
     if config.evaluation.enabled:
         plugin_evaluators(config.evaluation, registry)  # an unknown evaluator fails before any work
+    allocator_plan(config, registry)  # so does an unknown allocator or a bad allocator option
     output = config.output or Path(f"pruned-{config.method}")
     check_output_dir(output, config.overwrite, config.model)
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -153,7 +154,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
     with ctx.stage("load"):
         ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device)
     ctx.adapter = registry.adapter_for(ctx.model)
-    layers = resolve_layers(ctx.adapter.num_layers, config.selection.layers)
+    layers = pruned_layers(config, ctx.adapter.num_layers)
     with ctx.stage("groups"):
         ctx.groups = registry.named("groupers", "blocks").impl(ctx.model, ctx.adapter, layers, config.grouper)
     params_before = ctx.model.num_parameters()
@@ -171,7 +172,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         scores, method_info = score_groups(ctx, entry, options, batches)
     host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
     with ctx.stage("select"):
-        ctx.kept = select(ctx.groups, scores, config.ratio, config.selection.scope, config.selection.round_to)
+        ctx.kept, allocation = allocate_select(ctx, scores)
     with ctx.stage("prune"):
         apply_plan(ctx.model, ctx.adapter, ctx.groups, ctx.kept)
         shapes = ctx.adapter.sync_config()
@@ -194,6 +195,7 @@ def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | 
         "seed": config.seed,
         "calibration": calibration,
         "layers_pruned": [layers.start, layers.stop],
+        "allocation": allocation,
         "recovery": {"method": config.recovery.method, "info": recovery_info},
         "reduction": reduction_report(ctx.groups, ctx.kept, params_before, ctx.model.num_parameters()),
         "layer_shapes": [s.as_dict() for s in shapes],

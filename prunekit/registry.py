@@ -74,6 +74,7 @@ class Registry:
     groupers: dict[str, NamedEntry] = field(default_factory=dict)
     recovery: dict[str, NamedEntry] = field(default_factory=dict)
     evaluators: dict[str, NamedEntry] = field(default_factory=dict)
+    allocators: dict[str, NamedEntry] = field(default_factory=dict)
     failed_plugins: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -87,6 +88,7 @@ class Registry:
             ("prunekit_register_groupers", reg.groupers),
             ("prunekit_register_recovery", reg.recovery),
             ("prunekit_register_evaluators", reg.evaluators),
+            ("prunekit_register_allocators", reg.allocators),
         ):
             for provider, args, _ in host.collect(hook):
                 name, impl = args
