@@ -186,6 +186,10 @@ def build(directory: Path) -> Path:
         lines += quality_section(by_suite["quality"], directory)
     if "peer" in by_suite:
         lines += peer_section(by_suite["peer"])
+    if "allocation" in by_suite:
+        from prunekit.benchmarks.quality import allocation_section
+
+        lines += allocation_section(by_suite["allocation"], directory)
     if not by_suite:
         lines += ["No benchmark records found."]
     path = directory / "report.md"

@@ -104,23 +104,27 @@ class Measured:
         chosen = {min(feasible, key=lambda c: (abs(c - f * n), c)) for f in self.options.fractions}
         return sorted(c for c in chosen if c > 0)
 
-    def allocate(self, ctx: AllocationContext) -> list[int]:
+    def curves(self, ctx: AllocationContext) -> list[list[tuple[int, float]]]:
+        """Per group, (units removed, calibration-loss increase) at 0 and at each measured level."""
         o = self.options
         probe = ctx.loss_probe(o.probe_samples, o.probe_seq_len)
         curves: list[list[tuple[int, float]]] = []
-        table = {}
         for i, g in enumerate(ctx.groups):
             points = [(0, 0.0)]
             if g.kind in o.kinds:
                 for count in self.levels(ctx, i):
-                    delta = probe.loss({i: (g, ctx.removal(i, count))}) - probe.base
-                    points.append((count, delta))
+                    points.append((count, probe.loss({i: (g, ctx.removal(i, count))}) - probe.base))
             curves.append(points)
-            table[g.name] = [[c, round(d, 6)] for c, d in points[1:]]
-            log.debug("measured %s: %s", g.name, table[g.name])
+            log.debug("measured %s: %s", g.name, points)
+        ctx.info["measured"] = {"base_loss": round(probe.base, 6),
+                                "loss_increase": {g.name: [[c, round(d, 6)] for c, d in pts[1:]]
+                                                  for g, pts in zip(ctx.groups, curves)}}
+        return curves
+
+    def allocate(self, ctx: AllocationContext) -> list[int]:
+        curves = self.curves(ctx)
         counts = knapsack(ctx, curves)
-        ctx.info["measured"] = {"base_loss": round(probe.base, 6), "loss_increase": table,
-                                "predicted_increase": round(_predicted(curves, counts), 6)}
+        ctx.info["measured"]["predicted_increase"] = round(predicted(curves, counts), 6)
         return counts
 
 
@@ -165,7 +169,7 @@ def knapsack(ctx: AllocationContext, curves: list[list[tuple[int, float]]]) -> l
     return counts
 
 
-def _predicted(curves: list[list[tuple[int, float]]], counts: list[int]) -> float:
+def predicted(curves: list[list[tuple[int, float]]], counts: list[int]) -> float:
     """Summed loss increase the curves predict for ``counts`` (linear between measured points)."""
     return sum(_interp([p[0] for p in points], [p[1] for p in points], c) for points, c in zip(curves, counts))
 

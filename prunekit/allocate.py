@@ -348,7 +348,7 @@ def allocate_select(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor]
 
         c = config.calibration
         ids, _ = calibration_batches(ctx.tokenizer, source=c.source, n_samples=n_samples, seq_len=seq_len,
-                                     seed=c.seed)
+                                     seed=c.seed + 1)  # probe windows apart from the scoring sample
         return list(ids.split(8))
 
     actx = AllocationContext(model=ctx.model, groups=groups, scores=scores, costs=costs, budget=budget,

@@ -24,6 +24,7 @@ from test_pruning import IDS, zero_removed
 ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6]})]
+FRACTION = {"mha4": 0.1, "gqa8x2": 0.3, "gqa4x2": 0.2, "gqa9x3": 0.25}  # one budget per layout keeps it quick
 
 
 def setup(layout: str, layers=None, seed: int = 0):
@@ -56,8 +57,8 @@ def run_allocator(ctx, name, options):
 
 @pytest.mark.parametrize("name,options", ALLOCATORS, ids=[f"{n}-{o}" for n, o in ALLOCATORS])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("fraction", [0.1, 0.3])
-def test_allocator_meets_budget_from_below_and_prunes_exactly(name, options, layout, fraction):
+def test_allocator_meets_budget_from_below_and_prunes_exactly(name, options, layout):
+    fraction = FRACTION[layout]
     model, adapter, groups, scores = setup(layout)
     ctx = context(model, adapter, groups, scores, fraction)
     counts, info = run_allocator(ctx, name, options)
@@ -77,8 +78,12 @@ def test_allocator_meets_budget_from_below_and_prunes_exactly(name, options, lay
         assert layer.self_attn.num_key_value_groups == shape.num_attention_heads // shape.num_key_value_heads
     with torch.no_grad():
         assert (model(IDS).logits - reference(IDS).logits).abs().max().item() <= 1e-5
-    again, _ = run_allocator(context(*setup(layout), fraction), name, options)
-    assert again == counts  # deterministic
+
+
+@pytest.mark.parametrize("name,options", ALLOCATORS[::2], ids=[n for n, _ in ALLOCATORS[::2]])
+def test_allocator_is_deterministic(name, options):
+    runs = [run_allocator(context(*setup("gqa9x3"), 0.25), name, options)[0] for _ in range(2)]
+    assert runs[0] == runs[1]
 
 
 def test_feasible_counts_honour_gqa_and_round_to():
