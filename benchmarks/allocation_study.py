@@ -19,12 +19,12 @@ from prunekit.benchmarks import quality
 from prunekit.benchmarks.profiles import PROFILES
 from prunekit.benchmarks.workbench import Workbench
 
-TUNING = (
-    ("measured/all/attn+mlp", "measured", {}, "all"),
-    ("measured/default/attn+mlp", "measured", {}, "default"),
-    ("measured/all/mlp", "measured", {"kinds": ["mlp"]}, "all"),
-    ("measured/default/mlp", "measured", {"kinds": ["mlp"]}, "default"),
-    ("uniform-mlp", "uniform", {"kinds": ["mlp"]}, "default"),
+PROBE = {"fractions": [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]}
+TUNING = tuple(
+    (f"measured/{layers}/{'+'.join(kinds)}/excess {excess}", "measured",
+     {**PROBE, "kinds": list(kinds), "max_excess": excess}, layers)
+    for kinds, layers, excess in ((("mlp",), "all", 0.1), (("mlp",), "all", 0.2), (("attention", "mlp"), "all", 0.1),
+                                  (("attention", "mlp"), "all", 0.2), (("mlp",), "default", 0.1))
 )
 
 
@@ -48,20 +48,22 @@ def main() -> None:
             f.write(json.dumps(row, default=str) + "\n")
 
     wb = Workbench.open(None, PROFILES["quick"])
+    wb.cache["curves_dir"] = args.out
     fractions = tuple(float(x) for x in args.fractions.split(","))
     # 1. tuning on PTB validation, seed 0, first budget
     tuning = quality.allocation_run(wb, args.method, fractions[:1], [0], TUNING, args.windows, ("ptb",),
-                                    "validation", on_row=lambda r: write({"phase": "tuning", **r}))
+                                    "validation", on_row=lambda r: write({"phase": "tuning", **r}),
+                                    probe=PROBE)
     measured = [r for r in tuning["rows"] if r["allocator"] == "measured"]
     best = min(measured, key=lambda r: r["ppl"]["ptb"])
     chosen = ("measured", "measured", best["options"], best["layers"])
     logging.info("tuning chose %s (PTB validation %.2f)", best["allocation"], best["ppl"]["ptb"])
     write({"phase": "choice", "chosen": best["allocation"], "options": best["options"], "layers": best["layers"]})
     # 2. the test grid
-    allocations = (*quality.ALLOCATIONS[:3], chosen)
+    allocations = (quality.ALLOCATIONS[0], quality.ALLOCATIONS[1], chosen, quality.ALLOCATIONS[2])
     started = time.time()
     record = quality.allocation_run(wb, args.method, fractions, [int(s) for s in args.seeds.split(",")],
-                                    allocations, args.windows, on_row=lambda r: write({"phase": "test", **r}))
+                                    allocations, args.windows, on_row=lambda r: write({"phase": "test", **r}), probe=PROBE)
     record["tuning"] = tuning
     record["chosen"] = best["allocation"]
     (args.out / f"allocation-{args.method}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -114,6 +114,7 @@ class AllocationBench:
     allocates any (allocator, budget) from them; the pruned copies are evaluated, the dense model kept."""
 
     def __init__(self, wb: Workbench, method: str, seed: int, probe: dict | None = None):
+        """Score ``method`` with calibration ``seed`` on every layer's groups; ``probe``: measured options."""
         from prunekit.allocate import unit_cost
         from prunekit.grouping import GrouperOptions
 
@@ -150,7 +151,16 @@ class AllocationBench:
                                  layers=self.layers, sample=sample)
 
     def curves(self):
-        """Sensitivity curves of every group (measured once, on every layer)."""
+        """Sensitivity curves of every group (measured once, on every layer; kept in ``wb.cache['curves_dir']``
+        as JSON when that is set, so a later process reuses them)."""
+        import json
+        from pathlib import Path
+
+        folder = self.wb.cache.get("curves_dir")
+        path = Path(folder) / f"curves-{self.method}-{self.seed}-{json.dumps(self.probe_options, sort_keys=True)}.json" \
+            if folder else None
+        if self._curves is None and path is not None and path.exists():
+            self._curves = [[tuple(p) for p in c] for c in json.loads(path.read_text())]
         if self._curves is None:
             from prunekit.builtin.allocators import Measured
 
@@ -158,6 +168,8 @@ class AllocationBench:
             ctx = self.context(list(range(len(self.groups))), 0.5)
             self._curves = Measured(Measured.Options(**self.probe_options)).curves(ctx)
             self.probe_seconds = time.perf_counter() - started
+            if path is not None:
+                path.write_text(json.dumps(self._curves))
         return self._curves
 
     def counts(self, allocator: str, options: dict, layers: str, fraction: float):
@@ -170,7 +182,7 @@ class AllocationBench:
         if allocator == "measured":
             kinds = options.get("kinds", ("attention", "mlp"))
             curves = [self.curves()[i] if self.groups[i].kind in kinds else [(0, 0.0)] for i in idx]
-            counts = builtin.knapsack(ctx, curves)
+            counts = builtin.knapsack(ctx, builtin.capped(ctx, curves, kinds, options.get("max_excess")))
         else:
             impl = self.wb.registry.named("allocators", allocator).impl
             counts = impl(impl.Options(**options)).allocate(ctx)
@@ -186,14 +198,14 @@ class AllocationBench:
 
 def allocation_run(wb: Workbench, method: str, fractions: tuple[float, ...], seeds: list[int],
                    allocations=ALLOCATIONS, n_windows: int = 100, corpora: tuple[str, ...] = ("ptb", "wikitext2"),
-                   split: str = "test", on_row=None) -> dict:
+                   split: str = "test", on_row=None, probe: dict | None = None) -> dict:
     """Perplexity of every allocation at equal parameters removed, per seed; rows carry the achieved fraction."""
     started, rows = time.perf_counter(), []
     dense = {"params": wb.model.num_parameters(), **{f"ppl_{c}": spaced_ppl(wb, wb.model, c, split, n_windows)
                                                       for c in corpora}}
     for seed in seeds:
         key = ("allocation-bench", method, seed)
-        bench = wb.cache.get(key) or wb.cache.setdefault(key, AllocationBench(wb, method, seed))
+        bench = wb.cache.get(key) or wb.cache.setdefault(key, AllocationBench(wb, method, seed, probe))
         for fraction in fractions:
             for label, allocator, options, layers in allocations:
                 idx, counts, ctx = bench.counts(allocator, options, layers, fraction)

@@ -78,6 +78,9 @@ class MeasuredOptions(KindsOptions):
                                          description="fractions of each group's units whose removal is measured")
     probe_samples: int = Field(default=4, ge=1, description="calibration windows of the loss probe")
     probe_seq_len: int = Field(default=128, ge=2, description="tokens per probe window")
+    max_excess: float | None = Field(
+        default=None, ge=0, description="cap every group at the fraction `uniform` would remove for the same "
+                                        "budget plus this much (None: only the largest measured fraction caps)")
 
     @field_validator("fractions")
     @classmethod
@@ -122,10 +125,29 @@ class Measured:
         return curves
 
     def allocate(self, ctx: AllocationContext) -> list[int]:
-        curves = self.curves(ctx)
+        curves = capped(ctx, self.curves(ctx), self.options.kinds, self.options.max_excess)
         counts = knapsack(ctx, curves)
         ctx.info["measured"]["predicted_increase"] = round(predicted(curves, counts), 6)
         return counts
+
+
+def capped(ctx: AllocationContext, curves: list[list[tuple[int, float]]], kinds, max_excess: float | None):
+    """Curves cut at each group's cap: the uniform allocation's fraction for this budget plus ``max_excess``
+    (single-layer increases ignore interactions, so an uncapped knapsack piles removal on few layers)."""
+    if max_excess is None:
+        return curves
+    uniform = search_ratio(lambda r: ctx.ratio_counts(r, kinds), ctx.removed_params, ctx.budget.params)
+    out = []
+    for i, (points, base) in enumerate(zip(curves, uniform)):
+        n = ctx.groups[i].n_units
+        cap = floor_feasible(ctx.groups[i], int((base / n + max_excess) * n), ctx.round_to)
+        kept = [p for p in points if p[0] <= cap]
+        beyond = [p for p in points if p[0] > cap]
+        if beyond and kept[-1][0] < cap:
+            (x0, y0), (x1, y1) = kept[-1], beyond[0]
+            kept.append((cap, y0 + (y1 - y0) * (cap - x0) / (x1 - x0)))
+        out.append(kept)
+    return out
 
 
 def lower_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:

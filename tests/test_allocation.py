@@ -23,7 +23,8 @@ from test_pruning import IDS, zero_removed
 
 ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12}),
-              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6]})]
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6]}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1})]
 FRACTION = {"mha4": 0.1, "gqa8x2": 0.3, "gqa4x2": 0.2, "gqa9x3": 0.25}  # one budget per layout keeps it quick
 
 
@@ -145,6 +146,16 @@ def test_measured_knapsack_matches_brute_force_on_its_curves():
     assert best is None or ours <= best + 1e-9
 
 
+def test_measured_max_excess_caps_every_group_near_uniform():
+    model, adapter, groups, scores = setup("gqa8x2")
+    ctx = context(model, adapter, groups, scores, 0.2)
+    uniform, _ = run_allocator(ctx, "uniform", {})
+    counts, _ = run_allocator(context(model, adapter, groups, scores, 0.2), "measured",
+                              {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1})
+    for g, c, u in zip(groups, counts, uniform):
+        assert c / g.n_units <= u / g.n_units + 0.1 + 1e-9
+
+
 def test_measured_may_leave_layers_untouched_and_records_its_table():
     model, adapter, groups, scores = setup("gqa4x2")
     ctx = context(model, adapter, groups, scores, 0.05)
@@ -188,3 +199,13 @@ def test_bad_allocator_option_fails_before_any_work(tiny_model_dir, tmp_path, ca
                "--config", str(cfg)])
     assert rc == 2 and "allocation.options.fractions" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_windows_are_spread_over_the_whole_split():
+    from prunekit.benchmarks.quality import spaced_windows
+
+    ids = torch.arange(1000)
+    windows = spaced_windows(ids, 10, 5)
+    assert windows.shape == (5, 10)
+    assert windows[0, 0] == 0 and windows[-1, 0] == 990  # first and last window of the split
+    assert torch.equal(windows[2], torch.arange(500, 510))  # window 50 of 0..99
