@@ -19,7 +19,7 @@ from prunekit.benchmarks import quality
 from prunekit.benchmarks.profiles import PROFILES
 from prunekit.benchmarks.workbench import Workbench
 
-PROBE = {"fractions": [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]}
+PROBE = {"fractions": [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]}  # the measured allocator's default levels
 TUNING = tuple(
     (f"measured/{layers}/{'+'.join(kinds)}/excess {excess}", "measured",
      {**PROBE, "kinds": list(kinds), "max_excess": excess}, layers)

@@ -74,12 +74,13 @@ class Global:
 
 
 class MeasuredOptions(KindsOptions):
-    fractions: tuple[float, ...] = Field(default=(0.25, 0.5, 0.75), min_length=1,
+    # defaults chosen on PTB validation (docs/benchmarks.md, allocation study)
+    fractions: tuple[float, ...] = Field(default=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75), min_length=1,
                                          description="fractions of each group's units whose removal is measured")
     probe_samples: int = Field(default=4, ge=1, description="calibration windows of the loss probe")
     probe_seq_len: int = Field(default=128, ge=2, description="tokens per probe window")
     max_excess: float | None = Field(
-        default=None, ge=0, description="cap every group at the fraction `uniform` would remove for the same "
+        default=0.2, ge=0, description="cap every group at the fraction `uniform` would remove for the same "
                                         "budget plus this much (None: only the largest measured fraction caps)")
 
     @field_validator("fractions")

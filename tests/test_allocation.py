@@ -23,7 +23,7 @@ from test_pruning import IDS, zero_removed
 
 ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12}),
-              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6]}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6], "max_excess": None}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1})]
 FRACTION = {"mha4": 0.1, "gqa8x2": 0.3, "gqa4x2": 0.2, "gqa9x3": 0.25}  # one budget per layout keeps it quick
 
