@@ -138,7 +138,8 @@ def run_suites(args: argparse.Namespace) -> list[Path]:
                     record = {"suite": suite, "method": method,
                               "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             log.info("%s %s done", suite, method)
-            written.append(write_json(args.out, f"{suite}-{method}", {**record, **common, "finished": time.time()}))
+            written.append(write_json(args.out, f"{record.get('suite', suite)}-{method}",
+                                      {**record, **common, "finished": time.time()}))
     return written
 
 

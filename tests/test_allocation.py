@@ -209,3 +209,18 @@ def test_benchmark_windows_are_spread_over_the_whole_split():
     assert windows.shape == (5, 10)
     assert windows[0, 0] == 0 and windows[-1, 0] == 990  # first and last window of the split
     assert torch.equal(windows[2], torch.arange(500, 510))  # window 50 of 0..99
+
+
+def test_quality_suite_compares_allocators_at_equal_parameters(tiny_model_dir, tmp_path):
+    from prunekit.benchmarks import harness
+
+    out = tmp_path / "bench"
+    assert harness.main(["--model", str(tiny_model_dir), "--suite", "quality", "--methods", "magnitude",
+                         "--params-removed", "0.2", "--allocators", "uniform,uniform-mlp,global", "--seeds", "0",
+                         "--ppl-windows", "3", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    record = json.loads((out / "allocation-magnitude.json").read_text())
+    assert {r["allocation"] for r in record["rows"]} == {"uniform", "uniform-mlp", "global"}
+    for row in record["rows"]:
+        assert row["params_removed_fraction"] <= 0.2 and row["ppl"]["ptb"] > 1
+    assert "## Allocators at equal parameters removed" in (out / "report.md").read_text()
+    assert (out / "allocation_magnitude.png").exists()
