@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="robustness: comma-separated relative noise levels, e.g. 0.001,0.004,0.01")
     ap.add_argument("--perturbations", default=None,
                     help=f"robustness: comma-separated subset of {','.join(PERTURBATIONS)} (default: all)")
+    ap.add_argument("--params-removed", default=None,
+                    help="quality: compare allocators at these fractions of all parameters, e.g. 0.158,0.25")
+    ap.add_argument("--allocators", default=None, help="quality with --params-removed: labels from "
+                    "benchmarks.quality.ALLOCATIONS (default: all of them)")
     ap.add_argument("--zero-shot", action="store_true", help="quality suite: also the zero-shot mean")
     ap.add_argument("--no-isolate", action="store_true", help="cost suite: measure in this process (tests only)")
     ap.add_argument("--sweep-val-windows", type=int, default=40, help="sweep: evenly spaced PTB validation windows")
@@ -84,6 +88,8 @@ def _suite_record(wb: Workbench, args: argparse.Namespace, suite: str, method: s
         return robustness.run(wb, method, args.ratio, seeds)
     if suite == "cost":
         return cost.run(wb, method, args.ratio, seeds, args.model, isolate=not args.no_isolate)
+    if args.params_removed:
+        return quality.allocation_suite(wb, method, args.params_removed, args.allocators, seeds)
     ratios = tuple(float(r) for r in args.ratios.split(",")) if args.ratios else wb.profile.quality_ratios
     return quality.run(wb, method, ratios, seeds, args.zero_shot)
 
@@ -144,7 +150,8 @@ def run_suites(args: argparse.Namespace) -> list[Path]:
                     record = {"suite": suite, "method": method,
                               "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             log.info("%s %s done", suite, method)
-            written.append(write_json(args.out, f"{suite}-{method}", {**record, **common, "finished": time.time()}))
+            written.append(write_json(args.out, f"{record.get('suite', suite)}-{method}",
+                                      {**record, **common, "finished": time.time()}))
     return written
 
 

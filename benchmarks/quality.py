@@ -11,6 +11,7 @@ import time
 
 from prunekit.benchmarks.metrics import summary
 from prunekit.benchmarks.workbench import Workbench
+from prunekit.data import calibration_batches
 
 log = logging.getLogger("benchmarks")
 
@@ -64,3 +65,226 @@ def run(wb: Workbench, method: str, ratios: tuple[float, ...], seeds: list[int],
         dense["zero_shot_mean"] = dense_zero_shot_mean(wb)
     return {"suite": "quality", "method": method, "ratios": list(ratios), "seeds": seeds, "rows": rows,
             "by_ratio": by_ratio, "dense": dense, "seconds": round(time.perf_counter() - started, 1)}
+
+
+# ------------------------------------------------------------------ allocators at equal parameters removed
+
+#: (label, allocator, options, layers) compared by :func:`allocation_run`; "default" layers are the
+#: pipeline's LLM-Pruner range, "all" lets the allocator decide.
+ALLOCATIONS: tuple[tuple[str, str, dict, str], ...] = (
+    ("uniform", "uniform", {}, "default"),
+    ("uniform-mlp", "uniform", {"kinds": ["mlp"]}, "default"),
+    ("global", "global", {}, "default"),
+    ("measured", "measured", {}, "all"),
+)
+
+
+def spaced_windows(ids, window: int, n_windows: int):
+    """``n_windows`` non-overlapping windows spread evenly over the whole token stream (not its start)."""
+    import torch
+
+    total = ids.numel() // window
+    picks = torch.linspace(0, total - 1, min(n_windows, total)).round().long().unique()
+    return ids[: total * window].view(total, window)[picks]
+
+
+def spaced_ppl(wb: Workbench, model, corpus: str, split: str, n_windows: int) -> float:
+    """Perplexity on evenly spaced 128-token windows of a corpus split."""
+    import math
+
+    from prunekit.data import load_text, token_ids
+    from prunekit.evaluate import eval_mode, window_nll
+
+    key = ("spaced", corpus, split, n_windows)
+    if key not in wb.cache:
+        wb.cache[key] = spaced_windows(token_ids(wb.tokenizer, load_text(corpus, split)), wb.profile.ppl_window,
+                                       n_windows)
+    windows, total, count = wb.cache[key], 0.0, 0
+    import torch
+
+    with torch.no_grad(), eval_mode(model):
+        for first in range(0, len(windows), wb.profile.ppl_batch):
+            nll, n = window_nll(model, windows[first:first + wb.profile.ppl_batch])
+            total, count = total + nll, count + n
+    return math.exp(total / count)
+
+
+class AllocationBench:
+    """Scores once per seed on every layer's groups, measures the sensitivity curves once per seed, and
+    allocates any (allocator, budget) from them; the pruned copies are evaluated, the dense model kept."""
+
+    def __init__(self, wb: Workbench, method: str, seed: int, probe: dict | None = None):
+        """Score ``method`` with calibration ``seed`` on every layer's groups; ``probe``: measured options."""
+        from prunekit.allocate import unit_cost
+        from prunekit.grouping import GrouperOptions
+
+        self.wb, self.method, self.seed = wb, method, seed
+        adapter = wb.adapter(wb.model)
+        build = wb.registry.named("groupers", "blocks").impl
+        self.groups = build(wb.model, adapter, range(adapter.num_layers), GrouperOptions())
+        batches, _ = wb.calibration(seed)
+        self.scores, _, self.score_seconds = wb.score(wb.model, self.groups, method, batches, seed)
+        self.costs = [unit_cost(wb.model, g) for g in self.groups]
+        self.layers = adapter.layers()
+        self.probe_options = probe or {}
+        self._curves = None
+        self.probe_seconds = 0.0
+
+    def subset(self, layers: str) -> list[int]:
+        """Indices of the groups in the pruned layer range."""
+        keep = self.wb.layers if layers == "default" else range(len(self.layers))
+        return [i for i, g in enumerate(self.groups) if g.layer in keep]
+
+    def context(self, idx: list[int], fraction: float):
+        from prunekit.allocate import AllocationContext, Budget
+
+        wb, p = self.wb, self.wb.profile
+
+        def sample(n: int, seq_len: int):
+            ids, _ = calibration_batches(wb.tokenizer, p.calib_source, n, seq_len, self.seed + 1)
+            return list(ids.split(8))
+
+        total = wb.model.num_parameters()
+        return AllocationContext(model=wb.model, groups=[self.groups[i] for i in idx],
+                                 scores=[self.scores[i] for i in idx], costs=[self.costs[i] for i in idx],
+                                 budget=Budget(params=int(fraction * total), total=total), seed=self.seed,
+                                 layers=self.layers, sample=sample)
+
+    def curves(self):
+        """Sensitivity curves of every group (measured once, on every layer; kept in ``wb.cache['curves_dir']``
+        as JSON when that is set, so a later process reuses them)."""
+        import json
+        from pathlib import Path
+
+        folder = self.wb.cache.get("curves_dir")
+        path = Path(folder) / f"curves-{self.method}-{self.seed}-{json.dumps(self.probe_options, sort_keys=True)}.json" \
+            if folder else None
+        if self._curves is None and path is not None and path.exists():
+            self._curves = [[tuple(p) for p in c] for c in json.loads(path.read_text())]
+        if self._curves is None:
+            from prunekit.builtin.allocators import Measured
+
+            started = time.perf_counter()
+            ctx = self.context(list(range(len(self.groups))), 0.5)
+            self._curves = Measured(Measured.Options(**self.probe_options)).curves(ctx)
+            self.probe_seconds = time.perf_counter() - started
+            if path is not None:
+                path.write_text(json.dumps(self._curves))
+        return self._curves
+
+    def counts(self, allocator: str, options: dict, layers: str, fraction: float):
+        """(group indices, counts, allocation context) of one allocator at one budget."""
+        from prunekit.allocate import check_counts
+        from prunekit.builtin import allocators as builtin
+
+        idx = self.subset(layers)
+        ctx = self.context(idx, fraction)
+        if allocator == "measured":
+            kinds = options.get("kinds", ("attention", "mlp"))
+            curves = [self.curves()[i] if self.groups[i].kind in kinds else [(0, 0.0)] for i in idx]
+            counts = builtin.knapsack(ctx, builtin.capped(ctx, curves, kinds, options.get("max_excess")))
+        else:
+            impl = self.wb.registry.named("allocators", allocator).impl
+            counts = impl(impl.Options(**options)).allocate(ctx)
+        check_counts(ctx, counts, allocator)
+        return idx, counts, ctx
+
+    def pruned(self, idx: list[int], counts: list[int]):
+        from prunekit.select import keep_from_counts
+
+        groups = [self.groups[i] for i in idx]
+        return self.wb.pruned(self.wb.model, groups, keep_from_counts(groups, [self.scores[i] for i in idx], counts))
+
+
+def allocation_run(wb: Workbench, method: str, fractions: tuple[float, ...], seeds: list[int],
+                   allocations=ALLOCATIONS, n_windows: int = 100, corpora: tuple[str, ...] = ("ptb", "wikitext2"),
+                   split: str = "test", on_row=None, probe: dict | None = None) -> dict:
+    """Perplexity of every allocation at equal parameters removed, per seed; rows carry the achieved fraction."""
+    started, rows = time.perf_counter(), []
+    dense = {"params": wb.model.num_parameters(), **{f"ppl_{c}": spaced_ppl(wb, wb.model, c, split, n_windows)
+                                                      for c in corpora}}
+    for seed in seeds:
+        key = ("allocation-bench", method, seed)
+        bench = wb.cache.get(key) or wb.cache.setdefault(key, AllocationBench(wb, method, seed, probe))
+        for fraction in fractions:
+            for label, allocator, options, layers in allocations:
+                idx, counts, ctx = bench.counts(allocator, options, layers, fraction)
+                model = bench.pruned(idx, counts)
+                row = {"allocation": label, "allocator": allocator, "options": options, "layers": layers,
+                       "seed": seed, "budget": fraction, "params": model.num_parameters(),
+                       "params_removed_fraction": 1 - model.num_parameters() / dense["params"],
+                       "ppl": {c: spaced_ppl(wb, model, c, split, n_windows) for c in corpora},
+                       "score_seconds": round(bench.score_seconds, 1), "probe_seconds": round(bench.probe_seconds, 1),
+                       "counts": {bench.groups[i].name: c for i, c in zip(idx, counts)}}
+                log.info("allocation %s seed %d budget %.3f: removed %.4f ppl %s", label, seed, fraction,
+                         row["params_removed_fraction"], row["ppl"])
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+    summary_rows = {}
+    for fraction in fractions:
+        for label, *_ in allocations:
+            at = [r for r in rows if r["budget"] == fraction and r["allocation"] == label]
+            if at:
+                summary_rows[f"{label}@{fraction}"] = {
+                    "allocation": label, "budget": fraction,
+                    "params_removed_fraction": statistics.fmean(r["params_removed_fraction"] for r in at),
+                    **{f"ppl_{c}": summary([r["ppl"][c] for r in at]) for c in corpora}}
+    return {"suite": "allocation", "method": method, "fractions": list(fractions), "seeds": seeds,
+            "n_windows": n_windows, "split": split, "rows": rows, "summary": summary_rows, "dense": dense,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def allocation_section(records: list[dict], out) -> list[str]:
+    """Markdown: perplexity per allocation at each parameter budget (mean ± spread over seeds), and a plot."""
+    from prunekit.benchmarks.report import pm, table
+
+    lines = ["## Allocators at equal parameters removed", ""]
+    for rec in records:
+        if "summary" not in rec:
+            continue
+        corpora = [k[4:] for k in rec["dense"] if k.startswith("ppl_")]
+        lines += [f"{rec['method']} scores, seeds {rec['seeds']}, {rec['n_windows']} evenly spaced "
+                  f"{rec.get('window', 128)}-token windows of each {rec['split']} split; mean ± spread over seeds. "
+                  "Dense: " + ", ".join(f"{c} {rec['dense'][f'ppl_{c}']:.2f}" for c in corpora) + ".", ""]
+        rows = [[s["allocation"], f"{100 * s['budget']:.1f} %", f"{100 * s['params_removed_fraction']:.2f} %",
+                 *(pm(s[f"ppl_{c}"], 1) for c in corpora)] for s in rec["summary"].values()]
+        lines += table(["allocation", "budget", "removed", *(f"{c} ppl" for c in corpora)], rows)
+        plot = ppl_vs_params(rec, out / f"allocation_{rec['method']}.png")
+        lines += ["", f"![perplexity vs parameters removed]({plot.name})", ""]
+    return lines
+
+
+def ppl_vs_params(record: dict, path):
+    """Mean PTB/WikiText-2 perplexity against the fraction of parameters removed, one line per allocation."""
+    from prunekit.benchmarks.plots import _save, plt
+
+    corpora = [k[4:] for k in record["dense"] if k.startswith("ppl_")]
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4), squeeze=False)
+    labels = list(dict.fromkeys(s["allocation"] for s in record["summary"].values()))
+    for ax, corpus in zip(axes[0], corpora):
+        for label in labels:
+            pts = sorted((100 * s["params_removed_fraction"], s[f"ppl_{corpus}"]["mean"])
+                         for s in record["summary"].values() if s["allocation"] == label)
+            ax.plot([0] + [x for x, _ in pts], [record["dense"][f"ppl_{corpus}"]] + [y for _, y in pts],
+                    marker="o", label=label)
+        ax.set_xlabel("parameters removed (%)")
+        ax.set_ylabel(f"{corpus} perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def allocation_suite(wb: Workbench, method: str, fractions: str, labels: str | None, seeds: list[int]) -> dict:
+    """The harness's ``--suite quality --params-removed F,..`` entry: allocators compared at equal parameters."""
+    from prunekit.errors import UserError
+
+    known = {a[0]: a for a in ALLOCATIONS}
+    wanted = [x.strip() for x in labels.split(",")] if labels else list(known)
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise UserError(f"--allocators: unknown {unknown}; accepted: {', '.join(known)}")
+    return allocation_run(wb, method, tuple(float(f) for f in fractions.split(",")), seeds,
+                          tuple(known[w] for w in wanted), n_windows=wb.profile.ppl_max_windows or 100,
+                          corpora=wb.profile.quality_corpora)

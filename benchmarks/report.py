@@ -190,6 +190,10 @@ def build(directory: Path) -> Path:
         from prunekit.benchmarks.sweep import report_lines
 
         lines += report_lines(by_suite["sweep"], directory)
+    if "allocation" in by_suite:
+        from prunekit.benchmarks.quality import allocation_section
+
+        lines += allocation_section(by_suite["allocation"], directory)
     if not by_suite:
         lines += ["No benchmark records found."]
     path = directory / "report.md"

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from prunekit.adapters.base import LayerShape
 from prunekit import stability
+from prunekit.allocate import allocate_select, allocator_plan, pruned_layers
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
@@ -75,6 +76,7 @@ class PruneResult:
     layer_shapes: list[dict[str, Any]]
     uniform_shapes: bool
     calibration: dict[str, Any] | None = None
+    allocation: dict[str, Any] = field(default_factory=dict)
     grouper: dict[str, Any] = field(default_factory=dict)
     recovery: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
@@ -95,6 +97,7 @@ class PruneResult:
             "calibration": self.calibration,
             "layers_pruned": [self.layers.start, self.layers.stop],
             "grouper": self.grouper,
+            "allocation": self.allocation,
             "recovery": self.recovery,
             "reduction": self.reduction,
             "layer_shapes": self.layer_shapes,
@@ -284,6 +287,7 @@ def plan(config: RunConfig, registry: Registry | None = None) -> RunPlan:
     entry = registry.method(config.method)
     options = entry.options(config.method_options)
     grouper = registry.resolve("groupers", config.grouper.name, config.grouper.options, "grouper.options.")
+    allocator_plan(config, registry)  # an unknown allocator or a bad allocator option fails before any work
     recovery = None if config.recovery.method == "none" else registry.named("recovery", config.recovery.method)
     recovery_options = (validate_options(recovery.impl.Options, config.recovery.options, "recovery.options.")
                         if recovery else None)
@@ -345,7 +349,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     ctx = context or RunContext(config=config, registry=registry)
     ctx.model, ctx.tokenizer = model, tokenizer
     ctx.adapter = registry.adapter_for(model)
-    layers = resolve_layers(ctx.adapter.num_layers, config.selection.layers)
+    layers = pruned_layers(config, ctx.adapter.num_layers)
     check_context(model, config, run_plan.method.needs_calibration(run_plan.options) and batches is None)
     needs_tokenizer = (run_plan.method.needs_calibration(run_plan.options) and batches is None) or run_plan.recovery
     if needs_tokenizer and tokenizer is None:
@@ -363,8 +367,8 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
         with ctx.stage("score"):  # K = config.stability calibration resamples, consensus when K > 1
             scores, method_info = stability.score(ctx, run_plan.method, run_plan.options, batches or [])
         host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
-        with ctx.stage("select"):
-            ctx.kept = select(ctx.groups, scores, config.ratio, config.selection.scope, config.selection.round_to)
+        with ctx.stage("select"):  # budget -> units each group loses (the allocator plugin) -> kept units
+            ctx.kept, allocation = allocate_select(ctx, scores)
         with ctx.stage("prune"):
             shapes = apply(model, ctx.groups, ctx.kept, registry)
         host.pm.hook.prunekit_after_pruning(context=ctx, model=model)
@@ -380,7 +384,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
                           run_plan.options.model_dump(mode="json"), method_info),
         config=config, groups=ctx.groups, kept=ctx.kept, layers=layers, layer_shapes=[s.as_dict() for s in shapes],
         uniform_shapes=not getattr(model.config, "prunekit_layer_shapes", None), calibration=calibration,
-        grouper=run_plan.grouper.describe(),
+        grouper=run_plan.grouper.describe(), allocation=allocation,
         recovery={"method": config.recovery.method, "info": recovery_info}, source=source, timings=ctx.timings,
     )
 

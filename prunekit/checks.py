@@ -9,7 +9,6 @@ from typing import Any
 
 from prunekit.errors import UserError
 from prunekit.groups import PruningGroup
-from prunekit.select import _local_count
 
 
 def context_length(model: Any) -> int | None:
@@ -43,7 +42,11 @@ def check_ratio(groups: list[PruningGroup], config: Any) -> list[str]:
     if not groups:
         raise UserError("selection: no pruning groups (grouper.prune_attention and grouper.prune_mlp are both "
                         "false, or the layer range is empty)")
+    from prunekit.allocate import ratio_counts
+
     ratio = config.ratio
+    if getattr(getattr(config, "allocation", None), "params_removed", None) is not None:
+        return []  # a parameter budget: the allocator meets it from below and reports the gap
     if config.selection.scope == "global":
         for kind in sorted({g.kind for g in groups}):
             total = sum(g.n_units for g in groups if g.kind == kind)
@@ -51,7 +54,7 @@ def check_ratio(groups: list[PruningGroup], config: Any) -> list[str]:
                 raise UserError(f"ratio: {ratio} removes no {kind} unit ({total} in the pruned layers); "
                                 f"accepted: >= {0.5 / total:.4g} for scope global")
         return []
-    counts = [_local_count(g, ratio, config.selection.round_to) for g in groups]
+    counts = ratio_counts(groups, ratio, config.selection.round_to)
     if not any(counts):
         smallest = min(groups, key=lambda g: g.n_units // _parts(g))
         need = 0.5 / (smallest.n_units // _parts(smallest))

@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--method", help="importance method (see `prunekit methods`); default moreau-gs")
     run.add_argument("--model", help="hub id or local path; default: the embedded SmolLM2-135M-Instruct")
     run.add_argument("--ratio", type=float, help="fraction of attention units and MLP channels removed per pruned layer")
+    run.add_argument("--params-removed", type=float, metavar="F",
+                     help="fraction of ALL parameters to remove (met from below; overrides --ratio as the budget)")
+    run.add_argument("--allocator", help="where the removal goes: uniform (default), global, measured "
+                                         "(see docs/allocation.md)")
     run.add_argument("--output", type=Path, help="output directory (default ./pruned-METHOD)")
     run.add_argument("--config", type=Path, help="YAML or TOML run config; flags override it")
     run.add_argument("--seed", type=int)
@@ -85,6 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                  "stability": args.stability}
     if args.option:
         overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
+    if args.params_removed is not None or args.allocator:
+        overrides["allocation"] = {**file_values.get("allocation", {}),
+                                   **({"params_removed": args.params_removed} if args.params_removed is not None else {}),
+                                   **({"name": args.allocator} if args.allocator else {})}
     if args.no_eval:
         overrides["evaluation"] = {**file_values.get("evaluation", {}), "enabled": False}
     if args.no_eval_cache:
@@ -96,6 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_run_summary(exc.manifest, exc.output)
         raise
     print_run_summary(ctx.manifest, config.output or Path(f"pruned-{config.method}"))
+    if ctx.manifest.get("allocation"):
+        from prunekit.allocate import describe
+
+        print(describe(ctx.manifest["allocation"]))
     return 0
 
 

@@ -61,6 +61,18 @@ class CalibrationConfig(_Strict):
         raise ValueError(f"{v!r} is neither a named source ({', '.join(SOURCES)}) nor an existing file or folder")
 
 
+class AllocationConfig(_Strict):
+    """Where the removal goes: an allocator plugin, its options, and the budget as a parameter fraction."""
+
+    name: str = "uniform"
+    options: dict[str, Any] = Field(default_factory=dict)
+    params_removed: float | None = Field(
+        default=None, gt=0, lt=1, description="fraction of ALL model parameters to remove (met from below); "
+                                              "default: what `ratio` removes per layer")
+    layers: Literal["default", "all"] = Field(
+        default="default", description="all: every layer becomes a group and the allocator decides which to touch")
+
+
 class RecoveryConfig(_Strict):
     """Optional fine-tuning after pruning (``none`` or a registered trainer such as ``lora``)."""
 
@@ -93,6 +105,7 @@ class RunConfig(_Strict):
     grouper: GrouperConfig = Field(default_factory=GrouperConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 

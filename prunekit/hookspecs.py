@@ -76,6 +76,16 @@ def prunekit_register_evaluators(register: Register) -> None:
 
 
 @hookspec
+def prunekit_register_allocators(register: Register) -> None:
+    """Register allocators: ``register(name, cls, description=None)``.
+
+    ``cls`` has a nested pydantic ``Options`` model; the core calls ``cls(options).allocate(ctx)`` with a
+    :class:`prunekit.allocate.AllocationContext` (groups, unit scores, per-unit parameter costs, the
+    budget, a calibration-loss probe), which returns how many units each group loses.
+    """
+
+
+@hookspec
 def prunekit_after_scoring(context: RunContext, scores: list[torch.Tensor]) -> None:
     """Called once per run after every group was scored, before any unit is selected.
 

@@ -196,6 +196,15 @@ def register_recovery(name: str, cls: type, description: str | None = None) -> N
     return NamedEntry(name, cls, "", options_model=cls.Options, description=description or _first_doc_line(cls))
 
 
+def register_allocator(name: str, cls: type, description: str | None = None) -> NamedEntry:
+    """``prunekit_register_allocators``: ``cls(options).allocate(ctx) -> list[int]`` (units each group loses)."""
+    _check_name(name)
+    if not isinstance(cls, type) or not callable(getattr(cls, "allocate", None)):
+        raise PluginError(f"allocator {name!r}: {cls!r} is not a class with an allocate(ctx) method")
+    check_options_model(getattr(cls, "Options", None), None, f"allocator {name!r} Options")
+    return NamedEntry(name, cls, "", options_model=cls.Options, description=description or _first_doc_line(cls))
+
+
 def register_adapter(cls: type) -> NamedEntry:
     """``prunekit_register_adapters``: an :class:`~prunekit.adapters.base.Adapter` subclass; keyed by model type."""
     from prunekit.adapters.base import Adapter
@@ -232,10 +241,11 @@ TABLES: dict[str, Table] = {
     "groupers": Table("prunekit_register_groupers", register_grouper),
     "recovery": Table("prunekit_register_recovery", register_recovery),
     "evaluators": Table("prunekit_register_evaluators", register_evaluator),
+    "allocators": Table("prunekit_register_allocators", register_allocator),
     "adapters": Table("prunekit_register_adapters", register_adapter, lambda e: list(e.impl.model_types)),
 }
 SINGULAR = {"methods": "method", "groupers": "grouper", "recovery": "recovery", "evaluators": "evaluator",
-            "adapters": "model type"}
+            "allocators": "allocator", "adapters": "model type"}
 
 
 def register_signature(table: str) -> str:

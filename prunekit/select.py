@@ -1,9 +1,9 @@
-"""Selection: from unit scores to the units each group keeps.
+"""Selection: from unit scores and per-group counts to the units each group keeps.
 
-``ratio`` is the fraction of units removed in each pruned layer (the LLM-Pruner meaning). Local
-ranking compares units inside one group; global ranking compares units of the same block kind across
-all pruned layers. Groups with a partition (query heads inside KV groups) lose the same number of
-units in every partition so the layer stays a valid GQA layer.
+An allocator (see :mod:`prunekit.allocate`) decides how many units each group loses; selection removes
+the lowest-scored ones. Groups with a partition (query heads inside KV groups) lose the same number of
+units in every partition so the layer stays a valid GQA layer. :func:`select` keeps the historical
+ratio interface (``local``: LLM-Pruner's per-layer ratio; ``global``: one ranking per block kind).
 """
 
 from __future__ import annotations
@@ -16,21 +16,14 @@ import torch
 from prunekit.groups import PruningGroup
 
 
-def _n_remove(n: int, ratio: float, multiple: int = 1) -> int:
-    """Units to remove from ``n``: nearest to ratio*n, keeping at least one and, if asked, a multiple."""
-    keep = n - int(math.floor(ratio * n + 0.5))
-    if multiple > 1 and n % multiple == 0:
-        keep = max(multiple, int(round(keep / multiple)) * multiple)
-    return n - max(1, min(n, keep))
-
-
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` lowest scores; ties broken by index so the mask is deterministic."""
     order = torch.sort(scores.double(), stable=True).indices
     return order[:k]
 
 
-def _keep_from_removal(group: PruningGroup, scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+def removal(group: PruningGroup, scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Sorted indices of the ``n_remove`` lowest-scored units (spread evenly over partitions)."""
     if group.partition is None:
         removed = _lowest(scores, n_remove)
     else:
@@ -40,9 +33,18 @@ def _keep_from_removal(group: PruningGroup, scores: torch.Tensor, n_remove: int)
             torch.nonzero(group.partition == p).flatten()[_lowest(scores[group.partition == p], per_part)]
             for p in parts
         ])
+    return removed.sort().values
+
+
+def _keep_from_removal(group: PruningGroup, scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     mask = torch.ones(group.n_units, dtype=torch.bool)
-    mask[removed] = False
+    mask[removal(group, scores, n_remove)] = False
     return mask.nonzero().flatten()
+
+
+def keep_from_counts(groups: list[PruningGroup], scores: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """Sorted indices of the units every group keeps when it loses ``counts[i]`` lowest-scored units."""
+    return [_keep_from_removal(g, s, k) for g, s, k in zip(groups, scores, counts)]
 
 
 def select(
@@ -52,25 +54,21 @@ def select(
     scope: Literal["local", "global"] = "local",
     round_to: int = 1,
 ) -> list[torch.Tensor]:
-    """Sorted indices of the units every group keeps."""
-    if scope == "local":
-        counts = [_local_count(g, ratio, round_to) for g in groups]
-    else:
-        counts = _global_counts(groups, scores, ratio)
-    return [_keep_from_removal(g, s, k) for g, s, k in zip(groups, scores, counts)]
+    """Sorted indices of the units every group keeps (the per-layer ratio, local or global ranking)."""
+    from prunekit.allocate import ratio_counts
+
+    counts = ratio_counts(groups, ratio, round_to) if scope == "local" else global_counts(groups, scores, ratio)
+    return keep_from_counts(groups, scores, counts)
 
 
-def _local_count(group: PruningGroup, ratio: float, round_to: int) -> int:
-    if group.partition is None:
-        return _n_remove(group.n_units, ratio, round_to if group.unit == "channel" else 1)
-    n_parts = len(group.partition.unique())
-    return n_parts * _n_remove(group.n_units // n_parts, ratio)
-
-
-def _global_counts(groups: list[PruningGroup], scores: list[torch.Tensor], ratio: float) -> list[int]:
-    """Per group, how many of its units fall in the lowest ``ratio`` of its block kind across layers."""
+def global_counts(groups: list[PruningGroup], scores: list[torch.Tensor], ratio: float,
+                  kinds: tuple[str, ...] | None = None) -> list[int]:
+    """Per group, how many of its units fall in the lowest ``ratio`` of its block kind across layers
+    (floored to what the group's partitions allow; every group keeps a unit)."""
     counts = [0] * len(groups)
-    for kind in {g.kind for g in groups}:
+    for kind in sorted({g.kind for g in groups}):
+        if kinds is not None and kind not in kinds:
+            continue
         idx = [i for i, g in enumerate(groups) if g.kind == kind]
         flat = torch.cat([scores[i].double() for i in idx])
         owner = torch.cat([torch.full((groups[i].n_units,), i) for i in idx])
@@ -79,4 +77,8 @@ def _global_counts(groups: list[PruningGroup], scores: list[torch.Tensor], ratio
             counts[i] += 1
         for i in idx:  # never empty a layer
             counts[i] = min(counts[i], groups[i].n_units - 1)
+    for i, g in enumerate(groups):
+        if g.partition is not None:
+            n_parts = len(g.partition.unique())
+            counts[i] = min(counts[i] // n_parts, g.n_units // n_parts - 1) * n_parts
     return counts

@@ -37,6 +37,8 @@ def test_builtins_load_through_entry_points():
     assert {"magnitude", "random", "taylor"} <= set(registry.methods)
     assert registry.methods["taylor"].provider == "prunekit"
     assert "blocks" in registry.groupers
+    assert {"uniform", "global", "measured"} <= set(registry.allocators)
+    assert registry.allocators["measured"].provider == "prunekit"
 
 
 def test_broken_plugin_is_reported_and_others_work(broken_distribution):

@@ -1,0 +1,226 @@
+"""Budgets and allocators: every allocator meets the budget from below, yields valid GQA shapes, is
+deterministic and prunes exactly (pruned model == original with the removed units zeroed)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from prunekit.adapters.llama import LlamaAdapter
+from prunekit.allocate import (AllocationContext, LossProbe, allocate, feasible_counts, make_budget, ratio_counts,
+                               unit_cost)
+from prunekit.cli import main
+from prunekit.grouping import GrouperOptions, apply_plan, build_groups
+from prunekit.importance import ScoringContext
+from prunekit.registry import get_registry
+from prunekit.select import keep_from_counts, select
+
+from conftest import LAYOUTS, make_tiny_llama
+from test_pruning import IDS, zero_removed
+
+ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6], "max_excess": None}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1})]
+FRACTION = {"mha4": 0.1, "gqa8x2": 0.3, "gqa4x2": 0.2, "gqa9x3": 0.25}  # one budget per layout keeps it quick
+
+
+def setup(layout: str, layers=None, seed: int = 0):
+    model = make_tiny_llama(*LAYOUTS[layout], seed=seed)
+    adapter = LlamaAdapter(model)
+    groups = build_groups(model, adapter, layers or range(adapter.num_layers), GrouperOptions())
+    entry = get_registry().method("taylor")
+    scores = entry.cls(entry.options()).scores(ScoringContext(model=model, groups=groups, batches=[IDS], seed=1))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, adapter, groups, [s.detach() for s in scores]
+
+
+def context(model, adapter, groups, scores, fraction=None, ratio=0.25, round_to=1):
+    costs = [unit_cost(model, g) for g in groups]
+    budget = make_budget(groups, costs, model.num_parameters(), ratio, fraction, round_to)
+    g = torch.Generator().manual_seed(5)
+
+    def sample(n, seq_len):
+        return [torch.randint(0, 96, (n, seq_len), generator=g)]
+
+    return AllocationContext(model=model, groups=groups, scores=scores, costs=costs, budget=budget,
+                             round_to=round_to, layers=adapter.layers(), sample=sample)
+
+
+def run_allocator(ctx, name, options):
+    entry = get_registry().named("allocators", name)
+    return allocate(ctx, name, entry.impl(entry.impl.Options(**options)))
+
+
+@pytest.mark.parametrize("name,options", ALLOCATORS, ids=[f"{n}-{o}" for n, o in ALLOCATORS])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_allocator_meets_budget_from_below_and_prunes_exactly(name, options, layout):
+    fraction = FRACTION[layout]
+    model, adapter, groups, scores = setup(layout)
+    ctx = context(model, adapter, groups, scores, fraction)
+    counts, info = run_allocator(ctx, name, options)
+    assert info["params_removed"] <= ctx.budget.params and info["gap_params"] >= 0
+    assert info["params_removed"] > 0
+    kinds = options.get("kinds", ["attention", "mlp"])
+    kinds = {kinds} if isinstance(kinds, str) else set(kinds)
+    assert all(c == 0 for g, c in zip(groups, counts) if g.kind not in kinds)
+    kept = keep_from_counts(groups, scores, counts)
+    reference = zero_removed(make_tiny_llama(*LAYOUTS[layout]), groups, kept)
+    before = model.num_parameters()
+    apply_plan(model, adapter, groups, kept)
+    shapes = adapter.sync_config()
+    assert before - model.num_parameters() == info["params_removed"]  # the cost accounting is exact
+    for shape, layer in zip(shapes, model.model.layers):  # a valid GQA model
+        assert shape.num_attention_heads % shape.num_key_value_heads == 0 and shape.num_key_value_heads >= 1
+        assert layer.self_attn.num_key_value_groups == shape.num_attention_heads // shape.num_key_value_heads
+    with torch.no_grad():
+        assert (model(IDS).logits - reference(IDS).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name,options", ALLOCATORS[::2], ids=[n for n, _ in ALLOCATORS[::2]])
+def test_allocator_is_deterministic(name, options):
+    runs = [run_allocator(context(*setup("gqa9x3"), 0.25), name, options)[0] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_feasible_counts_honour_gqa_and_round_to():
+    _, _, groups, _ = setup("gqa9x3", layers=range(1))
+    attention, mlp = groups
+    assert feasible_counts(attention) == [0, 3, 6]
+    assert feasible_counts(mlp, round_to=8) == list(range(0, 41, 8))
+    assert feasible_counts(mlp)[-1] == mlp.n_units - 1
+
+
+def test_ratio_budget_with_uniform_is_todays_local_selection():
+    model, adapter, groups, scores = setup("gqa8x2")
+    ctx = context(model, adapter, groups, scores, None, ratio=0.4)
+    counts, info = run_allocator(ctx, "uniform", {})
+    assert [k.tolist() for k in keep_from_counts(groups, scores, counts)] == \
+        [k.tolist() for k in select(groups, scores, 0.4)]
+    assert info["gap_params"] == 0 and info["budget"]["ratio"] == 0.4
+    # other allocators get the same number of parameters as the budget
+    assert ctx.budget.params == sum(c * k for c, k in zip(ratio_counts(groups, 0.4), ctx.costs))
+
+
+def test_loss_probe_replays_layers_exactly():
+    model, adapter, groups, scores = setup("gqa9x3")
+    batches = [torch.arange(24).view(2, 12) % 96]
+    probe = LossProbe(model, adapter.layers(), batches)
+    with torch.no_grad():
+        dense = model(input_ids=batches[0], labels=batches[0]).loss.item()
+    assert probe.base == pytest.approx(dense, rel=1e-5)
+    g = groups[5]  # layer 2 mlp: the probe re-runs layers 2.. from cached inputs
+    removed = torch.tensor([0, 3, 7])
+    measured = probe.loss({5: (g, removed)})
+    reference = zero_removed(make_tiny_llama(9, 3), [g], [torch.tensor(sorted(set(range(g.n_units)) - {0, 3, 7}))])
+    with torch.no_grad():
+        assert measured == pytest.approx(reference(input_ids=batches[0], labels=batches[0]).loss.item(), rel=1e-5)
+    assert probe.loss({}) == probe.base
+    assert probe.loss({5: (g, removed)}) == measured  # weights restored, same answer
+
+
+def test_measured_knapsack_matches_brute_force_on_its_curves():
+    from prunekit.builtin.allocators import knapsack
+
+    model, adapter, groups, scores = setup("mha4", layers=range(2))
+    ctx = context(model, adapter, groups, scores, 0.05)
+    curves = []
+    for i, g in enumerate(groups):  # convex curves with different curvatures
+        step = max(1, g.n_units // 4)
+        curves.append([(c, (1 + i) * (c / g.n_units) ** 2) for c in range(0, g.n_units, step)])
+    counts = knapsack(ctx, curves)
+    assert ctx.removed_params(counts) <= ctx.budget.params
+
+    def loss(i, c):
+        xs, ys = zip(*curves[i])
+        return float(torch.tensor(ys)[torch.tensor(xs) == c][0]) if c in xs else None
+
+    best = min((sum(loss(i, c) for i, c in enumerate(cs)) for cs in itertools.product(*[[p[0] for p in cv] for cv in curves])
+                if ctx.removed_params(list(cs)) <= ctx.budget.params
+                and ctx.removed_params(list(cs)) >= ctx.removed_params(counts)), default=None)
+    ours = sum((1 + i) * (c / g.n_units) ** 2 for i, (g, c) in enumerate(zip(groups, counts)))
+    assert best is None or ours <= best + 1e-9
+
+
+def test_measured_max_excess_caps_every_group_near_uniform():
+    model, adapter, groups, scores = setup("gqa8x2")
+    ctx = context(model, adapter, groups, scores, 0.2)
+    uniform, _ = run_allocator(ctx, "uniform", {})
+    counts, _ = run_allocator(context(model, adapter, groups, scores, 0.2), "measured",
+                              {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1})
+    for g, c, u in zip(groups, counts, uniform):
+        assert c / g.n_units <= u / g.n_units + 0.1 + 1e-9
+
+
+def test_measured_may_leave_layers_untouched_and_records_its_table():
+    model, adapter, groups, scores = setup("gqa4x2")
+    ctx = context(model, adapter, groups, scores, 0.05)
+    counts, info = run_allocator(ctx, "measured", {"probe_samples": 2, "probe_seq_len": 12})
+    table = info["measured"]["loss_increase"]
+    assert set(table) == {g.name for g in groups} and all(len(v) >= 1 for v in table.values())
+    assert 0 in counts  # a small budget goes where it costs least, not everywhere
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_cli_params_removed_and_allocator_recorded(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = _write(tmp_path / "c.yaml", "allocation:\n  layers: all\n  options: {probe_samples: 2, probe_seq_len: 16}\n"
+                                      "calibration:\n  n_samples: 4\n  seq_len: 16\n")
+    assert main(["run", "--no-eval", "--method", "taylor", "--model", str(tiny_model_dir), "--output", str(out),
+                 "--params-removed", "0.2", "--allocator", "measured", "--config", str(cfg)]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    a, r = manifest["allocation"], manifest["reduction"]
+    assert a["allocator"] == "measured" and a["budget"]["fraction"] == pytest.approx(0.2, abs=1e-6)
+    assert r["params_before"] - r["params_after"] == a["params_removed"] <= a["budget"]["params"]
+    assert manifest["layers_pruned"] == [0, 4]
+    assert "removed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,field", [(["--allocator", "nope"], "allocators"),
+                                        (["--params-removed", "1.5"], "allocation.params_removed")])
+def test_cli_bad_allocation_is_one_line_exit_2(tiny_model_dir, tmp_path, capsys, args, field):
+    rc = main(["run", "--no-eval", "--method", "magnitude", "--model", str(tiny_model_dir), "--output",
+               str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and field in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_allocator_option_fails_before_any_work(tiny_model_dir, tmp_path, capsys):
+    cfg = _write(tmp_path / "c.yaml", "allocation:\n  name: measured\n  options: {fractions: [1.5]}\n")
+    rc = main(["run", "--no-eval", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"),
+               "--config", str(cfg)])
+    assert rc == 2 and "allocation.options.fractions" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_windows_are_spread_over_the_whole_split():
+    from prunekit.benchmarks.quality import spaced_windows
+
+    ids = torch.arange(1000)
+    windows = spaced_windows(ids, 10, 5)
+    assert windows.shape == (5, 10)
+    assert windows[0, 0] == 0 and windows[-1, 0] == 990  # first and last window of the split
+    assert torch.equal(windows[2], torch.arange(500, 510))  # window 50 of 0..99
+
+
+def test_quality_suite_compares_allocators_at_equal_parameters(tiny_model_dir, tmp_path):
+    from prunekit.benchmarks import harness
+
+    out = tmp_path / "bench"
+    assert harness.main(["--model", str(tiny_model_dir), "--suite", "quality", "--methods", "magnitude",
+                         "--params-removed", "0.2", "--allocators", "uniform,uniform-mlp,global", "--seeds", "0",
+                         "--ppl-windows", "3", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    record = json.loads((out / "allocation-magnitude.json").read_text())
+    assert {r["allocation"] for r in record["rows"]} == {"uniform", "uniform-mlp", "global"}
+    for row in record["rows"]:
+        assert row["params_removed_fraction"] <= 0.2 and row["ppl"]["ptb"] > 1
+    assert "## Allocators at equal parameters removed" in (out / "report.md").read_text()
+    assert (out / "allocation_magnitude.png").exists()
