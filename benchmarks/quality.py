@@ -162,7 +162,7 @@ class AllocationBench:
         if self._curves is None and path is not None and path.exists():
             self._curves = [[tuple(p) for p in c] for c in json.loads(path.read_text())]
         if self._curves is None:
-            from prunekit.builtin.allocators import Measured
+            from prunekit.allocators import Measured
 
             started = time.perf_counter()
             ctx = self.context(list(range(len(self.groups))), 0.5)
@@ -175,7 +175,7 @@ class AllocationBench:
     def counts(self, allocator: str, options: dict, layers: str, fraction: float):
         """(group indices, counts, allocation context) of one allocator at one budget."""
         from prunekit.allocate import check_counts
-        from prunekit.builtin import allocators as builtin
+        from prunekit import allocators as builtin
 
         idx = self.subset(layers)
         ctx = self.context(idx, fraction)

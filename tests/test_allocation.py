@@ -124,7 +124,7 @@ def test_loss_probe_replays_layers_exactly():
 
 
 def test_measured_knapsack_matches_brute_force_on_its_curves():
-    from prunekit.builtin.allocators import knapsack
+    from prunekit.allocators import knapsack
 
     model, adapter, groups, scores = setup("mha4", layers=range(2))
     ctx = context(model, adapter, groups, scores, 0.05)
