@@ -67,13 +67,7 @@ def _config(arch: str):
 ARCHS = ["qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "olmo3", "gpt_neox"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def make_model(arch: str, seed: int = 0):
