@@ -245,18 +245,18 @@ _TOKEN_CACHE: dict[tuple, tuple[Any, torch.Tensor]] = {}
 
 def token_ids(tokenizer: Any, text: Text) -> torch.Tensor:
     """The whole text tokenized once, without special tokens, as a 1-D LongTensor (cached per tokenizer in
-    memory, and on disk across runs: :mod:`prunekit.token_cache`)."""
+    memory, and on disk across ``prunekit run`` invocations: :mod:`prunekit.token_cache`)."""
     key = (id(tokenizer), text.source, text.split, text.location, len(text.text))
     hit = _TOKEN_CACHE.get(key)
     if hit is not None and hit[0] is tokenizer:
         return hit[1]
-    from prunekit.token_cache import cached_token_ids
+    from prunekit import token_cache
 
     def tokenize() -> torch.Tensor:
         ids = tokenizer(text.text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
-    tensor = cached_token_ids(tokenizer, text.text, tokenize)
+    tensor = token_cache.cached_token_ids(tokenizer, text.text, tokenize) if token_cache.active() else tokenize()
     if len(_TOKEN_CACHE) >= 4:
         _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
     _TOKEN_CACHE[key] = (tokenizer, tensor)

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from prunekit import api
+from prunekit import api, token_cache
 from prunekit.api import (DTYPES, VERSIONED, default_layers, load_model, mask_report, package_versions,  # noqa: F401
                           reduction_report, resolve_layers)
 from prunekit.checks import check_context, check_sources
@@ -68,6 +68,12 @@ def error_record(stage: str, exc: BaseException) -> dict[str, str]:
 def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | None = None,
         evaluate_fn=None, progress: bool = True) -> RunContext:
     """Prune one model as ``config`` says and save it with its manifest; returns the run's state."""
+    with token_cache.on_disk():  # a run writes files anyway: tokenized corpora are kept across runs
+        return _run(config, registry, host, evaluate_fn, progress)
+
+
+def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, evaluate_fn,
+         progress: bool) -> RunContext:
     host = host or get_host()
     registry = registry or Registry.from_host(host)
     run_plan = preflight(config, registry)

@@ -36,10 +36,27 @@ def test_second_read_comes_from_disk_and_equals_tokenizing(tmp_path):
     assert torch.equal(second, _tokenize(tok, text)())
 
 
+def test_token_ids_use_the_disk_only_inside_a_run(tmp_path, monkeypatch):
+    from prunekit import data, token_cache
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    tok = word_tokenizer()
+    text = data.Text("the market was new", "local", "test", "v", "here", ("the market was new",))
+    data._TOKEN_CACHE.clear()
+    data.token_ids(tok, text)
+    assert not (tmp_path / "tokens").exists()  # the API writes no files unless asked
+    data._TOKEN_CACHE.clear()
+    with token_cache.on_disk():
+        ids = data.token_ids(tok, text)
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 1 and ids.tolist() == [1, 2, 3, 4]
+    data._TOKEN_CACHE.clear()
+
+
 def test_key_follows_tokenizer_and_text_and_a_broken_entry_is_a_miss(tmp_path):
     a, b = word_tokenizer(), word_tokenizer(extra=("zebra",))
     assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(word_tokenizer())
+    assert tokenizer_fingerprint(object()) is None  # cannot describe itself: never cached
     cached_token_ids(a, "the market", _tokenize(a, "the market"), root=tmp_path)
     cached_token_ids(b, "the market", _tokenize(b, "the market"), root=tmp_path)
     cached_token_ids(a, "the price", _tokenize(a, "the price"), root=tmp_path)
