@@ -28,11 +28,11 @@ import torch
 
 from prunekit.benchmarks.metrics import iou, summary
 from prunekit.benchmarks.workbench import Workbench
-from prunekit.config import CalibrationConfig, RunConfig
+from prunekit.config import CalibrationConfig
 from prunekit.data import calibration_batches, load_text, token_ids
 from prunekit.evaluate import window_nll
 from prunekit.grouping import GrouperOptions
-from prunekit.pipeline import RunContext, score_groups
+from prunekit import api
 from prunekit.sampling import CalibrationSampler
 
 log = logging.getLogger("benchmarks")
@@ -132,10 +132,9 @@ def score_point(wb: Workbench, groups, point: Point, seed: int) -> tuple[list[to
     ids, _ = calibration_batches(wb.tokenizer, "ptb", point.samples, SEQ_LEN, seed)
     batches = list(ids.split(wb.profile.calib_batch))
     sampler = CalibrationSampler(wb.tokenizer, "ptb", point.samples, SEQ_LEN, wb.profile.calib_batch, seed)
-    ctx = RunContext(config=RunConfig(method=point.method, seed=seed), registry=wb.registry, model=wb.model,
-                     groups=groups)
     started = time.perf_counter()
-    scores, info = score_groups(ctx, entry, options, batches, sampler=sampler)
+    scores, info = api.score(wb.model, groups, entry.name, batches, options=options, seed=seed,
+                             registry=wb.registry, sampler=sampler)
     return scores, info, time.perf_counter() - started
 
 

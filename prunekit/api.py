@@ -111,10 +111,10 @@ class PruneResult:
         return out
 
 
-def package_versions() -> dict[str, str | None]:
-    """Python and the versions of the packages a result depends on (for run.json)."""
+def package_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
+    """Python and the versions of the packages a result depends on (run.json, the metrics cache key)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +63,6 @@ def model_fingerprint(model: torch.nn.Module, tokenizer: Any = None) -> str:
     return h.hexdigest()
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in KEY_VERSIONS:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def _code_fingerprint() -> str:
     """SHA-256 of the modules that compute and feed the metrics, so an edit to them (same version number, e.g.
     in a checkout) never reads figures the old code produced."""
@@ -87,7 +76,10 @@ def _code_fingerprint() -> str:
 
 def cache_key(fingerprint: str, settings: dict[str, Any], device: str) -> str:
     """The entry name for a model fingerprint evaluated with ``settings`` on a device type."""
-    material = {"model": fingerprint, "settings": settings, "device": device, "versions": _versions(),
+    from prunekit.api import package_versions
+
+    material = {"model": fingerprint, "settings": settings, "device": device,
+                "versions": package_versions(KEY_VERSIONS),
                 "code": _code_fingerprint()}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -88,14 +88,15 @@ def score(ctx, entry, options, batches: list[torch.Tensor]) -> tuple[list[torch.
     Every resample uses the run's method seed; only the calibration text changes. Returns the scores
     to select with and the method's info, with a ``stability`` report added when K > 1.
     """
-    from prunekit.pipeline import score_groups  # the pipeline imports this module
+    from prunekit.api import score as api_score  # the API imports this module
 
     config = ctx.config
     k = getattr(config, "stability", 1)
     sampler = (CalibrationSampler.from_config(ctx.tokenizer, config)
                if entry.needs_calibration(options) and ctx.tokenizer is not None else None)
     if k <= 1 or sampler is None:
-        scores, info = score_groups(ctx, entry, options, batches, sampler=sampler)
+        scores, info = api_score(ctx.model, ctx.groups, entry.name, batches, options=options, seed=config.seed,
+                                 registry=ctx.registry, sampler=sampler)
         if k > 1:
             info["stability"] = {"resamples": k, "note": f"{entry.name} uses no calibration text: "
                                                           "every resample gives the same scores"}
@@ -104,7 +105,8 @@ def score(ctx, entry, options, batches: list[torch.Tensor]) -> tuple[list[torch.
     for r in range(k):
         sample = batches if r == 0 else sampler(r)[0]
         child = sampler.child(r)
-        scores, info = score_groups(ctx, entry, options, sample, sampler=child)
+        scores, info = api_score(ctx.model, ctx.groups, entry.name, sample, options=options, seed=config.seed,
+                                 registry=ctx.registry, sampler=child)
         runs.append(scores)
         infos.append(info)
         seeds.append(child.seed)
