@@ -78,13 +78,14 @@ def metrics_table(columns: dict[str, Any], title: str) -> Table:
     compare = len(names) == 2
     table = Table(title=title, caption=(f"Δ marked 'within noise' when |Δ| < {NOISE_SIGMAS:g}·√(se₁² + se₂²)"
                                         if compare else None))
-    table.add_column("metric")
+    table.add_column("metric", overflow="fold")  # long metric names wrap on narrow consoles, never "…"
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")
     if compare:
-        table.add_column("Δ", justify="right")
+        table.add_column("Δ", justify="right", overflow="fold")
     for key in keys:
-        row = [key, *(_cell(flat[n].get(key), errors[n].get(key)) for n in names)]
+        label = key.removesuffix(".value")  # "perplexity.ptb", not "perplexity.ptb.value"
+        row = [label, *(_cell(flat[n].get(key), errors[n].get(key)) for n in names)]
         if compare:
             a, b = (flat[n].get(key) for n in names)
             if a is None or b is None:
