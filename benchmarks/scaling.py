@@ -28,32 +28,6 @@ DTYPES = ("float32", "bfloat16")
 METHODS = ("taylor", "moreau-gs")
 
 
-def scoring_probe(model: Any) -> tuple[dict[str, Any], Any]:
-    """A forward pre-hook recording the parameter and input dtypes of the model's forwards, and how many ran."""
-    seen: dict[str, Any] = {"forwards": 0, "param_dtypes": set(), "hidden_dtypes": set()}
-    first_linear = model.model.layers[0].self_attn.q_proj
-
-    def on_model(module, args, kwargs):
-        seen["forwards"] += 1
-        seen["param_dtypes"].update(str(p.dtype) for p in module.parameters())
-
-    def on_linear(module, args):
-        if args:
-            seen["hidden_dtypes"].add(str(args[0].dtype))
-
-    handles = [model.register_forward_pre_hook(on_model, with_kwargs=True),
-               first_linear.register_forward_pre_hook(on_linear)]
-    return seen, handles
-
-
-def probe_result(seen: dict[str, Any], handles: list) -> dict[str, Any]:
-    """Remove the hooks; the dtypes as sorted lists (JSON)."""
-    for h in handles:
-        h.remove()
-    return {"forwards": seen["forwards"], "param_dtypes": sorted(seen["param_dtypes"]),
-            "hidden_dtypes": sorted(seen["hidden_dtypes"])}
-
-
 def method_options(method: str, iterations: int) -> dict[str, Any]:
     """Options for the measurement: moreau-gs runs ``iterations`` steps, all averaged (δ, W' and the running
     mean are all alive from the second step on, so the memory peak is the default run's)."""
@@ -70,6 +44,7 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
     from prunekit import api
     from prunekit.benchmarks.isolated import write_json
     from prunekit.benchmarks.memory import PeakRSS
+    from prunekit.benchmarks.probes import DtypeProbe
     from prunekit.benchmarks.shapes import build, model_bytes, shape
 
     out: dict[str, Any] = {"spec": spec, "pid": os.getpid(), "loadavg_before": os.getloadavg()[0]}
@@ -89,14 +64,13 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
                groups=len(groups), tokens=ids.numel(), options=options)
     write_json(record_path, out)
     gc.collect()
-    seen, handles = scoring_probe(model)
-    with PeakRSS() as mem:
+    with DtypeProbe(model) as probe, PeakRSS() as mem:
         start = time.perf_counter()
         scores, info = api.score(model, groups, spec["method"], batches, options=options, seed=spec["seed"])
         seconds = time.perf_counter() - start
     steps = info.get("moreau", {}).get("iterations", 1)
     out.update(
-        seconds=round(seconds, 3), steps=steps, scoring=probe_result(seen, handles),
+        seconds=round(seconds, 3), steps=steps, scoring=probe.result(),
         rss_before_bytes=mem.baseline, peak_rss_delta_bytes=mem.delta, memory_probe=mem.source,
         peak_over_model=round(mem.delta / out["model_bytes"], 3),
         peak_over_prunable_fp32=round(mem.delta / (4 * prunable_params), 3),
@@ -162,7 +136,7 @@ def table(records: list[dict[str, Any]]) -> str:
             rows.append(f"| {sp.get('shape')} | | {sp.get('dtype')} | {sp.get('method')} | | | failed: "
                         f"{str(r.get('error', r.get('skipped', '?'))).splitlines()[0][:80]} | | | | |")
             continue
-        ran = "/".join(d.replace("torch.", "") for d in r["scoring"]["param_dtypes"])
+        ran = "/".join(r["scoring"]["param_dtypes"])
         rows.append(
             f"| {sp['shape']} | {r['params'] / 1e6:.0f} M | {sp['dtype']} | {sp['method']} | {r['tokens']} × "
             f"{r['steps']} | {ran} | {r['seconds']:.1f} | {r['s_per_token_step'] * 1e3:.2f} ms | "
