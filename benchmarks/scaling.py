@@ -3,8 +3,9 @@
 For random-weight LLaMA-shaped models (SmolLM2-135M, SmolLM2-360M, Llama-3.2-1B shapes) in float32 and
 bfloat16, ``taylor`` and ``moreau-gs`` scoring (``prunekit.api.score``, today's code path) each run in a
 fresh process (RSS peaks never reset) with one thread. Reported: the RSS peak above the loaded model in
-units of the model's own bytes, and the time per calibration token (per proximal step for moreau-gs),
-also divided by the parameter count (flat = linear scaling). Writes ``scaling.json`` and ``scaling.md``
+units of the model's own bytes, and the CPU time per calibration token (per proximal step for moreau-gs),
+also divided by the parameter count (flat = linear scaling); CPU time, not wall time, because the machine
+is shared (wall time is recorded too). Writes ``scaling.json`` and ``scaling.md``
 into DIR and prints the markdown table.
 """
 
@@ -65,17 +66,18 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
     write_json(record_path, out)
     gc.collect()
     with DtypeProbe(model) as probe, PeakRSS() as mem:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         scores, info = api.score(model, groups, spec["method"], batches, options=options, seed=spec["seed"])
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     steps = info.get("moreau", {}).get("iterations", 1)
     out.update(
-        seconds=round(seconds, 3), steps=steps, scoring=probe.result(),
+        seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3), steps=steps, scoring=probe.result(),
         rss_before_bytes=mem.baseline, peak_rss_delta_bytes=mem.delta, memory_probe=mem.source,
         peak_over_model=round(mem.delta / out["model_bytes"], 3),
         peak_over_prunable_fp32=round(mem.delta / (4 * prunable_params), 3),
-        s_per_token_step=seconds / (out["tokens"] * steps),
-        ns_per_token_step_param=1e9 * seconds / (out["tokens"] * steps * out["params"]),
+        # CPU time of this process (one torch thread): what the work costs, not how long it waited for a core
+        s_per_token_step=cpu_seconds / (out["tokens"] * steps),
+        ns_per_token_step_param=1e9 * cpu_seconds / (out["tokens"] * steps * out["params"]),
         scores_finite=bool(all(torch.isfinite(t).all() for t in scores)),
         dtype_after=str(next(model.parameters()).dtype), loadavg_after=os.getloadavg()[0],
         torch_threads=torch.get_num_threads(),
@@ -127,19 +129,19 @@ def plan(shapes: list[str], dtypes: list[str], methods: list[str], repeats: int)
 
 def table(records: list[dict[str, Any]]) -> str:
     """The markdown table of measured records (failed ones listed with their error)."""
-    head = ("| shape | params | dtype | method | tokens × steps | scoring ran in | time (s) | s / (token·step) "
+    head = ("| shape | params | dtype | method | tokens × steps | scoring ran in | wall (s) | CPU (s) | CPU / (token·step) "
             "| ns / (token·step·param) | peak above model (GB) | peak / model bytes |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         sp = r.get("spec", {})
         if "seconds" not in r:
-            rows.append(f"| {sp.get('shape')} | | {sp.get('dtype')} | {sp.get('method')} | | | failed: "
+            rows.append(f"| {sp.get('shape')} | | {sp.get('dtype')} | {sp.get('method')} | | | | failed: "
                         f"{str(r.get('error', r.get('skipped', '?'))).splitlines()[0][:80]} | | | | |")
             continue
         ran = "/".join(r["scoring"]["param_dtypes"])
         rows.append(
             f"| {sp['shape']} | {r['params'] / 1e6:.0f} M | {sp['dtype']} | {sp['method']} | {r['tokens']} × "
-            f"{r['steps']} | {ran} | {r['seconds']:.1f} | {r['s_per_token_step'] * 1e3:.2f} ms | "
+            f"{r['steps']} | {ran} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['s_per_token_step'] * 1e3:.2f} ms | "
             f"{r['ns_per_token_step_param']:.3f} | {r['peak_rss_delta_bytes'] / 1e9:.2f} | {r['peak_over_model']:.2f} |")
     return "\n".join(rows)
 
