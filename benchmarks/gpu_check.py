@@ -135,6 +135,9 @@ def run_one(spec: dict[str, Any], path: str | None) -> dict[str, Any]:
         s = shape(spec["shape"])
         record["shape_numbers"] = s.describe()
         dtype = api.DTYPES[spec["dtype"]]
+        with stage("startup"):  # lazy imports and the CUDA context, so "build" times only the model
+            from transformers import LlamaForCausalLM  # noqa: F401
+            torch.ones(1, device=device).add_(1)
         with stage("build"):
             model = build(s, device, dtype, seed=spec["seed"])
         record.update(params_before=model.num_parameters(), model_bytes_before=model_bytes(model),

@@ -14,7 +14,7 @@ import torch
 from prunekit.benchmarks import gpu_check, scaling
 from prunekit.benchmarks.shapes import SHAPES, build, model_bytes
 
-STAGES = ["build", "groups", "calibrate", "score", "select", "prune", "perplexity"]
+STAGES = ["startup", "build", "groups", "calibrate", "score", "select", "prune", "perplexity"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
