@@ -98,13 +98,17 @@ def mem_available() -> int | None:
     return None
 
 
-def needed_bytes(shape_name: str) -> int:
-    """A generous bound of what one measurement needs: the float32 model plus four float32 copies of the
-    prunable layers (δ, W', running mean and a transient) and 1 GiB of activations and interpreter."""
+def needed_bytes(shape_name: str, method: str) -> int:
+    """What one measurement needs at its peak (today's float32 scoring): the float32 model, 8 (taylor: gradient
+    and salience) or 12 (moreau-gs: δ, W', running mean) bytes per prunable weight, and 1.5 GiB for
+    activations and the interpreter. Checked against MemAvailable so a shared machine is never pushed into swap
+    or the OOM killer."""
+    from prunekit.api import default_layers
     from prunekit.benchmarks.shapes import shape
 
     s = shape(shape_name)
-    return 4 * s.n_params() + 4 * 4 * s.layers * s.layer_params() + (1 << 30)
+    prunable = len(default_layers(s.layers)) * s.layer_params()
+    return 4 * s.n_params() + (12 if method.startswith("moreau") else 8) * prunable + 3 * (1 << 29)
 
 
 def source_commit() -> dict[str, Any]:
@@ -183,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 "seq_len": args.seq_len, "batch_size": args.batch_size, "iterations": args.iterations,
                 "threads": args.threads, "seed": args.seed}
         available = mem_available()
-        if available is not None and available < needed_bytes(shape_name):
-            record = {"spec": spec, "skipped": f"needs ~{needed_bytes(shape_name) / 2**30:.1f} GiB, "
+        if available is not None and available < needed_bytes(shape_name, method):
+            record = {"spec": spec, "skipped": f"needs ~{needed_bytes(shape_name, method) / 2**30:.1f} GiB, "
                                                f"{available / 2**30:.1f} GiB available"}
         else:
             record = run_child(MODULE, spec, args.timeout)
