@@ -46,7 +46,8 @@ def environment(device: Any) -> dict[str, Any]:
     import torch
 
     env: dict[str, Any] = {"versions": versions(), "torch_cuda": torch.version.cuda, "platform": platform.platform(),
-                           "cpu_count": os.cpu_count(), "device": str(device), "torch_threads": torch.get_num_threads()}
+                           "cpu_count": os.cpu_count(), "device": str(device), "torch_threads": torch.get_num_threads(),
+                           "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, gpu_count=torch.cuda.device_count())
