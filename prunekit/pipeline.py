@@ -81,7 +81,9 @@ def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, 
 
     ctx = RunContext(config=config, registry=registry)
     with ctx.stage("load"):
-        ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device)
+        ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device,
+                                                      device_map=config.device_map, max_memory=config.max_memory,
+                                                      offload_folder=config.offload_folder)
     ctx.adapter = registry.adapter_for(ctx.model)
     resolve_layers(ctx.adapter.num_layers, config.selection.layers)  # bad layers fail before the evaluation
     check_context(ctx.model, config, run_plan.method.needs_calibration(run_plan.options))  # windows that fit the context
