@@ -281,15 +281,23 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool = True) -> Iter
     if not enabled or not getattr(model, "supports_gradient_checkpointing", False):
         yield model
         return
-    was_on, was_training = getattr(model, "is_gradient_checkpointing", False), model.training
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    was_on, was_training = checkpointing_on(model), model.training
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
         yield model
     finally:
         if not was_on:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.train(was_training)
+
+
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether some module of ``model`` recomputes its activations (transformers' checkpointing flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _group_modules(groups: Any) -> list[str]:
