@@ -9,6 +9,7 @@ The CLI (``prunekit run``) and the benchmark harness are built on these function
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from prunekit.allocate import allocate_select, allocator_plan, pruned_layers
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
-from prunekit.devices import for_pruning, for_scoring, gradient_checkpointing
+from prunekit.devices import for_pruning, for_scoring, gradient_checkpointing, offloaded
 from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec, evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, load_pruned, save_pruned
@@ -248,7 +249,8 @@ def score(model: torch.nn.Module, groups: list[PruningGroup], method: str, batch
     """
     entry = _registry(registry).method(method)
     opts = options if isinstance(options, BaseModel) else entry.options(options or {})
-    with for_scoring(model, groups, entry.name, entry.needs_calibration(opts)), computed_in(model, compute_dtype):
+    with for_scoring(model, groups, entry.name, entry.needs_calibration(opts)), \
+            (contextlib.nullcontext() if offloaded(model) else computed_in(model, compute_dtype)):  # meta: no cast
         scoring_ctx = _scoring_context(model, groups, list(batches), seed, sampler)
         scores = [s.detach().float().cpu() for s in entry.cls(opts).scores(scoring_ctx)]
     if len(scores) != len(groups) or any(s.numel() != g.n_units for s, g in zip(scores, groups)):

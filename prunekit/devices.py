@@ -328,3 +328,20 @@ def for_pruning(model: torch.nn.Module, groups: Any) -> Iterator[None]:
         return
     with onloaded(model, _group_modules(groups)):
         yield
+
+
+def mapped_device(device_map: dict[str, Any], module: str) -> Any:
+    """The device a device map gives ``module``: the entry of its longest mapped prefix ("" maps everything)."""
+    best = max((k for k in device_map if k == "" or module == k or module.startswith(k + ".")), key=len, default=None)
+    return None if best is None else device_map[best]
+
+
+def check_tied_placement(config: Any, device_map: Any) -> None:
+    """A model whose output head is tied to its input embeddings must keep both on one device (accelerate
+    cannot load the shared tensor for a head offloaded apart from it): a UserError naming ``device_map``."""
+    if not isinstance(device_map, dict) or not getattr(config, "tie_word_embeddings", False):
+        return
+    head, embeddings = mapped_device(device_map, "lm_head"), mapped_device(device_map, "model.embed_tokens")
+    if head is not None and embeddings is not None and head != embeddings:
+        raise UserError(f"device_map: this model ties lm_head to model.embed_tokens; map both to the same device "
+                        f"(got lm_head -> {head}, model.embed_tokens -> {embeddings})")

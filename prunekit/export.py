@@ -148,6 +148,10 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
            if v is not None}
     with quiet_transformers():
         config = AutoConfig.from_pretrained(source, **hub)
+        if device_map is not None:
+            from prunekit.devices import check_tied_placement
+
+            check_tied_placement(config, device_map)
         modules, shapes = getattr(config, "prunekit_modules", None), getattr(config, "prunekit_layer_shapes", None)
         if not modules and not shapes:
             placed = ({"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}

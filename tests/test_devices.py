@@ -148,6 +148,28 @@ def test_disk_offload_gives_the_same_mask_logits_and_checkpoint(model_dir, tmp_p
     assert _tree(model_dir) == before  # the input checkpoint (offload source) is untouched
 
 
+def test_bfloat16_offloaded_model_prunes_like_the_single_device_one(model_dir, tmp_path):
+    """accelerate forbids casting a model with offloaded modules: data-free scoring reads the load dtype."""
+    reference, tokenizer, _ = api.load_model(str(model_dir), "bfloat16")
+    split, _, _ = api.load_model(str(model_dir), "bfloat16", device_map=SPLIT, offload_folder=tmp_path / "offload")
+    want = api.prune(reference, tokenizer, "magnitude", 0.34)
+    got = api.prune(split, tokenizer, "magnitude", 0.34)
+    assert got.mask == want.mask and {p.dtype for p in split.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(_logits(split), _logits(reference), rtol=0, atol=0)
+
+
+def test_tied_head_must_stay_with_the_embeddings(tmp_path):
+    tied = tmp_path / "tied"
+    make_tiny_llama(9, 3, layers=4, tie=True).save_pretrained(tied)
+    make_tiny_tokenizer().save_pretrained(tied)
+    with pytest.raises(UserError, match="^device_map: this model ties lm_head to model.embed_tokens.*lm_head -> disk"):
+        api.load_model(str(tied), device_map=SPLIT, offload_folder=tmp_path / "offload")
+    reference, tokenizer, _ = api.load_model(str(tied))
+    split, _, _ = api.load_model(str(tied), device_map={**SPLIT, "lm_head": "cpu"}, offload_folder=tmp_path / "off")
+    assert api.prune(split, tokenizer, "magnitude", 0.34).mask == api.prune(reference, tokenizer, "magnitude", 0.34).mask
+    torch.testing.assert_close(_logits(split), _logits(reference), rtol=0, atol=1e-6)
+
+
 def test_gradient_methods_refused_with_offload_model_untouched(model_dir, tmp_path):
     split, tokenizer, _ = api.load_model(str(model_dir), device_map=SPLIT, offload_folder=tmp_path / "offload")
     dense = _logits(split)
