@@ -224,17 +224,19 @@ def test_gradient_checkpointing_gives_the_same_scores(model_dir):
 def test_cli_run_and_eval_with_disk_offload(model_dir, tmp_path, capsys):
     device_map = json.dumps(SPLIT)
     out = tmp_path / "out"
-    code = main(["run", "--no-eval", "--method", "magnitude", "--ratio", "0.34", "--model", str(model_dir),
+    config = tmp_path / "eval.yaml"
+    config.write_text("evaluation:\n  perplexity: [ptb]\n  zero_shot: []\n  ppl_window: 32\n  ppl_max_windows: 4\n")
+    code = main(["run", "--method", "magnitude", "--ratio", "0.34", "--model", str(model_dir), "--config", str(config),
                  "--output", str(out), "--device-map", device_map, "--offload-folder", str(tmp_path / "off")])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["config"]["device_map"] == SPLIT
+    assert manifest["metrics"]["before"]["cache"]["skipped"]  # an offloaded model's weights are not hashed
+    assert manifest["metrics"]["after"]["perplexity"]["ptb"]["ppl"] > 1
     reference, tokenizer, _ = api.load_model(str(model_dir))
     api.prune(reference, tokenizer, "magnitude", 0.34)
     torch.testing.assert_close(_logits(api.load_model(str(out))[0]), _logits(reference), rtol=0, atol=1e-6)
 
-    config = tmp_path / "eval.yaml"
-    config.write_text("evaluation:\n  perplexity: [ptb]\n  zero_shot: []\n  ppl_window: 32\n  ppl_max_windows: 4\n")
     results = []
     for extra in ([], ["--device-map", device_map, "--offload-folder", str(tmp_path / "off2")]):
         target = tmp_path / f"m{len(results)}.json"
