@@ -26,7 +26,7 @@ from prunekit.allocate import allocate_select, allocator_plan, pruned_layers
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
-from prunekit.devices import for_pruning, for_scoring, gradient_checkpointing, offloaded
+from prunekit.devices import check_offloaded_run, for_pruning, for_scoring, gradient_checkpointing, offloaded
 from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec, evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, load_pruned, save_pruned
@@ -358,6 +358,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     ctx.adapter = registry.adapter_for(model)
     layers = pruned_layers(config, ctx.adapter.num_layers)
     check_context(model, config, run_plan.method.needs_calibration(run_plan.options) and batches is None)
+    check_offloaded_run(model, config.method, run_plan.method.needs_calibration(run_plan.options), config.recovery.method)
     needs_tokenizer = (run_plan.method.needs_calibration(run_plan.options) and batches is None) or run_plan.recovery
     if needs_tokenizer and tokenizer is None:
         raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")

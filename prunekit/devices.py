@@ -200,12 +200,24 @@ def refuse_gradients_with_offload(model: torch.nn.Module, method: str, needs_gra
                         f"(magnitude, random)")
 
 
+def check_offloaded_run(model: torch.nn.Module, method: str, needs_gradients: bool, recovery: str = "none") -> None:
+    """Refuse, before any work, what cannot run on offloaded weights: gradient scoring and recovery training."""
+    refuse_gradients_with_offload(model, method, needs_gradients)
+    names = offloaded(model) if recovery != "none" else []
+    if names:
+        raise UserError(f"device_map: recovery {recovery!r} trains through weights offloaded to disk/CPU "
+                        f"({len(names)} modules, e.g. {names[0]}); give every module a device (cpu or cuda:N) "
+                        f"in --device-map, raise --max-memory, or run recovery without offload")
+
+
 @contextlib.contextmanager
 def onloaded(model: torch.nn.Module, module_names: Any = None) -> Iterator[list[str]]:
     """Give offloaded modules (all, or those named or nested under ``module_names``) real tensors on the CPU for
-    the block, with their hook's offloading paused; afterwards write each tensor (possibly pruned to a new
-    shape) back into accelerate's weights map (in host memory: the input checkpoint is never written) and
-    put the module back on ``meta``. Yields the onloaded module names."""
+    the block, with their hook's offloading paused and their execution moved to the CPU (a forward in the
+    block, e.g. torch-pruning's trace, computes them there; the next module's hook moves the activations
+    back); afterwards write each tensor (possibly pruned to a new shape) back into accelerate's weights map
+    (in host memory: the input checkpoint is never written) and put the module back on ``meta`` and its
+    execution where it was. Yields the onloaded module names."""
     from accelerate.utils import set_module_tensor_to_device
 
     wanted = None if module_names is None else tuple(module_names)
@@ -217,6 +229,7 @@ def onloaded(model: torch.nn.Module, module_names: Any = None) -> Iterator[list[
             continue
         chosen.append((name, module, hook))
     placed: list[tuple[Any, Any, str]] = []
+    executed = [hook.execution_device for _, _, hook in chosen]
     try:
         for name, module, hook in chosen:
             tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
@@ -224,15 +237,15 @@ def onloaded(model: torch.nn.Module, module_names: Any = None) -> Iterator[list[
                 if t.device.type == "meta" and tname in hook.weights_map:
                     set_module_tensor_to_device(module, tname, "cpu", value=hook.weights_map[tname])
                     placed.append((module, hook, tname))
-            hook.offload = False
+            hook.offload, hook.execution_device = False, torch.device("cpu")
         yield [name for name, _, _ in chosen]
     finally:
         for module, hook, tname in placed:
             value = getattr(module, tname).detach().to("cpu")
             _store(hook.weights_map, tname, value)
             set_module_tensor_to_device(module, tname, "meta")
-        for _, _, hook in chosen:
-            hook.offload = True
+        for (_, _, hook), device in zip(chosen, executed):
+            hook.offload, hook.execution_device = True, device
 
 
 def _store(weights_map: Any, name: str, value: torch.Tensor) -> None:

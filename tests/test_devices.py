@@ -175,6 +175,8 @@ def test_gradient_methods_refused_with_offload_model_untouched(model_dir, tmp_pa
     dense = _logits(split)
     with pytest.raises(UserError, match="^device_map: method 'taylor' needs gradients.*--device-map"):
         api.prune(split, tokenizer, "taylor", 0.34, batches=_batches())
+    with pytest.raises(UserError, match="^device_map: recovery 'lora' trains through weights offloaded"):
+        api.prune(split, tokenizer, "magnitude", 0.34, recovery={"method": "lora"})
     assert split.model.layers[0].mlp.up_proj.weight.shape[0] == 48
     torch.testing.assert_close(_logits(split), dense, rtol=0, atol=0)
 
