@@ -107,13 +107,14 @@ def test_placement_needs_an_offload_folder_for_disk():
 # ------------------------------------------------------------------ the must-show equivalences
 
 
-def test_hooked_dispatch_gives_the_same_taylor_mask_and_logits(model_dir):
+@pytest.mark.parametrize("method", ["taylor", "moreau-gs"])
+def test_hooked_dispatch_gives_the_same_mask_and_logits(model_dir, method):
     """Gradient scoring (forward and backward) through accelerate's hooks, then pruning with hooks attached."""
     reference, tokenizer, _ = api.load_model(str(model_dir))
     hooked = _cpu_hooked(api.load_model(str(model_dir))[0])
     assert is_dispatched(hooked) and not offloaded(hooked)
-    want = api.prune(reference, tokenizer, "taylor", 0.34, batches=_batches())
-    got = api.prune(hooked, tokenizer, "taylor", 0.34, batches=_batches())
+    want = api.prune(reference, tokenizer, method, 0.34, batches=_batches())
+    got = api.prune(hooked, tokenizer, method, 0.34, batches=_batches())
     assert got.mask == want.mask
     assert got.reduction == want.reduction and want.reduction["params_removed_fraction"] > 0.1
     assert hasattr(hooked.model.layers[2].mlp.down_proj, "_hf_hook")  # hooks survive the shape change
