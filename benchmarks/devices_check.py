@@ -192,35 +192,59 @@ def check_eval_cli(ctx: dict) -> dict:
     return out
 
 
-def check_checkpointing_memory(ctx: dict) -> dict:
-    """Peak memory of Taylor scoring above the loaded model, with and without gradient checkpointing."""
+SHAPES = {  # (model shape, calibration sequences x tokens); micro-batches of 4 sequences
+    "gpu": (dict(hidden=2048, layers=16, n_q=16, n_kv=4, intermediate=5632, vocab=32000), 8, 1024),
+    "small": (dict(hidden=512, layers=8, n_q=8, n_kv=2, intermediate=1408, vocab=8000), 8, 256),
+    "tiny": (dict(hidden=128, layers=4, n_q=4, n_kv=2, intermediate=256, vocab=512), 4, 64),
+}
+
+
+def score_peak(shape_name: str, checkpointing: bool, device: str, threads: int) -> dict:
+    """In a fresh process: Taylor scoring of a random LLaMA of ``shape_name``; time and peak memory above the
+    loaded model (CUDA: max_memory_allocated; CPU: peak RSS), with or without gradient checkpointing."""
+    from prunekit.benchmarks.memory import PeakRSS
     from prunekit.devices import gradient_checkpointing
 
-    cuda = ctx["device"].startswith("cuda")
-    shape = dict(hidden=2048, layers=16, n_q=16, n_kv=4, intermediate=5632, vocab=32000) if cuda else \
-        dict(hidden=128, layers=4, n_q=4, n_kv=2, intermediate=256, vocab=512)
-    seq, n = (1024, 8) if cuda else (64, 4)
-    model = llama(**shape, device=ctx["device"], spread=False)
+    torch.set_num_threads(threads)
+    shape, n, seq = SHAPES[shape_name]
+    model = llama(**shape, device=device, spread=False)
     groups = api.build_groups(model)
     ids = list(torch.randint(0, shape["vocab"], (n, seq), generator=torch.Generator().manual_seed(3)).split(4))
-    out: dict[str, Any] = {"shape": shape, "params": model.num_parameters(), "tokens": n * seq, "micro_batch": 4}
-    scores = {}
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    with PeakRSS() as rss, gradient_checkpointing(model, checkpointing):
+        scores, _ = api.score(model, groups, "taylor", ids)
+    if cuda:
+        torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) if cuda else rss.delta
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"seconds": round(time.perf_counter() - started, 3), "peak_above_model_gib": round(peak / 2**30, 4),
+            "peak_over_model_size": round(peak / model_bytes, 3),
+            "probe": "cuda max_memory_allocated" if cuda else rss.source, "params": model.num_parameters(),
+            "tokens": n * seq, "scores": [s.tolist() for s in scores]}
+
+
+def check_checkpointing_memory(ctx: dict) -> dict:
+    """Peak memory of Taylor scoring above the loaded model, with and without gradient checkpointing, each in
+    its own process (one variant's peak never includes the other's)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shape = "gpu" if ctx["device"].startswith("cuda") else ctx.get("cpu_shape", "tiny")
+    out: dict[str, Any] = {"shape": shape, "model": SHAPES[shape][0], "micro_batch": 4}
+    runs = {}
     for name, on in (("plain", False), ("checkpointed", True)):
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        started = time.perf_counter()
-        with gradient_checkpointing(model, on):
-            scores[name], _ = api.score(model, groups, "taylor", ids)
-        if cuda:
-            torch.cuda.synchronize()
-        out[name] = {"seconds": round(time.perf_counter() - started, 3),
-                     "peak_above_model_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3) if cuda
-                     else None}
-    out["scores_max_rel_diff"] = max(float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
-                                     for a, b in zip(scores["plain"], scores["checkpointed"]))
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs[name] = pool.submit(score_peak, shape, on, ctx["device"], torch.get_num_threads()).result()
+    for name, run in runs.items():
+        out[name] = {k: v for k, v in run.items() if k != "scores"}
+    out["scores_max_rel_diff"] = max(
+        float(((torch.tensor(a) - torch.tensor(b)).abs() / torch.tensor(b).abs().clamp_min(1e-12)).max())
+        for a, b in zip(runs["plain"]["scores"], runs["checkpointed"]["scores"]))
     return out
 
 
@@ -238,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument("--only", nargs="*", choices=list(CHECKS), help="run only these checks")
+    ap.add_argument("--cpu-shape", choices=("tiny", "small"), default="tiny",
+                    help="model of the checkpointing-memory check on the CPU (the GPU uses a 0.9B shape)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("devices_check: --device cuda but torch sees no CUDA device", file=sys.stderr)
@@ -257,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp) / "tiny"
         llama(72, 4, 9, 3, 48, VOCAB).save_pretrained(model_dir)
         tiny_tokenizer().save_pretrained(model_dir)
-        ctx = {"dir": str(model_dir), "device": device, "tmp": Path(tmp)}
+        ctx = {"dir": str(model_dir), "device": device, "tmp": Path(tmp), "cpu_shape": args.cpu_shape}
         for name, check in CHECKS.items():
             if args.only and name not in args.only:
                 continue
