@@ -42,8 +42,7 @@ def check_device(value: str, field: str = "device") -> str:
         raise UserError(f"{field}: {problem}")
     if value.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"{field}: {value} requested but no CUDA device is available (cuda requested; "
-                            f"accepted: cpu, cuda, cuda:N)")
+            raise UserError(f"{field}: {value} requested but no CUDA device is available (accepted here: cpu)")
         index = int(value.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise UserError(f"{field}: {value} requested but this machine has {torch.cuda.device_count()} CUDA "
