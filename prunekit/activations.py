@@ -59,7 +59,9 @@ def collect_activation_stats(model: torch.nn.Module, module_names: list[str],
             counts[name] += x.shape[0]
         return hook
 
-    device = next(model.parameters()).device
+    from prunekit.devices import input_device
+
+    device = input_device(model)  # accelerate's first device when the model is dispatched
     handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in module_names]
     was_training = model.training
     model.eval()

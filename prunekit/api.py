@@ -9,6 +9,7 @@ The CLI (``prunekit run``) and the benchmark harness are built on these function
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from prunekit.allocate import allocate_select, allocator_plan, pruned_layers
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
+from prunekit.devices import check_offloaded_run, for_pruning, for_scoring, gradient_checkpointing, offloaded
 from prunekit.errors import UserError
 from prunekit.evaluate import EvalSpec, evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, load_pruned, save_pruned
@@ -143,21 +145,25 @@ def reduction_report(groups: list[PruningGroup], kept: list[torch.Tensor], befor
 # ------------------------------------------------------------------------------------ loading
 
 
-def load_model(source: str | None = None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, str]:
+def load_model(source: str | None = None, dtype: str = "float32", device: str = "cpu", *,
+               device_map: str | dict | None = None, max_memory: str | dict | None = None,
+               offload_folder: str | Path | None = None) -> tuple[Any, Any, str]:
     """Model (eval mode), tokenizer and resolved source from a local path, a hub id or (``None``) the
-    embedded default model; prunekit checkpoints with per-layer shapes included."""
+    embedded default model; prunekit checkpoints with per-layer shapes included. ``device`` is cpu, cuda or
+    cuda:N; ``device_map``/``max_memory``/``offload_folder`` place it with accelerate instead (docs/devices.md)."""
     from transformers import AutoTokenizer
+
+    from prunekit.devices import placement
 
     if dtype not in DTYPES:
         raise UserError(f"dtype: {dtype!r} is not supported (accepted: {', '.join(DTYPES)})")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda requested but no CUDA device is available (accepted: cpu, cuda)")
+    where = placement(device, device_map, max_memory, offload_folder)
     if source is None:
         from prunekit.assets import default_model_dir
 
         source = str(default_model_dir())
     try:
-        model = load_pruned(source, dtype=DTYPES[dtype], device=device)
+        model = load_pruned(source, dtype=DTYPES[dtype], **where)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except UserError:
         raise
@@ -243,7 +249,8 @@ def score(model: torch.nn.Module, groups: list[PruningGroup], method: str, batch
     """
     entry = _registry(registry).method(method)
     opts = options if isinstance(options, BaseModel) else entry.options(options or {})
-    with computed_in(model, compute_dtype):
+    with for_scoring(model, groups, entry.name, entry.needs_calibration(opts)), \
+            (contextlib.nullcontext() if offloaded(model) else computed_in(model, compute_dtype)):  # meta: no cast
         scoring_ctx = _scoring_context(model, groups, list(batches), seed, sampler)
         scores = [s.detach().float().cpu() for s in entry.cls(opts).scores(scoring_ctx)]
     if len(scores) != len(groups) or any(s.numel() != g.n_units for s, g in zip(scores, groups)):
@@ -262,7 +269,7 @@ def apply(model: torch.nn.Module, groups: list[PruningGroup], kept: list[torch.T
     """Physically remove every unit not in ``kept`` (torch-pruning) and update the model's config; returns
     the per-layer shapes. Parameter names stay; new weight tensors keep their dtype and device."""
     adapter = _registry(registry).adapter_for(model)
-    with preserved(model):
+    with preserved(model), for_pruning(model, groups):  # offloaded weights: onloaded, pruned, written back
         apply_plan(model, adapter, groups, kept)
         return adapter.sync_config()
 
@@ -351,6 +358,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     ctx.adapter = registry.adapter_for(model)
     layers = pruned_layers(config, ctx.adapter.num_layers)
     check_context(model, config, run_plan.method.needs_calibration(run_plan.options) and batches is None)
+    check_offloaded_run(model, config.method, run_plan.method.needs_calibration(run_plan.options), config.recovery.method)
     needs_tokenizer = (run_plan.method.needs_calibration(run_plan.options) and batches is None) or run_plan.recovery
     if needs_tokenizer and tokenizer is None:
         raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
@@ -364,7 +372,8 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
         if run_plan.method.needs_calibration(run_plan.options) and batches is None:
             with ctx.stage("calibrate"):
                 batches, calibration = calibrate(tokenizer, config.calibration, seed=calibration_seed(config))
-        with ctx.stage("score"):  # K = config.stability calibration resamples, consensus when K > 1
+        # K = config.stability calibration resamples, consensus when K > 1
+        with ctx.stage("score"), gradient_checkpointing(model, config.calibration.gradient_checkpointing):
             scores, method_info = stability.score(ctx, run_plan.method, run_plan.options, batches or [])
         host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
         with ctx.stage("select"):  # budget -> units each group loses (the allocator plugin) -> kept units

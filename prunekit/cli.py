@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="output directory (default ./pruned-METHOD)")
     run.add_argument("--config", type=Path, help="YAML or TOML run config; flags override it")
     run.add_argument("--seed", type=int)
-    run.add_argument("--device", choices=["cpu", "cuda"])
+    _device_flags(run)
+    run.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                     help="recompute activations in the backward pass (less calibration memory, same gradient)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
     run.add_argument("--no-eval", action="store_true", help="skip evaluation before and after pruning")
@@ -55,13 +57,27 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="hub id or local path; default: the embedded model")
     ev.add_argument("--config", type=Path, help="YAML/TOML file whose `evaluation` section is used")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    ev.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _device_flags(ev)
     ev.add_argument("--limit", type=int, help="zero-shot examples per task (default from config)")
     ev.add_argument("--full", action="store_true", help="full evaluation sets (no window or example limits)")
     ev.add_argument("--json", type=Path, help="also write the metrics to this file")
     sub.add_parser("bench", help="robustness, quality and cost benchmarks; `prunekit bench --help` for options",
                    add_help=False)
     return parser
+
+
+def _device_flags(parser: argparse.ArgumentParser) -> None:
+    """--device, --device-map, --max-memory, --offload-folder (validated by the config: docs/devices.md)."""
+    parser.add_argument("--device", metavar="DEVICE", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--device-map", metavar="MAP",
+                        help="accelerate placement: auto, balanced, balanced_low_0, sequential or JSON module->device")
+    parser.add_argument("--max-memory", metavar="MEM", help="memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    parser.add_argument("--offload-folder", type=Path, metavar="DIR", help="where modules mapped to disk are offloaded")
+
+
+def _device_overrides(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "device_map": args.device_map, "max_memory": args.max_memory,
+            "offload_folder": args.offload_folder}
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -86,7 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     file_values = read_config_file(expand_path(args.config, "--config")) if args.config else {}
     overrides = {"method": args.method, "model": args.model, "ratio": args.ratio, "output": args.output,
                  "seed": args.seed, "device": args.device, "dtype": args.dtype, "overwrite": args.overwrite,
-                 "stability": args.stability}
+                 "stability": args.stability, **_device_overrides(args)}
+    if args.gradient_checkpointing:
+        overrides["calibration"] = {**file_values.get("calibration", {}), "gradient_checkpointing": True}
     if args.option:
         overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
     if args.params_removed is not None or args.allocator:
@@ -144,12 +162,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_eval_args(args)  # --limit, --json location, `~`: before loading anything
     file_values = read_config_file(args.config) if args.config else {}
-    spec = resolve_config({"evaluation": file_values.get("evaluation", {})}, {}).evaluation
+    run_config = resolve_config({"evaluation": file_values.get("evaluation", {}),
+                                 **{k: file_values[k] for k in _device_overrides(args) if k in file_values}},
+                                _device_overrides(args))
+    spec = run_config.evaluation
     if args.full:
         spec = spec.model_copy(update={"ppl_max_windows": None, "zero_shot_limit": None})
     if args.limit is not None:
         spec = spec.model_copy(update={"zero_shot_limit": args.limit})
-    model, tokenizer, source = load_model(args.model, args.dtype, args.device)
+    model, tokenizer, source = load_model(args.model, args.dtype, run_config.device, device_map=run_config.device_map,
+                                          max_memory=run_config.max_memory, offload_folder=run_config.offload_folder)
     metrics = evaluate_model(model, tokenizer, spec)
     print_metrics({"model": metrics}, title=f"evaluation of {source}")
     if args.json:

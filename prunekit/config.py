@@ -48,6 +48,9 @@ class CalibrationConfig(_Strict):
                                      "(losses weighted by share), so this only trades activation memory for speed")
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX,
                              description="which windows are drawn; default (None): the run's seed")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute layer activations in the backward pass (less calibration memory, "
+                                   "~1/3 more time; same gradient)")
 
     @field_validator("source")
     @classmethod
@@ -98,7 +101,13 @@ class RunConfig(_Strict):
     overwrite: bool = False
     ratio: float = Field(default=0.25, gt=0, lt=1)
     seed: int = Field(default=42, ge=0, le=SEED_MAX, description="drives everything random in the run")
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: str = Field(default="cpu", description="cpu, cuda or cuda:N (one device; see device_map for several)")
+    device_map: str | dict[str, int | str] | None = Field(
+        default=None, description="accelerate placement: auto, balanced, balanced_low_0, sequential or module -> "
+                                  "device (cpu, disk, cuda:N, N) as a mapping or JSON (docs/devices.md)")
+    max_memory: str | dict[str | int, int | str] | None = Field(
+        default=None, description="memory per device for device_map, e.g. 0=70GiB,1=70GiB,cpu=200GiB or a mapping")
+    offload_folder: Path | None = Field(default=None, description="where accelerate offloads modules mapped to disk")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     stability: int = Field(default=1, ge=1, description="score K calibration resamples, report their agreement, "
                                                          "prune with the consensus (1: one plain scoring)")
@@ -109,7 +118,7 @@ class RunConfig(_Strict):
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
-    @field_validator("output", "model", mode="before")
+    @field_validator("output", "model", "offload_folder", mode="before")
     @classmethod
     def _expand_home(cls, v: Any, info: Any) -> Any:
         """``~/x`` means the home folder here too (YAML/TOML values and quoted flags are not shell-expanded)."""
@@ -121,6 +130,29 @@ class RunConfig(_Strict):
             except UserError as exc:
                 raise ValueError(str(exc).partition(": ")[2]) from None
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v: str) -> str:
+        from prunekit.devices import device_problem
+
+        if device_problem(v):
+            raise ValueError(device_problem(v))
+        return v
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map_known(cls, v: Any) -> Any:
+        from prunekit.devices import parse_device_map
+
+        return parse_device_map(v)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory_known(cls, v: Any) -> Any:
+        from prunekit.devices import parse_max_memory
+
+        return parse_max_memory(v)
 
     @field_validator("selection")
     @classmethod

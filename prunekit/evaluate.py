@@ -86,8 +86,10 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (where inputs must go)."""
-    return next(model.parameters()).device
+    """Where inputs must go: the input embeddings' device (accelerate's first device for a dispatched model)."""
+    from prunekit.devices import input_device
+
+    return input_device(model)
 
 
 def _resolve_text(text_or_source: str | Text, split: str, data_dir: str | os.PathLike | None) -> Text:
@@ -282,6 +284,7 @@ def zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] = tup
     with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as task_dir, eval_mode(model):
         manager, data = _task_sources(tasks, Path(task_dir))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm._device = _model_device(model)  # HFLM takes model.device, which is 'meta' when the embeddings are offloaded
         results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                           num_fewshot=0, log_samples=False, bootstrap_iters=1000)
     summary = _summarize(results, tasks, data)

@@ -122,7 +122,8 @@ def _mismatch(path: str | os.PathLike, missing: Any, unexpected: Any, mismatched
 
 def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu", *,
                 revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                local_files_only: bool | None = None):
+                local_files_only: bool | None = None, device_map: str | dict | None = None,
+                max_memory: dict | None = None, offload_folder: str | None = None):
     """Load a model prunekit saved, per-layer shapes included, from a folder, a hub id or a hub cache.
 
     Uniform shapes (every layer pruned alike) also load with ``AutoModelForCausalLM.from_pretrained``;
@@ -131,7 +132,8 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
     looked up in ``cache_dir`` (default: the hub cache), offline when ``local_files_only`` or
     ``HF_HUB_OFFLINE`` is set. Checkpoints of older prunekit versions (only ``prunekit_layer_shapes``)
     load too. Weights that do not match the config (missing, unexpected, wrong shape) are a one-line UserError,
-    never silently re-initialised.
+    never silently re-initialised. ``device_map``/``max_memory``/``offload_folder`` place the model with
+    accelerate (see :mod:`prunekit.devices`) instead of moving it to ``device``.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -146,15 +148,21 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
            if v is not None}
     with quiet_transformers():
         config = AutoConfig.from_pretrained(source, **hub)
+        if device_map is not None:
+            from prunekit.devices import check_tied_placement
+
+            check_tied_placement(config, device_map)
         modules, shapes = getattr(config, "prunekit_modules", None), getattr(config, "prunekit_layer_shapes", None)
         if not modules and not shapes:
+            placed = ({"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+                      if device_map is not None else {})
             model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", output_loading_info=True,
-                                                               **hub)
+                                                               **hub, **placed)
             error = _mismatch(source, info.get("missing_keys"), info.get("unexpected_keys"),
                               info.get("mismatched_keys"))
             if error:
                 raise error
-            return model.to(device)
+            return model if device_map is not None else model.to(device)
     path = checkpoint_folder(source, **hub)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
     if modules:  # what the checkpoint's own loading code does
@@ -177,4 +185,8 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
     if error:
         raise error
     model.tie_weights()
+    if device_map is not None:
+        from prunekit.devices import dispatch
+
+        return dispatch(model, device_map, max_memory, offload_folder).eval()
     return model.to(device).eval()

@@ -55,7 +55,9 @@ class ScoringContext:
 
     def batch_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of one calibration batch."""
-        batch = batch.to(next(self.model.parameters()).device)
+        from prunekit.devices import input_device
+
+        batch = batch.to(input_device(self.model))  # accelerate's first device when the model is dispatched
         out = self.model(input_ids=batch, labels=batch, use_cache=False)
         return out.loss
 

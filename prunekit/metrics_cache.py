@@ -124,8 +124,13 @@ def cached_metrics(model: torch.nn.Module, tokenizer: Any, settings: dict[str, A
     The result carries ``cache``: ``{"hit": bool, "key", "file", "fingerprint_seconds"}`` so a caller can
     say where the figures came from. ``refresh`` recomputes and overwrites the entry.
     """
+    from prunekit.devices import input_device, offloaded
+
+    if offloaded(model):  # weights on 'meta' (accelerate offload): hashing them would read the whole model back
+        return {**compute(), "cache": {"hit": False, "key": None, "file": None, "fingerprint_seconds": 0,
+                                       "skipped": "offloaded model (device_map)"}}
     started = time.perf_counter()
-    device = next(model.parameters()).device.type
+    device = input_device(model).type
     key = cache_key(model_fingerprint(model, tokenizer), settings, device)
     hashing = round(time.perf_counter() - started, 2)
     path = cache_dir(root) / f"{key}.json"

@@ -19,6 +19,7 @@ from prunekit.api import (DTYPES, VERSIONED, default_layers, load_model, mask_re
 from prunekit.checks import check_context, check_sources
 from prunekit.config import RunConfig
 from prunekit.context import RunContext
+from prunekit.devices import check_offloaded_run
 from prunekit.errors import EvaluationFailed
 from prunekit.evaluate import evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, save_pruned
@@ -81,10 +82,14 @@ def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, 
 
     ctx = RunContext(config=config, registry=registry)
     with ctx.stage("load"):
-        ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device)
+        ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device,
+                                                      device_map=config.device_map, max_memory=config.max_memory,
+                                                      offload_folder=config.offload_folder)
     ctx.adapter = registry.adapter_for(ctx.model)
     resolve_layers(ctx.adapter.num_layers, config.selection.layers)  # bad layers fail before the evaluation
     check_context(ctx.model, config, run_plan.method.needs_calibration(run_plan.options))  # windows that fit the context
+    check_offloaded_run(ctx.model, config.method, run_plan.method.needs_calibration(run_plan.options),
+                        config.recovery.method)  # offload: no gradients, before the 'before' evaluation
     metrics: dict[str, Any] = {}
     if config.evaluation.enabled:
         with ctx.stage("evaluate_before"):

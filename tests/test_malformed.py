@@ -118,6 +118,7 @@ class Case:
     files: dict[str, str | bytes] = field(default_factory=dict)
     setup: Callable | None = None
     cwd: str | None = None
+    skip_if_cuda: bool = False  # the case needs a machine without (that) CUDA device
 
 
 def run_args(*extra: str, method: str = "magnitude", ratio: bool = True) -> list[str]:
@@ -202,7 +203,29 @@ CASES: list[Case] = [
     Case("seed-negative", run_args("--seed", "-1"), 2, "seed"),
     Case("seed-huge", run_args("--seed", "99999999999999999999999"), 2, "seed: Input should be less than"),
     Case("seed-float", run_args("--seed", "1.5"), 2, "invalid int value"),
-    Case("device-unknown", run_args("--device", "tpu"), 2, "invalid choice"),
+    Case("device-unknown", run_args("--device", "tpu"), 2, "device: Value error, 'tpu' is not a device"),
+    Case("device-cuda-index-text", run_args("--device", "cuda:x"), 2, "device: Value error, 'cuda:x' is not a device"),
+    Case("device-cuda-index-absent", run_args("--device", "cuda:7"), 2, "device: cuda:7 requested",
+         skip_if_cuda=True),
+    Case("device-map-unknown-name", run_args("--device-map", "everywhere"), 2, "device_map: Value error, 'everywhere'"),
+    Case("device-map-bad-json", run_args("--device-map", "{{model.layers.0: cpu"), 2, "device_map: Value error, not valid JSON"),
+    Case("device-map-bad-device", run_args("--device-map", '{{"model": "tpu"}}'), 2, "module 'model': 'tpu' is not a device"),
+    Case("device-map-empty", run_args("--device-map", "{{}}"), 2, "device_map: Value error, must be"),
+    Case("device-map-disk-no-folder", run_args("--device-map", '{{"model": "cpu", "lm_head": "disk"}}'), 2,
+         "offload_folder: the device map puts modules on 'disk'"),
+    Case("device-map-gpu-absent", run_args("--device-map", '{{"model": 0, "lm_head": "cpu"}}'), 2,
+         "device_map: cuda:0 requested", skip_if_cuda=True),
+    Case("max-memory-no-equals", run_args("--device-map", "auto", "--max-memory", "70GiB"), 2,
+         "max_memory: Value error, '70GiB': expected DEVICE=SIZE"),
+    Case("max-memory-bad-size", run_args("--device-map", "auto", "--max-memory", "cpu=lots"), 2,
+         "max_memory: Value error, cpu: 'lots' is not a size"),
+    Case("max-memory-bad-key", run_args("--device-map", "auto", "--max-memory", "gpu0=1GiB"), 2,
+         "max_memory: Value error, 'gpu0' is not a device"),
+    Case("max-memory-without-map", run_args("--max-memory", "cpu=1GiB"), 2, "device_map: --max-memory and --offload-folder"),
+    Case("offload-folder-without-map", run_args("--offload-folder", "{tmp}/off"), 2, "device_map: --max-memory and --offload-folder"),
+    Case("device-map-gradients-offloaded", run_args("--device-map", '{{"model.embed_tokens": "cpu", "model.rotary_emb": '
+         '"cpu", "model.layers": "disk", "model.norm": "cpu", "lm_head": "cpu"}}', "--offload-folder", "{tmp}/off",
+         method="taylor"), 2, "device_map: method 'taylor' needs gradients", {"off/.keep": ""}),
     Case("dtype-unknown", run_args("--dtype", "float8"), 2, "invalid choice"),
     Case("flag-unknown", run_args("--ratoi", "0.2"), 2, "unrecognized arguments"),
     Case("no-command", [], 2, "required"),
@@ -275,6 +298,10 @@ CASES: list[Case] = [
     yaml_case("yaml-seed-float", "seed: 1.0e+30\n", "seed"),
     yaml_case("yaml-dtype", "dtype: float64\n", "dtype"),
     yaml_case("yaml-device", "device: gpu\n", "device"),
+    yaml_case("yaml-device-map-list", "device_map: [cpu, disk]\n", "device_map"),
+    yaml_case("yaml-max-memory-negative", "device_map: auto\nmax_memory: {cpu: -5}\n", "max_memory"),
+    yaml_case("yaml-gradient-checkpointing-text", "calibration:\n  gradient_checkpointing: maybe\n",
+              "calibration.gradient_checkpointing"),
     yaml_case("yaml-method-options-list", "method_options: [1, 2]\n", "method_options"),
     yaml_case("yaml-overwrite-text", "overwrite: sometimes\n", "overwrite"),
     Case("yaml-output-unknown-user", [*RUN, "--method", "magnitude", "--model", "{model}", "--config", "{tmp}/c.yaml"],
@@ -349,6 +376,10 @@ CASES: list[Case] = [
          {"c.yaml": "evaluation:\n  ppl_window: 1\n"}),
     Case("eval-model-missing", ["eval", "--model", "{world}/does-not-exist"], 2, "cannot load"),
     Case("eval-model-nan", ["eval", "--model", "{world}/nan"], 2, "NaN"),
+    Case("eval-device-unknown", ["eval", "--model", "{model}", "--device", "npu"], 2, "device: Value error, 'npu' is not a device"),
+    Case("eval-device-map-bad", ["eval", "--model", "{model}", "--device-map", "[1]"], 2, "device_map: Value error"),
+    Case("eval-disk-no-folder", ["eval", "--model", "{model}", "--device-map", '{{"model": "disk", "lm_head": "cpu"}}'],
+         2, "offload_folder: the device map puts modules on 'disk'"),
     Case("eval-flag-unknown", ["eval", "--bogus"], 2, "unrecognized arguments"),
     Case("eval-limit-text", ["eval", "--limit", "many"], 2, "invalid int value"),
 ]
@@ -370,6 +401,8 @@ def test_there_are_at_least_80_cases():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_malformed_input(case: Case, world: Path, tmp_path: Path, monkeypatch, capsys):
+    if case.skip_if_cuda and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
     _write_files(tmp_path, case.files)
     cleanup = case.setup(tmp_path, monkeypatch, world) if case.setup else None
     if case.cwd:

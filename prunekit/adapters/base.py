@@ -98,7 +98,9 @@ class Adapter:
     # -- tracing --------------------------------------------------------------------------------
     def example_inputs(self, seq_len: int = 8) -> torch.Tensor:
         """Input ids for tracing the dependency graph."""
-        device = next(self.model.parameters()).device
+        from prunekit.devices import input_device
+
+        device = input_device(self.model)  # accelerate's first device when the model is dispatched
         return torch.arange(seq_len, device=device).unsqueeze(0) % self.config.vocab_size
 
     @contextlib.contextmanager
