@@ -231,12 +231,12 @@ def _brief(info: dict) -> dict:
     return out
 
 
-def setup_torch(device: str, threads: int) -> None:
-    """Float32 numbers comparable to CPU (no TF32), ``threads`` CPU threads."""
+def setup_torch(threads: int, allow_tf32: bool = False) -> None:
+    """Float32 numbers comparable to CPU (no TF32 unless asked), ``threads`` CPU threads."""
     torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
 
 
 def worker_main(wid: int, args: dict, tasks, results) -> None:
@@ -245,7 +245,7 @@ def worker_main(wid: int, args: dict, tasks, results) -> None:
         results.put((kind, wid, payload))
 
     try:
-        setup_torch(args["device"], args["threads"])
+        setup_torch(args["threads"], args["allow_tf32"])
         worker = Worker(args, emit)
         emit("log", f"ready: load {worker.load_seconds:.1f}s, tokenize {worker.tokenize_seconds:.1f}s, "
                     f"windows { {k: len(v) for k, v in worker.windows.items()} }")
@@ -322,33 +322,43 @@ def run(args: argparse.Namespace) -> int:
     import multiprocessing as mp
 
     from prunekit.benchmarks import full_report
+    from prunekit.errors import UserError
 
     started = time.time()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device: cuda requested but no CUDA device is available (accepted: cpu, cuda)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {str(out)!r} exists and is not a folder")
     cells = full_grid.cells([g.strip() for g in args.grid.split(",") if g.strip()], args.grid_file)
     if args.cells:
         patterns = [p.strip() for p in args.cells.split(",") if p.strip()]
         cells = [c for c in cells if any(fnmatch.fnmatch(c["id"], p) for p in patterns)]
     seeds = [int(s) for s in args.seeds.split(",")]
-    validate(cells, args.device)
+    if not cells:
+        raise UserError(f"--cells: {args.cells!r} matches no cell of the grid")
+    validate(cells, args.device)  # every config and plan checked before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     previous = read_rows(out)
     done = {(r["cell"], r["seed"]) for r in previous if r.get("kind") == "cell"}
     dense_done = any(r.get("kind") == "dense" for r in previous)
     tasks = plan_tasks(cells, seeds, done, dense_done, args.device)
     (out / "grid.json").write_text(json.dumps({"cells": cells, "seeds": seeds}, indent=1))
     deadline = started + args.time_budget_s if args.time_budget_s else None
-    workers = max(1, args.workers)
+    workers = args.workers
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     settings = {"device": args.device, "model": args.model, "windows": args.windows, "eval_batch": args.eval_batch,
-                "threads": threads, "deadline": deadline, "out": str(out)}
+                "threads": threads, "deadline": deadline, "out": str(out), "allow_tf32": args.allow_tf32}
     say(f"{len(cells)} cells x {len(seeds)} seeds: {len(tasks)} tasks ({len(done)} (cell, seed) already in "
         f"{out / 'rows.jsonl'}); {workers} workers x {threads} threads on {args.device}; "
         f"budget {args.time_budget_s or 'none'} s")
     meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv, "workers": workers, "threads": threads,
             "device": args.device, "windows": args.windows, "eval_batch": args.eval_batch, "seeds": seeds,
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "loadavg_start": os.getloadavg(), "time_budget_s": args.time_budget_s}
+            "loadavg_start": os.getloadavg(), "time_budget_s": args.time_budget_s, "allow_tf32": args.allow_tf32}
+    if not tasks:
+        say("nothing to do: every (cell, seed) pair is already in rows.jsonl")
+        return 0 if not full_report.write_summary(out, meta, with_plots=True)["errors"] else 1
     ctx = mp.get_context("spawn")
     task_q, result_q = ctx.Queue(), ctx.Queue()
     for t in tasks:
@@ -423,8 +433,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--grid-file", type=Path, default=None, help="JSON/YAML list of cells instead of --grid")
     ap.add_argument("--cells", default="", help="only cells whose id matches one of these comma-separated globs")
     ap.add_argument("--windows", default="all", help="'all' (full sets) or N evenly spaced windows per set")
-    ap.add_argument("--eval-batch", type=int, default=0, help="windows per forward pass (0: 32 on cuda, 8 on cpu)")
+    ap.add_argument("--eval-batch", type=int, default=0, help="windows per forward pass (0: 64 on cuda, 8 on cpu)")
     ap.add_argument("--time-budget-s", type=float, default=0, help="stop taking new tasks after this many seconds")
+    ap.add_argument("--allow-tf32", action="store_true",
+                    help="TF32 matmuls on CUDA (~several x faster, numbers no longer comparable to CPU float32)")
     ap.add_argument("--grace-s", type=float, default=60, help="after the budget, wait this long for running tasks")
     args = ap.parse_args(argv)
     if args.report is None and args.out is None:
@@ -438,9 +450,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except (ValueError, AssertionError):
             ap.error(f"--windows: {args.windows!r} is not 'all' or a positive integer")
     if not args.eval_batch:
-        args.eval_batch = 32 if args.device == "cuda" else 8
+        args.eval_batch = 64 if args.device == "cuda" else 8
     if args.workers < 1:
-        ap.error("--workers: at least 1")
+        ap.error(f"--workers: {args.workers} (accepted: an integer >= 1)")
+    if args.eval_batch < 1 or args.threads < 0:
+        ap.error("--eval-batch must be >= 1 and --threads >= 0")
+    if args.time_budget_s < 0 or args.grace_s < 0:
+        ap.error("--time-budget-s and --grace-s must be >= 0")
+    try:
+        [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds: {args.seeds!r} (accepted: comma-separated integers, e.g. 0,1,2)")
     return args
 
 

@@ -176,7 +176,8 @@ def markdown(record: dict, plots: list[Path] = ()) -> list[str]:
     windows = dense["n_windows"] if dense else {}
     lines += [f"`python -m prunekit.benchmarks.full_eval {' '.join(meta.get('argv', [])[1:])}` on "
               f"{meta.get('cuda') or meta.get('device', '?')} ({meta.get('workers')} worker processes sharing it, "
-              f"{meta.get('threads')} CPU threads each, torch {meta.get('torch')}, float32 without TF32), "
+              f"{meta.get('threads')} CPU threads each, torch {meta.get('torch')}, float32 "
+              f"{'with TF32 matmuls' if meta.get('allow_tf32') else 'without TF32'}), "
               f"{record['complete']} of {record['expected']} (cell, seed) pairs in {meta.get('elapsed_s')} s. "
               f"Every non-overlapping 128-token window of each split (prunekit's perplexity convention): PTB "
               f"validation {windows.get('ptb_validation')}, PTB test {windows.get('ptb_test')}, WikiText-2 test "
