@@ -26,7 +26,9 @@ import json
 import math
 import os
 import queue
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -36,6 +38,9 @@ import torch
 
 from prunekit.benchmarks import full_grid
 
+# Everything a run writes into DIR: few flat files, so a results folder travels whole (e.g. back from a
+# borrowed GPU machine that returns at most 8 files); the score cache lives elsewhere (--scores-dir).
+ROWS, MASKS, RUN, SUMMARY_JSON, SUMMARY_MD = "rows.jsonl", "masks.jsonl", "run.json", "summary.json", "summary.md"
 SETS = (("ptb_validation", "ptb", "validation"), ("ptb_test", "ptb", "test"), ("wikitext2_test", "wikitext2", "test"))
 WINDOW = 128
 
@@ -109,8 +114,9 @@ class Worker:
         self.load_seconds = time.perf_counter() - started
         started = time.perf_counter()
         self.windows = eval_windows(self.tokenizer, args["windows"])
+        api.calibrate(self.tokenizer, n_samples=1, seq_len=2, seed=0)  # tokenize PTB train now, not in a timed cell
         self.tokenize_seconds = time.perf_counter() - started
-        self.out = Path(args["out"])
+        self.scores_dir = Path(args["scores_dir"])
 
     def sync(self) -> None:
         """Wait for queued device work so a timer measures it (no-op on CPU)."""
@@ -134,7 +140,7 @@ class Worker:
         computed (calibrate + ``stability.score``, the pipeline's scoring stage) and stored."""
         from prunekit import api, stability
 
-        path = self.out / "scores" / f"{score_key(config)}.pt"
+        path = self.scores_dir / f"{score_key(config)}.pt"
         if path.exists():
             saved = torch.load(path, weights_only=False)
             return saved["scores"], saved["info"], {**saved["timings"], "scores_cached": True}
@@ -203,9 +209,7 @@ class Worker:
         params = pruned.num_parameters()
         del pruned
         removed = {g.name: sorted(set(range(g.n_units)) - set(k.tolist())) for g, k in zip(ctx.groups, kept)}
-        mask_path = self.out / "masks" / f"{_safe(cell['id'])}__s{seed}.json"
-        mask_path.parent.mkdir(parents=True, exist_ok=True)
-        mask_path.write_text(json.dumps(removed))
+        self.emit("mask", {"cell": cell["id"], "seed": seed, "removed": removed})
         self.emit("row", {
             "kind": "cell", "cell": cell["id"], "seed": seed, "issue": cell.get("issue"), "label": cell.get("label"),
             "method": config.method, "allocator": cell.get("allocator"), "budget": cell.get("budget"),
@@ -213,13 +217,9 @@ class Worker:
             "params_removed_fraction": 1 - params / self.model.num_parameters(),
             "allocation": {k: v for k, v in allocation.items() if k not in ("counts", "measured")},
             "counts": allocation.get("counts"), "eval": metrics, "score_info": info,
-            "mask": str(mask_path.relative_to(self.out)),
+            "mask": MASKS,
             "timings": {**timings, "allocate_select": allocate_seconds,
                         "apply": apply_seconds, "evaluate": eval_seconds}})
-
-
-def _safe(cell_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-._" else "_" for c in cell_id)
 
 
 def _brief(info: dict) -> dict:
@@ -289,8 +289,9 @@ def plan_tasks(cells: list[dict], seeds: list[int], done: set[tuple[str, int]], 
     return tasks
 
 
-def read_rows(out: Path) -> list[dict]:
-    path = out / "rows.jsonl"
+def read_rows(out: Path, name: str = ROWS) -> list[dict]:
+    """The JSON lines of DIR/name (a line cut by a kill is skipped)."""
+    path = out / name
     if not path.exists():
         return []
     rows = []
@@ -319,8 +320,6 @@ def validate(cells: list[dict], device: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan, spawn the workers, collect rows into DIR/rows.jsonl, keep DIR/summary.* current."""
-    import multiprocessing as mp
-
     from prunekit.benchmarks import full_report
     from prunekit.errors import UserError
 
@@ -343,12 +342,12 @@ def run(args: argparse.Namespace) -> int:
     done = {(r["cell"], r["seed"]) for r in previous if r.get("kind") == "cell"}
     dense_done = any(r.get("kind") == "dense" for r in previous)
     tasks = plan_tasks(cells, seeds, done, dense_done, args.device)
-    (out / "grid.json").write_text(json.dumps({"cells": cells, "seeds": seeds}, indent=1))
     deadline = started + args.time_budget_s if args.time_budget_s else None
     workers = args.workers
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    scores_dir = args.scores_dir or Path(tempfile.mkdtemp(prefix="full_eval_scores_"))
     settings = {"device": args.device, "model": args.model, "windows": args.windows, "eval_batch": args.eval_batch,
-                "threads": threads, "deadline": deadline, "out": str(out), "allow_tf32": args.allow_tf32}
+                "threads": threads, "deadline": deadline, "scores_dir": str(scores_dir), "allow_tf32": args.allow_tf32}
     say(f"{len(cells)} cells x {len(seeds)} seeds: {len(tasks)} tasks ({len(done)} (cell, seed) already in "
         f"{out / 'rows.jsonl'}); {workers} workers x {threads} threads on {args.device}; "
         f"budget {args.time_budget_s or 'none'} s")
@@ -356,9 +355,32 @@ def run(args: argparse.Namespace) -> int:
             "device": args.device, "windows": args.windows, "eval_batch": args.eval_batch, "seeds": seeds,
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "loadavg_start": os.getloadavg(), "time_budget_s": args.time_budget_s, "allow_tf32": args.allow_tf32}
+    (out / RUN).write_text(json.dumps({"cells": cells, "seeds": seeds, "meta": meta}, indent=1, default=str))
+    try:
+        finished = _collect(out, tasks, workers, settings, meta, deadline, args.grace_s, started) if tasks else 0
+    finally:
+        if args.scores_dir is None:
+            shutil.rmtree(scores_dir, ignore_errors=True)
     if not tasks:
-        say("nothing to do: every (cell, seed) pair is already in rows.jsonl")
-        return 0 if not full_report.write_summary(out, meta, with_plots=True)["errors"] else 1
+        say(f"nothing to do: every (cell, seed) pair is already in {ROWS}")
+    meta.update(elapsed_s=round(time.time() - started, 1), loadavg_end=os.getloadavg(), rows_this_run=finished)
+    try:
+        summary = full_report.write_summary(out, meta, with_plots=args.plots)
+    except Exception as exc:  # plots are renderable later with --report; the rows are what matters
+        say(f"plots failed ({type(exc).__name__}: {exc}); summary without plots")
+        summary = full_report.write_summary(out, meta)
+    say(f"done: {finished} rows in {meta['elapsed_s']} s; {summary['complete']} of {summary['expected']} "
+        f"(cell, seed) pairs; summary in {out / SUMMARY_MD}")
+    return 0 if not summary["errors"] else 1
+
+
+def _collect(out: Path, tasks: list[dict], workers: int, settings: dict, meta: dict, deadline: float | None,
+             grace: float, started: float) -> int:
+    """Spawn the workers, append their rows and masks as they come, keep the summary current; rows written."""
+    import multiprocessing as mp
+
+    from prunekit.benchmarks import full_report
+
     ctx = mp.get_context("spawn")
     task_q, result_q = ctx.Queue(), ctx.Queue()
     for t in tasks:
@@ -369,8 +391,7 @@ def run(args: argparse.Namespace) -> int:
     for p in procs:
         p.start()
     alive, finished = workers, 0
-    grace = args.grace_s
-    with (out / "rows.jsonl").open("a") as rows_file:
+    with (out / ROWS).open("a") as rows_file, (out / MASKS).open("a") as masks_file:
         while alive:
             if deadline is not None and time.time() > deadline + grace:
                 say(f"budget + {grace} s grace spent: stopping {alive} worker(s) mid-task")
@@ -385,6 +406,9 @@ def run(args: argparse.Namespace) -> int:
                 alive -= 1
             elif kind == "log":
                 say(f"[w{wid}] {payload}")
+            elif kind == "mask":
+                masks_file.write(json.dumps(payload) + "\n")
+                masks_file.flush()
             elif kind == "row":
                 payload.update(worker=wid, finished_at=round(time.time() - started, 1))
                 rows_file.write(json.dumps(payload, default=str) + "\n")
@@ -397,15 +421,7 @@ def run(args: argparse.Namespace) -> int:
         if p.is_alive():
             p.terminate()
         p.join(timeout=10)
-    meta.update(elapsed_s=round(time.time() - started, 1), loadavg_end=os.getloadavg(), rows_this_run=finished)
-    try:
-        summary = full_report.write_summary(out, meta, with_plots=True)
-    except Exception as exc:  # plots are renderable later with --report; the rows are what matters
-        say(f"plots failed ({type(exc).__name__}: {exc}); summary without plots")
-        summary = full_report.write_summary(out, meta)
-    say(f"done: {finished} rows in {meta['elapsed_s']} s; {summary['complete']} of {summary['expected']} "
-        f"(cell, seed) pairs; summary in {out / 'summary.md'}")
-    return 0 if not summary["errors"] else 1
+    return finished
 
 
 def _row_line(row: dict) -> str:
@@ -422,7 +438,10 @@ def _row_line(row: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m prunekit.benchmarks.full_eval", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, help="results folder (rows.jsonl, masks/, scores/, summary.*)")
+    ap.add_argument("--out", type=Path, help=f"results folder ({RUN}, {ROWS}, {MASKS}, {SUMMARY_JSON}, {SUMMARY_MD})")
+    ap.add_argument("--scores-dir", type=Path, default=None,
+                    help="keep the score cache here (default: a temporary folder, removed at the end)")
+    ap.add_argument("--plots", action="store_true", help="also render the PNG plots at the end (else: --report DIR)")
     ap.add_argument("--report", type=Path, help="only render summary.md and plots from a finished results folder")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--model", default=None, help="local model folder; default the embedded SmolLM2-135M")

@@ -1,6 +1,6 @@
 """Summary of a full-test-set evaluation folder (:mod:`prunekit.benchmarks.full_eval`): tables, choices, plots.
 
-Reads DIR/grid.json, DIR/rows.jsonl and the removed-unit files under DIR/masks; writes DIR/summary.json
+Reads DIR/run.json (cells, seeds, run settings), DIR/rows.jsonl and DIR/masks.jsonl; writes DIR/summary.json
 and DIR/summary.md (the markdown for docs/benchmarks.md) and, with plots, full_eval_*.png. Per cell:
 perplexity per seed and its mean / min / max over seeds on every set, parameters removed, scoring time
 and cost in default-taylor passes, and the mean pairwise IoU of the removed units across seeds. Choices
@@ -26,10 +26,10 @@ TARGET_13, TARGET_14 = 0.95, 0.75
 
 
 def read(out: Path) -> tuple[dict, list[dict]]:
-    """grid.json and the rows (later rows of a (cell, seed) replace earlier ones)."""
-    from prunekit.benchmarks.full_eval import read_rows
+    """run.json (cells, seeds, meta) and the rows."""
+    from prunekit.benchmarks.full_eval import RUN, read_rows
 
-    grid = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else {"cells": [], "seeds": []}
+    grid = json.loads((out / RUN).read_text()) if (out / RUN).exists() else {"cells": [], "seeds": []}
     return grid, read_rows(out)
 
 
@@ -43,13 +43,17 @@ def cost_passes(config: dict) -> float | None:
     return Point(config["method"], config.get("method_options") or {}, samples).passes()
 
 
-def removed_iou(out: Path, rows: list[dict]) -> float | None:
+def read_masks(out: Path) -> dict[tuple[str, int], dict[str, list[int]]]:
+    """Removed units per group of every (cell, seed) in DIR/masks.jsonl (the latest line wins)."""
+    from prunekit.benchmarks.full_eval import MASKS, read_rows
+
+    return {(m["cell"], m["seed"]): m["removed"] for m in read_rows(out, MASKS)}
+
+
+def removed_iou(masks: dict, rows: list[dict]) -> float | None:
     """Mean pairwise IoU of the removed (group, unit) sets of the rows (None below two seeds)."""
-    sets = []
-    for row in rows:
-        path = out / row["mask"]
-        if path.exists():
-            sets.append({(g, u) for g, units in json.loads(path.read_text()).items() for u in units})
+    sets = [{(g, u) for g, units in masks[(r["cell"], r["seed"])].items() for u in units}
+            for r in rows if (r["cell"], r["seed"]) in masks]
     pairs = list(itertools.combinations(sets, 2))
     return statistics.fmean(iou(a, b) for a, b in pairs) if pairs else None
 
@@ -57,6 +61,7 @@ def removed_iou(out: Path, rows: list[dict]) -> float | None:
 def summarize(out: Path, meta: dict | None = None) -> dict[str, Any]:
     """The summary record of a results folder (see the module docstring)."""
     grid, rows = read(out)
+    masks = read_masks(out)
     latest: dict[tuple[str, int], dict] = {}
     for r in rows:
         if r.get("kind") == "cell":
@@ -76,7 +81,7 @@ def summarize(out: Path, meta: dict | None = None) -> dict[str, Any]:
             entry["score_seconds"] = summary([r["timings"].get("score") for r in mine])
             entry["timings"] = {k: statistics.fmean(r["timings"][k] for r in mine)
                                 for k in ("groups", "allocate_select", "apply", "evaluate")}
-            entry["removed_iou"] = removed_iou(out, mine)
+            entry["removed_iou"] = removed_iou(masks, mine)
         cells.append(entry)
     by_id = {c["id"]: c for c in cells}
     reference = by_id.get(REFERENCE_13, {})
@@ -283,23 +288,29 @@ def plots(record: dict, out: Path) -> list[Path]:
 
 def write_summary(out: Path, meta: dict | None = None, with_plots: bool = False) -> dict:
     """summary.json and summary.md of ``out`` (plots too when asked); returns the summary record."""
-    if meta is not None:
-        (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    elif (out / "meta.json").exists():
-        meta = json.loads((out / "meta.json").read_text())
+    from prunekit.benchmarks.full_eval import RUN, SUMMARY_JSON, SUMMARY_MD
+
+    if meta is None and (out / RUN).exists():
+        meta = json.loads((out / RUN).read_text()).get("meta")
     record = summarize(out, meta)
     made = plots(record, out) if with_plots else []
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(out / "summary.json")
-    (out / "summary.md").write_text("\n".join(markdown(record, made)) + "\n")
+    _atomic(out / SUMMARY_JSON, json.dumps(record, indent=1, default=str))
+    _atomic(out / SUMMARY_MD, "\n".join(markdown(record, made)) + "\n")
     return record
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def render(out: Path) -> dict:
     """The ``--report DIR`` mode: summary and plots from a finished (or partial) results folder."""
     from prunekit.errors import UserError
 
-    if not (out / "grid.json").exists():
-        raise UserError(f"--report: {str(out)!r} has no grid.json (not a full_eval results folder)")
+    from prunekit.benchmarks.full_eval import RUN
+
+    if not (out / RUN).exists():
+        raise UserError(f"--report: {str(out)!r} has no {RUN} (not a full_eval results folder)")
     return write_summary(out, None, with_plots=True)

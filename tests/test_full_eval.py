@@ -93,7 +93,6 @@ def test_driver_runs_the_grid_without_lm_eval_or_datasets(finished):
     for r in cells.values():
         assert {k: v["n_windows"] for k, v in r["eval"].items()} == {s: 2 for s, *_ in full_eval.SETS}
         assert all(v["ppl"] > 1 and v["ppl"] == pytest.approx(torch.tensor(v["nll"]).exp().item()) for v in r["eval"].values())
-        assert (out / r["mask"]).exists()
     for seed in (0, 1):  # a budget is met from below; the measured allocator touches every layer
         for cid in ("i14/taylor/uniform/0.2", "i14/taylor/measured/0.2", "i14/taylor/global/0.2"):
             assert 0 < cells[(cid, seed)]["params_removed_fraction"] <= 0.2
@@ -103,6 +102,12 @@ def test_driver_runs_the_grid_without_lm_eval_or_datasets(finished):
         draws = cells[("i13/moreau-gs-resample", seed)]["score_info"].get("calibration_draws")
         assert [d["draw"] for d in draws] == [1]  # step 2 of 2 drew a fresh sample through the sampler
     assert "done:" in proc.stdout and "dense:" in proc.stdout
+    masks = full_report.read_masks(out)
+    assert set(masks) == set(cells)
+    assert {f"layers.{i}.{k}" for i in range(4) for k in ("attention", "mlp")} == set(masks[("i14/taylor/measured/0.2", 0)])
+    # few flat files: a results folder travels whole (the device machine returns at most 8)
+    assert sorted(p.name for p in out.iterdir()) == sorted([full_eval.RUN, full_eval.ROWS, full_eval.MASKS,
+                                                            full_eval.SUMMARY_JSON, full_eval.SUMMARY_MD])
 
 
 def test_summary_tables_choices_and_report(finished):
@@ -154,13 +159,15 @@ def test_composed_stages_equal_prune_with_config(tiny_dir, tmp_path, one_thread)
     what ``api.prune_with_config`` prunes for the same config."""
     from prunekit import api
 
-    rows: list[dict] = []
+    emitted: list[tuple[str, dict]] = []
     worker = full_eval.Worker({"device": "cpu", "model": str(tiny_dir), "windows": 1, "eval_batch": 2,
-                               "out": str(tmp_path)}, lambda kind, row: rows.append(row))
+                               "scores_dir": str(tmp_path)}, lambda kind, payload: emitted.append((kind, payload)))
     cells = [c for c in TINY_GRID if c["id"] in ("i14/taylor/uniform/0.2", "i14/taylor/global/0.2")]
     worker.task(cells, 3, None)
     worker.task([c for c in TINY_GRID if c["id"] == "i14/taylor/measured/0.2"], 3, None)
     worker.task([c for c in TINY_GRID if c["id"] == "i13/moreau-gs-resample"], 3, None)
+    rows = [p for k, p in emitted if k == "row"]
+    masks = {p["cell"]: p["removed"] for k, p in emitted if k == "mask"}
     assert [r["cell"] for r in rows] == ["i14/taylor/uniform/0.2", "i14/taylor/global/0.2",
                                          "i14/taylor/measured/0.2", "i13/moreau-gs-resample"]
     for row in rows:
@@ -168,7 +175,7 @@ def test_composed_stages_equal_prune_with_config(tiny_dir, tmp_path, one_thread)
         model, tokenizer, _ = api.load_model(str(tiny_dir))
         result = api.prune_with_config(model, tokenizer, full_grid.run_config(cell, 3, "cpu"))
         expected = {name: sorted(set(range(m["n_units"])) - set(m["kept"])) for name, m in result.mask.items()}
-        assert json.loads((tmp_path / row["mask"]).read_text()) == expected
+        assert masks[row["cell"]] == expected
         assert row["params"] == model.num_parameters()
 
 
