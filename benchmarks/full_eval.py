@@ -9,7 +9,7 @@ Each cell (:mod:`prunekit.benchmarks.full_grid`) is a :class:`prunekit.config.Ru
 goes through the stages of ``prunekit.api.prune_with_config`` one by one (groups, calibrate, score through
 ``stability.score``, allocate + select through ``allocate_select``, ``api.apply``), so scores are computed
 once per (method, options, calibration, seed, groups) and shared by every allocator and budget that uses
-them (cached in DIR/scores). Perplexity: every non-overlapping 128-token window of the tokenized split
+them (a score cache shared by the workers: --scores-dir, by default a temporary folder). Perplexity: every non-overlapping 128-token window of the tokenized split
 (prunekit's convention, ``prunekit.evaluate.perplexity``; exp of the mean NLL of the 127 predicted tokens
 per window, no window straddles another), batched on the device. Each finished (cell, seed) is appended
 to DIR/rows.jsonl at once and DIR/summary.{json,md} are rewritten, so a killed run keeps its results; a
@@ -136,7 +136,7 @@ class Worker:
                 "timings": {"load": self.load_seconds, "tokenize": self.tokenize_seconds, "evaluate": seconds}}
 
     def scores(self, ctx, plan, config) -> tuple[list[torch.Tensor], dict, dict]:
-        """Scores of the context's groups for ``config``: from DIR/scores when another task made them, else
+        """Scores of the context's groups for ``config``: from the score cache when another task made them, else
         computed (calibrate + ``stability.score``, the pipeline's scoring stage) and stored."""
         from prunekit import api, stability
 

@@ -290,8 +290,12 @@ def write_summary(out: Path, meta: dict | None = None, with_plots: bool = False)
     """summary.json and summary.md of ``out`` (plots too when asked); returns the summary record."""
     from prunekit.benchmarks.full_eval import RUN, SUMMARY_JSON, SUMMARY_MD
 
-    if meta is None and (out / RUN).exists():
-        meta = json.loads((out / RUN).read_text()).get("meta")
+    if (out / RUN).exists():
+        run = json.loads((out / RUN).read_text())
+        if meta is None:
+            meta = run.get("meta")
+        else:  # the run's latest settings and elapsed time, for a later --report
+            _atomic(out / RUN, json.dumps({**run, "meta": meta}, indent=1, default=str))
     record = summarize(out, meta)
     made = plots(record, out) if with_plots else []
     _atomic(out / SUMMARY_JSON, json.dumps(record, indent=1, default=str))
