@@ -53,7 +53,8 @@ def _measure(wb: Workbench, pert, method: str, ratio: float, seed: int, batches,
     if pert.calib_seed is not None:
         batches, _ = wb.calibration(pert.calib_seed)
     groups = wb.groups(pert.model)
-    scores, _, seconds = wb.score(pert.model, groups, method, batches, seed, pert.compute_dtype)
+    scores, _, seconds = wb.score(pert.model, groups, method, batches, seed, pert.compute_dtype,
+                                  calib_seed=pert.calib_seed)
     kept = wb.keep(groups, scores, ratio)
     out = compare_masks(groups, base, kept) | {"score_seconds": seconds}
     target = wb.model if pert.kind in EVAL_ON_DENSE else pert.model

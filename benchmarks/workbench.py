@@ -21,6 +21,7 @@ from prunekit.evaluate import perplexity
 from prunekit.grouping import GrouperOptions
 from prunekit.groups import PruningGroup
 from prunekit.registry import MethodEntry, Registry, get_registry
+from prunekit.sampling import CalibrationSampler
 
 
 @dataclass
@@ -68,16 +69,25 @@ class Workbench:
         return api.calibrate(self.tokenizer, source=p.calib_source, n_samples=p.calib_samples,
                              seq_len=p.calib_seq_len, batch_size=p.calib_batch, seed=seed)
 
+    def sampler(self, seed: int) -> CalibrationSampler:
+        """Seeded calibration draws of the profile's size (draw 0 is :meth:`calibration` of ``seed``)."""
+        p = self.profile
+        return CalibrationSampler(self.tokenizer, p.calib_source, p.calib_samples, p.calib_seq_len, p.calib_batch, seed)
+
     def score(self, model: torch.nn.Module, groups: list[PruningGroup], method: str, batches: list[torch.Tensor],
-              seed: int, compute_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], dict, float]:
+              seed: int, compute_dtype: torch.dtype = torch.float32,
+              options: dict | None = None, calib_seed: int | None = None) -> tuple[list[torch.Tensor], dict, float]:
         """Unit scores, the method's info and the wall seconds, through the API's scorer.
 
         ``compute_dtype`` other than float32 estimates in that precision, which a run never does; it
-        measures what a low-precision estimation changes.
+        measures what a low-precision estimation changes. Methods get a calibration sampler (as in a run)
+        whose draw 0 is ``batches``, i.e. of ``calib_seed`` (default ``seed``), so presets that draw a fresh
+        sample per step (``resample``) work here too.
         """
         started = time.perf_counter()
-        scores, info = api.score(model, groups, method, batches, seed=seed, compute_dtype=compute_dtype,
-                                 registry=self.registry)
+        scores, info = api.score(model, groups, method, batches, options=options, seed=seed,
+                                 compute_dtype=compute_dtype, registry=self.registry,
+                                 sampler=self.sampler(seed if calib_seed is None else calib_seed))
         return scores, info, time.perf_counter() - started
 
     @staticmethod

@@ -126,3 +126,48 @@ def test_sweep_choice_uses_validation_within_the_cost_cap(tiny_model_dir, tmp_pa
                ppl_ptb_validation={"mean": 0.5})
     assert sweep.choose([*record["points"], big], 10.0)["fisher"] == "fisher 4x64"  # 20 passes: over the cap
     assert sweep.choose([*record["points"], big], 20.0)["fisher"] == "fisher 200x64"
+
+
+# ---- issue 13 leftovers: the workbench scores with a calibration sampler; fisher is in the suites
+
+
+def test_workbench_score_gives_methods_a_calibration_sampler(tiny_model_dir, one_thread):
+    """Presets that draw a fresh sample per step (moreau ``resample``) need the sampler a run gives them; the
+    robustness suite's other-calibration perturbation draws from its own seed."""
+    from prunekit import api
+    from prunekit.benchmarks.profiles import PROFILES
+    from prunekit.benchmarks.workbench import Workbench
+    from prunekit.sampling import derived_seed
+
+    wb = Workbench.open(str(tiny_model_dir), PROFILES["quick"])
+    groups = wb.groups(wb.model)
+    options = {"resample": True, "iterations": 2, "averaged": 1}
+    batches, _ = wb.calibration(0)
+    with pytest.raises(ValueError, match="no sampler"):  # what the suites did before: no sampler, no resampling
+        api.score(wb.model, groups, "moreau-gs", batches, options=options, seed=0, registry=wb.registry)
+    scores, info, _ = wb.score(wb.model, groups, "moreau-gs", batches, 0, options=options)
+    assert [(d["draw"], d["seed"]) for d in info["calibration_draws"]] == [(1, derived_seed(0, 1))]
+    assert len(scores) == len(groups)
+    other, _ = wb.calibration(1000)
+    _, info, _ = wb.score(wb.model, groups, "moreau-gs", other, 0, options=options, calib_seed=1000)
+    assert info["calibration_draws"][0]["seed"] == derived_seed(1000, 1)
+    # draw 0 of the sampler is the batches the suites pass: a resampling run equals api.score given that sampler
+    again, _ = api.score(wb.model, groups, "moreau-gs", batches, options=options, seed=0, registry=wb.registry,
+                         sampler=wb.sampler(0))
+    assert all(torch.equal(a, b) for a, b in zip(scores, again))
+
+
+def test_fisher_runs_in_the_quality_and_robustness_suites(tiny_model_dir, tmp_path):
+    assert "fisher" in harness.DEFAULT_METHODS
+    out = tmp_path / "bench"
+    for suite in ("quality", "robustness"):
+        assert harness.main(["--model", str(tiny_model_dir), "--suite", suite, "--methods", "fisher", "--seeds", "0",
+                             "--threads", "1", "--ppl-windows", "2", "--ratios", "0.25", "--perturbations", "calibration-resample",
+                             "--quiet", "--out", str(out)]) == 0
+    quality = json.loads((out / "quality-fisher.json").read_text())
+    assert "error" not in quality and quality["rows"]
+    assert all(p > 1 for r in quality["rows"] for p in r["ppl"].values())
+    rob = json.loads((out / "robustness-fisher.json").read_text())
+    by = rob["aggregate"]["by_perturbation"]
+    assert "error" not in rob and by["unperturbed"]["iou"]["mean"] == 1.0
+    assert not by["calibration-resample"]["errors"] and 0.0 <= by["calibration-resample"]["iou"]["mean"] <= 1.0
