@@ -100,6 +100,9 @@ class RunConfig(_Strict):
     seed: int = Field(default=42, ge=0, le=SEED_MAX, description="drives everything random in the run")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["model", "float32"] = Field(
+        default="model", description="scoring precision: model (the load dtype, float32 gradient sums per weight) "
+                                     "or float32 (the model cast up for scoring and restored bit for bit)")
     stability: int = Field(default=1, ge=1, description="score K calibration resamples, report their agreement, "
                                                          "prune with the consensus (1: one plain scoring)")
     grouper: GrouperConfig = Field(default_factory=GrouperConfig)
