@@ -53,9 +53,9 @@ class LossScale:
     On inf/NaN gradients the caller calls :meth:`backoff` (halve) and redoes its pass from zeroed buffers.
     """
 
-    def __init__(self, enabled: bool, initial: float = INITIAL_LOSS_SCALE):
+    def __init__(self, enabled: bool, initial: float | None = None):
         self.enabled = enabled
-        self.value = initial if enabled else 1.0
+        self.value = (INITIAL_LOSS_SCALE if initial is None else initial) if enabled else 1.0
         self.initial = self.value
         self.backoffs = 0
 
