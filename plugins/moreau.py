@@ -733,8 +733,11 @@ def fisher_at(ctx: ScoringContext, mean_delta: Tensors) -> Tensors:
 
 def _global_norm(tensors: Tensors) -> float:
     """ℓ2 norm of all tensors together (bf16/fp16 tensors are reduced in float32)."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t) if t.dtype == torch.float32 else
-                               torch.linalg.vector_norm(t, dtype=torch.float32)) ** 2 for t in tensors.values()))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float32) if t.dtype in _NARROW else
+                               torch.linalg.vector_norm(t)) ** 2 for t in tensors.values()))
+
+
+_NARROW = (torch.bfloat16, torch.float16)
 
 
 @hookimpl
