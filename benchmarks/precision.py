@@ -54,16 +54,19 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_memory(method: str, dtype: str, compute_dtype: str, device: str, threads: int,
-                   n_samples: int = 10, seq_len: int = 64, batch_size: int = 2) -> dict[str, Any]:
-    """In this process: build the model, then score once under a peak-memory probe."""
+                   n_samples: int = 10, seq_len: int = 64, batch_size: int = 2,
+                   shape: dict[str, Any] | None = None) -> dict[str, Any]:
+    """In this process: build the model (``shape``: LlamaConfig fields, default SmolLM2-135M's), then score
+    once under a peak-memory probe."""
     from prunekit import api
     from prunekit.benchmarks.memory import PeakRSS
 
     torch.set_num_threads(threads)
-    model = random_llama(SMOL, DTYPES[dtype], device)
+    shape = shape or SMOL
+    model = random_llama(shape, DTYPES[dtype], device)
     groups = api.build_groups(model)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, SMOL["vocab_size"], (n_samples, seq_len), generator=gen)
+    ids = torch.randint(0, shape["vocab_size"], (n_samples, seq_len), generator=gen)
     batches = list(ids.split(batch_size))
     size = model_bytes(model)
     prunable = sum(p.numel() * p.element_size() for n, p in model.named_parameters()

@@ -155,3 +155,15 @@ def test_prune_records_compute_dtype(one_thread):
     assert forced.manifest()["method"]["info"]["precision"] == {"compute_dtype": "float32", "cast": True,
                                                                 "accumulators": "float32"}
     assert all(p.dtype == torch.bfloat16 for p in wide.parameters())
+
+
+@pytest.mark.parametrize("method", ["taylor", "moreau-gs"])
+def test_memory_benchmark_runs_on_a_tiny_shape(one_thread, method):
+    """The precision benchmark's memory probe (the code path the GPU run takes, here with --device cpu)."""
+    from prunekit.benchmarks.precision import measure_memory
+
+    tiny = {"vocab_size": 96, "hidden_size": 72, "intermediate_size": 48, "num_hidden_layers": 4,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 8, "tie_word_embeddings": True}
+    row = measure_memory(method, "bfloat16", "model", "cpu", 1, n_samples=4, seq_len=8, shape=tiny)
+    assert row["finite"] and row["model_bytes"] > row["prunable_bytes"] > 0
+    assert row["peak_above_model_bytes"] >= 0 and row["probe"]
