@@ -1,7 +1,8 @@
 """The public Python API: prune a model you already hold, evaluate it, save it (docs/api.md).
 
 ``prune`` works in place on any model a registered adapter knows, on any device and in any dtype, and
-hands the model back in the dtype/device/``requires_grad`` state it came in (scoring runs in float32).
+hands the model back in the dtype/device/``requires_grad`` state it came in (scoring runs in the model's dtype
+with float32 sums per prunable weight, docs/precision.md).
 The CLI (``prunekit run``) and the benchmark harness are built on these functions: load → ``prune`` →
 ``evaluate`` → ``save``. The stage functions (``build_groups``, ``calibrate``, ``score``, ``select``,
 ``apply``) are public too, for callers that compose their own experiments.
