@@ -32,6 +32,7 @@ from prunekit import hookimpl
 from prunekit.groups import PruningGroup
 from prunekit.finite import nonfinite_loss
 from prunekit.importance import Importance, Options, ScoringContext, check_finite, fisher_diagonal
+from prunekit.precision import GradAccumulator, GradientOverflow, LossScale, finite
 
 Tensors = dict[str, torch.Tensor]
 GradFn = Callable[[Tensors, int], Tensors]  # (current δ, iteration) -> ∇L at the perturbed point
@@ -316,16 +317,21 @@ def proximal_descent(
 # -- the gradient at the perturbed model ----------------------------------------------------------------
 
 
-def backward_calibration(ctx: ScoringContext, step: int, batches: list[torch.Tensor] | None = None) -> float:
+def backward_calibration(ctx: ScoringContext, step: int, batches: list[torch.Tensor] | None = None,
+                         loss_scale: LossScale | None = None) -> float:
     """Backpropagate every calibration batch's loss (stopping on NaN/Inf); returns the mean loss.
 
-    ``batches`` (default: the context's sample) is the step's own sample when resampling."""
+    ``batches`` (default: the context's sample) is the step's own sample when resampling; ``loss_scale``
+    scales the backward of float16 models (the caller unscales)."""
     total = 0.0
     step_batches = ctx.batches if batches is None else batches
     for index, loss in enumerate(ctx.iter_losses() if batches is None else ctx.iter_losses(batches)):
         if not torch.isfinite(loss):  # name the first layer that went non-finite at the perturbed weights
             raise nonfinite_loss(ctx.model, step_batches[index], f"moreau calibration loss at iteration {step + 1}")
-        loss.backward()
+        if loss_scale is None:
+            loss.backward()
+        else:
+            loss_scale.backward(loss)
         total += float(loss.detach())
     return total
 
@@ -340,10 +346,10 @@ def standard_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
     """z ~ N(0, 1) shaped like ``like`` from a generator seeded with ``seed`` (same bits every call).
 
     The weight noise is ε = σ·w·z: sign(w)·z is standard normal again, so this is N(0, (σ|w|)²)
-    without materialising |w|.
+    without materialising |w|. Always float32 (the perturbed weights are float32 whatever the model's dtype).
     """
     gen = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
 
 
 def parallel_map(fn: Callable, items: list) -> list:
@@ -361,21 +367,25 @@ class _PerturbedLinear(torch.autograd.Function):
 
     The gradient w.r.t. W' is the gradient w.r.t. δ, so the proximal step's -γ·∇L term is one ``addmm_``
     into δ: no weight gradient is ever allocated. ``anchor`` is a scalar leaf that makes autograd run this
-    backward even where nothing upstream needs a gradient (the first layer).
+    backward even where nothing upstream needs a gradient (the first layer). W' and δ are float32; in a
+    bf16/fp16 model the activations are upcast for this Linear's products and the output cast back, so
+    δ (often far below |w|·2⁻⁸) is not rounded away (docs/precision.md). In a float32 model every cast is a no-op.
     """
 
     @staticmethod
     def forward(ctx, x, anchor, w_eff, delta, bias, scale):
         ctx.save_for_backward(x)
         ctx.w_eff, ctx.delta, ctx.scale = w_eff, delta, scale
-        return torch.nn.functional.linear(x, w_eff, bias)
+        wide = w_eff.dtype
+        return torch.nn.functional.linear(x.to(wide), w_eff, None if bias is None else bias.to(wide)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        grad_x = grad_y @ ctx.w_eff if ctx.needs_input_grad[0] else None
+        wide = ctx.w_eff.dtype
+        grad_x = (grad_y.to(wide) @ ctx.w_eff).to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         rows = grad_y.reshape(-1, grad_y.shape[-1])
-        ctx.delta.addmm_(rows.t(), x.reshape(-1, x.shape[-1]), alpha=ctx.scale)
+        ctx.delta.addmm_(rows.t().to(wide), x.reshape(-1, x.shape[-1]).to(wide), alpha=ctx.scale)
         grad_bias = rows.sum(0) if ctx.needs_input_grad[4] else None
         ctx.w_eff = ctx.delta = None
         return grad_x, None, None, None, grad_bias, None
@@ -416,6 +426,7 @@ class PerturbedStep:
     rho: float | None
     resample_calibration: bool = False
     losses: list[float] = field(default_factory=list)
+    loss_scale: LossScale = field(default_factory=lambda: LossScale(False))
 
     def __call__(self, delta: Tensors, t: int) -> None:
         """Move δ to v in place, the gradient averaged over ``noise_samples`` draws of ε."""
@@ -423,15 +434,19 @@ class PerturbedStep:
         weights = self.build(delta, t)
         pull_back(delta, self.step, self.rho)
         scale = -self.step / self.noise_samples
+        if self.loss_scale.enabled:  # float16: the backward is scaled, its sum into δ unscaled (a power of two)
+            scale /= self.loss_scale.value
         anchor = torch.zeros((), requires_grad=True)
         total = 0.0
         for sample in range(self.noise_samples):
             if sample:
                 self.resample(weights, t, sample)
             with self.routed(weights, delta, anchor, scale):
-                total += backward_calibration(self.ctx, t, batches)
+                total += backward_calibration(self.ctx, t, batches, self.loss_scale)
         del weights
         for name, d in delta.items():
+            if self.loss_scale.enabled and not finite(d):
+                raise GradientOverflow(f"float16 gradient of {name} overflowed at loss scale {self.loss_scale.value:g}")
             check_finite(d, f"gradient of {name}", t + 1)
         self.losses.append(total / self.noise_samples)
 
@@ -440,7 +455,7 @@ class PerturbedStep:
 
         def one(item: tuple[int, tuple[str, torch.nn.Linear]]) -> torch.Tensor:
             index, (name, module) = item
-            w = module.weight.detach()
+            w = module.weight.detach().float()  # the weight itself in a float32 model, a transient copy otherwise
             if self.sigma == 0:
                 return torch.add(w, delta[name])
             z = standard_noise(w, noise_seed(self.seed, t, 0, index))
@@ -455,7 +470,7 @@ class PerturbedStep:
 
         def one(item: tuple[int, tuple[str, torch.nn.Linear]]) -> None:
             index, (name, module) = item
-            w = module.weight.detach()
+            w = module.weight.detach().float()
             weights[name].addcmul_(w, standard_noise(w, noise_seed(self.seed, t, sample - 1, index)), value=-self.sigma)
             weights[name].addcmul_(w, standard_noise(w, noise_seed(self.seed, t, sample, index)), value=self.sigma)
 
@@ -504,30 +519,33 @@ class InPlacePerturbedGradient:
     resample_calibration: bool = False
     originals: Tensors = field(init=False)
     losses: list[float] = field(default_factory=list)
+    loss_scale: LossScale = field(default_factory=lambda: LossScale(False))
 
     def __post_init__(self) -> None:
         self.originals = {n: p.detach().clone() for n, p in self.params.items()}
 
     def __call__(self, delta: Tensors, step: int) -> Tensors:
-        """Mean gradient over ``noise_samples`` draws of ε (each over all calibration batches)."""
-        for p in self.params.values():
-            p.grad = None
+        """Mean float32 gradient over ``noise_samples`` draws of ε (each over all calibration batches).
+
+        Gradients are summed in float32 per parameter as autograd produces them (:class:`GradAccumulator`);
+        in a bf16/fp16 model the perturbed weight w + ε + δ is rounded to the model's dtype (reference mode
+        and non-Linear weights only; docs/precision.md)."""
         total = 0.0
         batches = self.ctx.draw_batches(step) if self.resample_calibration else None
+        accumulator = GradAccumulator(self.params, self.loss_scale)
         try:
-            for sample in range(self.noise_samples):
-                self.perturb(delta, step, sample)
-                total += self.backward(step, batches)
+            with accumulator:
+                for sample in range(self.noise_samples):
+                    self.perturb(delta, step, sample)
+                    total += self.backward(step, batches)
+                    accumulator.check_overflow()
         finally:
             self.restore()
-        grads = {}
-        for name, p in self.params.items():
-            if p.grad is None:  # a parameter the loss does not reach
-                p.grad = torch.zeros_like(p)
+        grads = accumulator.result()  # zeros for a parameter the loss does not reach
+        for name, g in grads.items():
             if self.noise_samples > 1:
-                p.grad.div_(self.noise_samples)
-            check_finite(p.grad, f"gradient of {name}", step + 1)
-            grads[name] = p.grad
+                g.div_(self.noise_samples)
+            check_finite(g, f"gradient of {name}", step + 1)
         self.losses.append(total / self.noise_samples)
         return grads
 
@@ -536,6 +554,12 @@ class InPlacePerturbedGradient:
         """Set every scope parameter to w + σ·w·z + δ, z drawn from a per-tensor seeded generator."""
         for index, (name, p) in enumerate(self.params.items()):
             w = self.originals[name]
+            if p.dtype != torch.float32:  # perturbed in float32, rounded once into the model's dtype
+                wide = w.float()
+                if self.sigma > 0:
+                    wide.addcmul_(wide, standard_noise(w, noise_seed(self.seed, step, sample, index)), value=self.sigma)
+                p.copy_(wide.add_(delta[name]) if name in delta else wide)
+                continue
             p.copy_(w)
             if self.sigma > 0:
                 p.addcmul_(w, standard_noise(w, noise_seed(self.seed, step, sample, index)), value=self.sigma)
@@ -543,8 +567,8 @@ class InPlacePerturbedGradient:
                 p.add_(delta[name])
 
     def backward(self, step: int, batches: list[torch.Tensor] | None = None) -> float:
-        """Accumulate the calibration-loss gradient into ``.grad``; returns the mean loss."""
-        return backward_calibration(self.ctx, step, batches)
+        """Backpropagate the calibration loss (the accumulator takes the gradients); returns the mean loss."""
+        return backward_calibration(self.ctx, step, batches, self.loss_scale)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -583,11 +607,7 @@ def make_prox(options: MoreauOptions, groups: list[PruningGroup]) -> Prox:
 
 def scope_params(ctx: ScoringContext, mode: str) -> dict[str, torch.nn.Parameter]:
     """Parameters that get noise and δ: the prunable weights (math) or every parameter (reference)."""
-    params = ctx.params() if mode == "math" else dict(ctx.model.named_parameters())
-    wrong = [n for n, p in params.items() if p.dtype != torch.float32]
-    if wrong:
-        raise TypeError(f"moreau estimates in float32; {wrong[0]} is {params[wrong[0]].dtype}")
-    return params
+    return ctx.params() if mode == "math" else dict(ctx.model.named_parameters())
 
 
 class Moreau(Importance):
@@ -601,8 +621,24 @@ class Moreau(Importance):
         o: MoreauOptions = self.options  # type: ignore[assignment]
         params = scope_params(ctx, o.mode)
         seed = ctx.seed if o.seed is None else o.seed
-        prox = make_prox(o, ctx.groups)
         modules = linear_modules(ctx.model, params) if o.mode == "math" else None
+        loss_scale = LossScale.for_params(params.values())
+        while True:  # float16: an overflowing loss scale is halved and the descent redone from δ = 0
+            try:
+                mean_delta = self._descend(ctx, o, params, seed, modules, loss_scale)
+                break
+            except GradientOverflow:
+                loss_scale.backoff()
+        if loss_scale.enabled:
+            ctx.info["moreau"]["loss_scale"] = loss_scale.describe()
+        if o.salience == "fisher":
+            return fisher_at(ctx, mean_delta)
+        return {n: mean_delta.pop(n).mul_(w.detach()).abs_() for n, w in ctx.params().items()}
+
+    def _descend(self, ctx: ScoringContext, o: MoreauOptions, params: dict[str, torch.nn.Parameter], seed: int,
+                 modules: dict[str, torch.nn.Linear] | None, loss_scale: LossScale) -> Tensors:
+        """The proximal descent from δ = 0; returns δ̄ (float32 per scope weight) and records the settings."""
+        prox = make_prox(o, ctx.groups)
         info = self._settings(o, params, seed, in_place=modules is None)
         rho = o.rho if o.mode == "math" else None
         scale = StepScale(_global_norm({n: p.detach() for n, p in params.items()}), o.rho_relative, o.step_fraction)
@@ -610,11 +646,11 @@ class Moreau(Importance):
             step_fn: PerturbedStep | GradientStep
             if modules is not None:
                 estimator = PerturbedStep(ctx, modules, o.sigma, seed, o.noise_samples, o.initial_step(), rho,
-                                          resample_calibration=o.resample)
+                                          resample_calibration=o.resample, loss_scale=loss_scale)
                 step_fn = estimator
             else:
                 estimator = InPlacePerturbedGradient(ctx, params, o.sigma, seed, o.noise_samples,
-                                                     resample_calibration=o.resample)
+                                                     resample_calibration=o.resample, loss_scale=loss_scale)
                 step_fn = gradient_step(estimator, o.initial_step(), rho)
             delta = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
             delta_norms: list[float] = []
@@ -639,9 +675,7 @@ class Moreau(Importance):
         if o.mode == "reference" and o.penalty == "group":
             info["shrink"] = prox.eta
         ctx.info["moreau"] = info
-        if o.salience == "fisher":
-            return fisher_at(ctx, mean_delta)
-        return {n: mean_delta.pop(n).mul_(w.detach()).abs_() for n, w in ctx.params().items()}
+        return mean_delta
 
     @staticmethod
     def _relative_eta(prox: Prox, eta_relative: float | None) -> Callable[[Tensors], None] | None:
@@ -670,8 +704,9 @@ class Moreau(Importance):
             "salience": o.salience,
             "scope": "prunable" if o.mode == "math" else "all", "scope_tensors": len(params),
             "scope_elements": elements,
-            # fused: δ + running mean + W'; in place: δ + running mean + .grad + originals; all float32
-            "state_bytes": 4 * (4 if in_place else 3) * elements,
+            # fused: δ + running mean + W', float32; in place: δ + running mean + gradient sums, float32,
+            # and a copy of the originals in the model's dtype
+            "state_bytes": 12 * elements + (sum(p.numel() * p.element_size() for p in params.values()) if in_place else 0),
         }
 
 
@@ -697,8 +732,12 @@ def fisher_at(ctx: ScoringContext, mean_delta: Tensors) -> Tensors:
 
 
 def _global_norm(tensors: Tensors) -> float:
-    """ℓ2 norm of all tensors together."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors.values()))
+    """ℓ2 norm of all tensors together (bf16/fp16 tensors are reduced in float32)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float32) if t.dtype in _NARROW else
+                               torch.linalg.vector_norm(t)) ** 2 for t in tensors.values()))
+
+
+_NARROW = (torch.bfloat16, torch.float16)
 
 
 @hookimpl

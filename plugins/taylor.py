@@ -32,13 +32,17 @@ class Taylor(Importance):
 
     def salience(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         params = ctx.params()
+        # Computed in place in the float32 gradient buffers, one weight at a time: no second float32 copy.
         if self.options.variant == "second":
             grad, fisher = fisher_diagonal(ctx)
-            return {n: (w.detach().float() * grad[n] - 0.5 * w.detach().float() ** 2 * fisher[n]).abs()
-                    for n, w in params.items()}
+            out = {}
+            for n, w in params.items():
+                second = fisher.pop(n).mul_(w.detach().float().square()).mul_(0.5)
+                out[n] = grad.pop(n).mul_(w.detach()).sub_(second).abs_()
+            return out
         grad = accumulate_gradients(ctx)
-        product = {n: w.detach().float() * grad[n] for n, w in params.items()}
-        return product if self.options.variant == "vector" else {n: t.abs() for n, t in product.items()}
+        product = {n: grad.pop(n).mul_(w.detach()) for n, w in params.items()}
+        return product if self.options.variant == "vector" else {n: t.abs_() for n, t in product.items()}
 
 
 @hookimpl

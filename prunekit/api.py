@@ -1,7 +1,8 @@
 """The public Python API: prune a model you already hold, evaluate it, save it (docs/api.md).
 
 ``prune`` works in place on any model a registered adapter knows, on any device and in any dtype, and
-hands the model back in the dtype/device/``requires_grad`` state it came in (scoring runs in float32).
+hands the model back in the dtype/device/``requires_grad`` state it came in (scoring runs in the model's dtype
+with float32 sums per prunable weight, docs/precision.md).
 The CLI (``prunekit run``) and the benchmark harness are built on these functions: load → ``prune`` →
 ``evaluate`` → ``save``. The stage functions (``build_groups``, ``calibrate``, ``score``, ``select``,
 ``apply``) are public too, for callers that compose their own experiments.
@@ -9,7 +10,6 @@ The CLI (``prunekit run``) and the benchmark harness are built on these function
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import platform
 from dataclasses import asdict, dataclass, field
@@ -238,20 +238,28 @@ def calibration_seed(config: RunConfig) -> int:
 
 
 def score(model: torch.nn.Module, groups: list[PruningGroup], method: str, batches: list[torch.Tensor] = (),
-          *, options: BaseModel | dict | None = None, seed: int = 42, compute_dtype: torch.dtype = torch.float32,
+          *, options: BaseModel | dict | None = None, seed: int = 42,
+          compute_dtype: torch.dtype | str | None = None,
           registry: Registry | None = None, sampler: Any = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One float32 CPU score per unit of every group (higher = keep) and the method's info.
 
-    Estimated with the model cast to ``compute_dtype`` (float32: lossless for any load dtype and undone
-    afterwards; benchmarks pass a lower precision to measure what it changes — casting a float32 model
-    down and back is not lossless). The model's dtype/device/requires_grad come back as they were.
-    ``sampler`` (a :class:`prunekit.sampling.CalibrationSampler`) lets methods draw fresh calibration samples.
+    ``compute_dtype`` None / ``"model"`` (default) scores in the model's own dtype, with float32 gradient
+    sums per prunable weight (docs/precision.md); ``float32`` casts the model up for scoring (lossless for
+    any load dtype and undone afterwards); benchmarks pass a lower precision to measure what it changes —
+    casting a float32 model down and back is not lossless. The model's dtype/device/requires_grad come
+    back as they were. ``sampler`` (a :class:`prunekit.sampling.CalibrationSampler`) lets methods draw
+    fresh calibration samples.
     """
+    from prunekit.precision import resolve_compute_dtype, scoring_dtype
+
     entry = _registry(registry).method(method)
     opts = options if isinstance(options, BaseModel) else entry.options(options or {})
-    with for_scoring(model, groups, entry.name, entry.needs_calibration(opts)), \
-            (contextlib.nullcontext() if offloaded(model) else computed_in(model, compute_dtype)):  # meta: no cast
+    compute_dtype = resolve_compute_dtype(compute_dtype)
+    cast = (computed_in(model, compute_dtype) if compute_dtype is not None and not offloaded(model)
+            else preserved(model))  # offloaded (meta) weights cannot be cast
+    with for_scoring(model, groups, entry.name, entry.needs_calibration(opts)), cast:
         scoring_ctx = _scoring_context(model, groups, list(batches), seed, sampler)
+        scoring_ctx.info["precision"] = scoring_dtype(model, compute_dtype)
         scores = [s.detach().float().cpu() for s in entry.cls(opts).scores(scoring_ctx)]
     if len(scores) != len(groups) or any(s.numel() != g.n_units for s, g in zip(scores, groups)):
         raise RuntimeError(f"method {entry.name!r} returned scores that do not match the groups")
@@ -318,13 +326,14 @@ def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-g
           seed: int = 42, layers: tuple[int, int] | None = None, selection: dict | None = None,
           grouper: dict | None = None, calibration: dict | None = None, recovery: dict | None = None,
           batches: list[torch.Tensor] | None = None, registry: Registry | None = None,
-          host: PluginHost | None = None, **options: Any) -> PruneResult:
+          host: PluginHost | None = None, compute_dtype: str = "model", **options: Any) -> PruneResult:
     """Prune ``model`` in place with ``method`` at ``ratio`` and return a :class:`PruneResult`.
 
     ``**options`` are the method's options (``prunekit methods``). The other knobs are the run config's
     sections, validated by the same pydantic models as a config file: ``selection`` (scope, layers,
     round_to; ``layers`` is a shortcut), ``grouper``, ``calibration`` (source, n_samples, seq_len,
-    batch_size, seed), ``recovery`` (method, options). ``batches`` replaces the calibration sample with
+    batch_size, seed), ``recovery`` (method, options). ``compute_dtype`` is the scoring precision
+    (``model`` or ``float32``, docs/precision.md). ``batches`` replaces the calibration sample with
     your own token-id batches. ``tokenizer`` is needed for calibration and recovery. Bad values raise
     :class:`prunekit.errors.UserError` before the model is touched.
     """
@@ -332,7 +341,7 @@ def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-g
                               "selection": {**(selection or {}), **({"layers": layers} if layers is not None else {})},
                               "grouper": grouper or {}, "calibration": calibration or {},
                               "recovery": recovery or {}, "evaluation": {"enabled": False},
-                              "dtype": _dtype_name(model)}
+                              "dtype": _dtype_name(model), "compute_dtype": compute_dtype}
     device = next(model.parameters()).device.type
     if device in ("cpu", "cuda"):
         values["device"] = device

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--gradient-checkpointing", action="store_true", default=None,
                      help="recompute activations in the backward pass (less calibration memory, same gradient)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    run.add_argument("--compute-dtype", choices=["model", "float32"],
+                     help="scoring precision: the model's own dtype (default) or float32 (docs/precision.md)")
     run.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
     run.add_argument("--no-eval", action="store_true", help="skip evaluation before and after pruning")
     run.add_argument("--no-eval-cache", action="store_true",
@@ -102,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     file_values = read_config_file(expand_path(args.config, "--config")) if args.config else {}
     overrides = {"method": args.method, "model": args.model, "ratio": args.ratio, "output": args.output,
                  "seed": args.seed, "device": args.device, "dtype": args.dtype, "overwrite": args.overwrite,
-                 "stability": args.stability, **_device_overrides(args)}
+                 "stability": args.stability, "compute_dtype": args.compute_dtype, **_device_overrides(args)}
     if args.gradient_checkpointing:
         overrides["calibration"] = {**file_values.get("calibration", {}), "gradient_checkpointing": True}
     if args.option:

@@ -109,6 +109,9 @@ class RunConfig(_Strict):
         default=None, description="memory per device for device_map, e.g. 0=70GiB,1=70GiB,cpu=200GiB or a mapping")
     offload_folder: Path | None = Field(default=None, description="where accelerate offloads modules mapped to disk")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["model", "float32"] = Field(
+        default="model", description="scoring precision: model (the load dtype, float32 gradient sums per weight) "
+                                     "or float32 (the model cast up for scoring and restored bit for bit)")
     stability: int = Field(default=1, ge=1, description="score K calibration resamples, report their agreement, "
                                                          "prune with the consensus (1: one plain scoring)")
     grouper: GrouperConfig = Field(default_factory=GrouperConfig)

@@ -29,7 +29,7 @@ class Options(BaseModel):
 
 @dataclass
 class ScoringContext:
-    """What a method sees: the float32 model, its groups, calibration batches and the run seed."""
+    """What a method sees: the model (in its scoring dtype), its groups, calibration batches and the run seed."""
 
     model: torch.nn.Module
     groups: list[PruningGroup]
@@ -59,6 +59,9 @@ class ScoringContext:
 
         batch = batch.to(input_device(self.model))  # accelerate's first device when the model is dispatched
         out = self.model(input_ids=batch, labels=batch, use_cache=False)
+        if out.loss.dtype != torch.float32:  # Hugging Face upcasts the logits itself; a model that does not gets it here
+            logits = out.logits[:, :-1].float()
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         return out.loss
 
     def iter_losses(self, batches: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
@@ -106,53 +109,88 @@ class Importance:
 
 
 def accumulate_gradients(ctx: ScoringContext) -> dict[str, torch.Tensor]:
-    """float32 gradient of the mean calibration loss for every prunable weight (one pass per batch)."""
-    params = ctx.params()
-    wanted = set(params)
-    for name, p in ctx.model.named_parameters():
-        p.requires_grad_(name in wanted)
-        p.grad = None
-    for index, loss in enumerate(ctx.iter_losses()):  # drive the generator to its end (observers count batches)
-        if not torch.isfinite(loss):
-            from prunekit.finite import nonfinite_loss
+    """float32 gradient of the mean calibration loss for every prunable weight (one pass per batch).
 
-            raise nonfinite_loss(ctx.model, ctx.batches[index], f"calibration loss at batch {index + 1} of "
-                                 f"{len(ctx.batches)}")
-        loss.backward()
-    grads = {}
-    for name, p in params.items():
-        check_finite(p.grad, name)
-        grads[name] = p.grad.detach().float()
+    The forward/backward runs in the model's dtype; each weight's gradient is added into its float32
+    buffer as soon as autograd produces it (:class:`prunekit.precision.GradAccumulator`). float16 models
+    are loss-scaled; an overflow redoes the pass at half the scale.
+    """
+    from prunekit.precision import GradAccumulator, GradientOverflow, LossScale, refuse_silent_underflow
+
+    params = ctx.params()
+    scale = LossScale.for_params(params.values())
+    for name, p in ctx.model.named_parameters():
+        p.requires_grad_(name in params)
         p.grad = None
+    while True:
+        with GradAccumulator(params, scale) as acc:
+            try:
+                for index, loss in enumerate(ctx.iter_losses()):  # drive the generator to its end (observers count batches)
+                    if not torch.isfinite(loss):
+                        from prunekit.finite import nonfinite_loss
+
+                        raise nonfinite_loss(ctx.model, ctx.batches[index], f"calibration loss at batch {index + 1} of "
+                                             f"{len(ctx.batches)}")
+                    scale.backward(loss)
+                    acc.check_overflow()
+            except GradientOverflow:
+                scale.backoff()
+                continue
+            grads = acc.result()
+        break
+    for name, g in grads.items():
+        check_finite(g, name)
+    refuse_silent_underflow(grads, scale)
+    _record_scale(ctx, scale)
     return grads
 
 
 def fisher_diagonal(ctx: ScoringContext, with_mean: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Mean gradient (empty unless ``with_mean``) and empirical Fisher diagonal (mean of squared per-sample
-    gradients), both float32.
+    gradients), both float32 per prunable weight, on the weight's device.
 
     One forward and backward per calibration *sequence*: the square must be taken per sample, so the
-    micro-batching of ``iter_losses`` (which only changes memory) cannot be used here.
+    micro-batching of ``iter_losses`` (which only changes memory) cannot be used here. Each per-sample
+    gradient is squared into the float32 sums inside the backward (a post-accumulate-grad hook) and freed.
     """
+    from prunekit.precision import GradAccumulator, GradientOverflow, LossScale, refuse_silent_underflow
+
     params = ctx.params()
     for name, p in ctx.model.named_parameters():
         p.requires_grad_(name in params)
         p.grad = None
-    grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if with_mean else {}
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     samples = [row.unsqueeze(0) for batch in ctx.batches for row in batch]
-    for sample in track(samples, "per-sample gradients"):
-        loss = ctx.batch_loss(sample)
-        check_finite(loss, "loss")
-        loss.backward()
-        for n, p in params.items():
-            g = p.grad.float()
+    scale = LossScale.for_params(params.values())
+    while True:
+        grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if with_mean else {}
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+
+        def add(n: str, g: torch.Tensor) -> None:
             check_finite(g, n)
             if with_mean:
                 grad[n].add_(g, alpha=1 / len(samples))
             fisher[n].addcmul_(g, g, value=1 / len(samples))
-            p.grad = None
+
+        try:
+            with GradAccumulator(params, scale, on_grad=add) as acc:
+                for sample in track(samples, "per-sample gradients"):
+                    loss = ctx.batch_loss(sample)
+                    check_finite(loss, "loss")
+                    scale.backward(loss)
+                    acc.check_overflow()
+        except GradientOverflow:
+            scale.backoff()
+            continue
+        break
+    refuse_silent_underflow(fisher, scale)
+    _record_scale(ctx, scale)
     return grad, fisher
+
+
+def _record_scale(ctx: ScoringContext, scale) -> None:
+    """float16 loss scaling goes to the method's info (run.json)."""
+    if scale.enabled:
+        ctx.info["loss_scale"] = scale.describe()
 
 
 def check_finite(t: torch.Tensor, what: str, step: int | None = None) -> None:

@@ -120,7 +120,7 @@ def score_groups(ctx: RunContext, method_entry, options, batches, compute_dtype=
     import torch
 
     return api.score(ctx.model, ctx.groups, method_entry.name, batches, options=options, seed=ctx.config.seed,
-                     compute_dtype=compute_dtype or torch.float32, registry=ctx.registry, sampler=sampler)
+                     compute_dtype=compute_dtype, registry=ctx.registry, sampler=sampler)
 
 
 def calibration_batches(tokenizer, config: RunConfig):

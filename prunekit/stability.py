@@ -96,6 +96,7 @@ def score(ctx, entry, options, batches: list[torch.Tensor]) -> tuple[list[torch.
                if entry.needs_calibration(options) and ctx.tokenizer is not None else None)
     if k <= 1 or sampler is None:
         scores, info = api_score(ctx.model, ctx.groups, entry.name, batches, options=options, seed=config.seed,
+                                 compute_dtype=getattr(config, "compute_dtype", None),
                                  registry=ctx.registry, sampler=sampler)
         if k > 1:
             info["stability"] = {"resamples": k, "note": f"{entry.name} uses no calibration text: "
@@ -106,6 +107,7 @@ def score(ctx, entry, options, batches: list[torch.Tensor]) -> tuple[list[torch.
         sample = batches if r == 0 else sampler(r)[0]
         child = sampler.child(r)
         scores, info = api_score(ctx.model, ctx.groups, entry.name, sample, options=options, seed=config.seed,
+                                 compute_dtype=getattr(config, "compute_dtype", None),
                                  registry=ctx.registry, sampler=child)
         runs.append(scores)
         infos.append(info)

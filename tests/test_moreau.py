@@ -286,11 +286,18 @@ def test_noise_seeds_differ_per_tensor_step_and_sample():
     assert len(seeds) == 64 and noise_seed(0, 1, 0, 2) == noise_seed(0, 1, 0, 2)
 
 
-def test_refuses_float16_model(gqa_groups, calibration_ids):
+def test_float16_model_keeps_float32_state_and_loss_scale(gqa_groups, calibration_ids):
+    """A float16 model is scored in float16 (no refusal, no float32 copy): δ and W' are float32, the backward
+    loss-scaled; the scores track scoring a float32 copy of the same weights (docs/precision.md)."""
+    wide = tiny_ctx(gqa_groups, calibration_ids)
+    wide.model.half().float()
     ctx = tiny_ctx(gqa_groups, calibration_ids)
     ctx.model.half()
-    with pytest.raises(TypeError, match="float32"):
-        run(ctx, penalty="group", **FAST)
+    reference = torch.cat(run(wide, penalty="group", **FAST))
+    scores = torch.cat(run(ctx, penalty="group", **FAST))
+    assert ctx.info["moreau"]["loss_scale"]["enabled"]
+    assert all(p.dtype == torch.float16 for p in ctx.model.parameters())
+    assert float(torch.corrcoef(torch.stack([reference, scores]))[0, 1]) > 0.99
 
 
 # -- the fused perturbed-Linear path against a plain in-place reference ------------------------------
