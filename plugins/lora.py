@@ -236,7 +236,7 @@ class LoraRecovery:
         finally:
             model.config.use_cache = use_cache
             if not checkpointing and _checkpointing(model):
-                model.gradient_checkpointing_disable()
+                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             if next(model.parameters()).device != device and not getattr(model, "hf_device_map", None):
                 model.to(device)  # the Trainer may have moved it to its accelerator
             model.train(was_training)

@@ -35,10 +35,12 @@ def recipe_arguments(options: Any, output_dir: str, seed: int, dtype: torch.dtyp
             extra["fsdp_config"] = options.fsdp_config
     if options.deepspeed is not None:
         extra["deepspeed"] = options.deepspeed
-    if options.gradient_checkpointing:
-        extra["gradient_checkpointing"] = True
-        extra["gradient_checkpointing_kwargs"] = {"use_reentrant": False}  # frozen embeddings: no input grads needed
-    return _arguments_class()(
+    cls = _arguments_class()
+    if options.gradient_checkpointing:  # transformers 5.x renamed it "activation" checkpointing
+        name = "activation_checkpointing" if "activation_checkpointing" in cls.__dataclass_fields__ else "gradient_checkpointing"
+        extra[name] = True
+        extra[f"{name}_kwargs"] = {"use_reentrant": False}  # frozen embeddings: no input grads needed
+    return cls(
         output_dir=output_dir, save_strategy="no", eval_strategy="no", report_to="none",
         num_train_epochs=options.epochs, per_device_train_batch_size=options.device_batch,
         gradient_accumulation_steps=options.gradient_accumulation_steps, learning_rate=options.lr,

@@ -122,3 +122,83 @@ def test_bad_recovery_option_exits_2(lora_plugin, tiny_model_dir, tmp_path, caps
                      "--output", str(tmp_path / "o"), "--config", config]) == 2
         assert field in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
+
+
+
+def _dtype_probe():
+    from transformers import TrainerCallback
+
+    class Probe(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[set, set, int]] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+            adapters = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+            float32 = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and p.dtype == torch.float32)
+            self.seen.append((base, adapters, float32))
+
+    return Probe()
+
+
+def test_bf16_model_trains_without_a_float32_copy():
+    model, tokenizer = pruned_tiny().to(torch.bfloat16), make_tiny_tokenizer()
+    weights = {n: p.data_ptr() for n, p in model.named_parameters()}
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    recovery = LoraRecovery(LoraOptions(**TINY))
+    probe = _dtype_probe()
+    recovery.callbacks.append(probe)
+    outputs = []
+    hook = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: outputs.append(o.dtype))
+
+    info = recovery.recover(model, tokenizer, RunConfig())
+    hook.remove()
+
+    assert len(probe.seen) == info["steps"] == 4
+    assert all(base == {torch.bfloat16} and adapters == {torch.float32} and f32 == 0 for base, adapters, f32 in probe.seen)
+    assert outputs and set(outputs) == {torch.bfloat16}  # the base matmuls ran in bf16
+    assert info["mixed_precision"] == "bf16" and info["loss_last_epoch"] < info["loss_first_epoch"]
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == weights  # merged in place, never re-allocated
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # requires_grad restored
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_accumulation_and_checkpointing_lower_the_loss():
+    model, tokenizer = pruned_tiny(), make_tiny_tokenizer()
+    options = {**TINY, "per_device_batch_size": 2, "gradient_accumulation_steps": 2, "gradient_checkpointing": True}
+    recovery = LoraRecovery(LoraOptions(**options))
+    data = batches(recovery.examples(tokenizer, 0), 4, tokenizer.pad_token_id, list(range(TINY["max_examples"])))
+    before = mean_loss(model, data)
+    info = recovery.recover(model, tokenizer, RunConfig())
+    assert info["steps"] == 4  # 8 examples / (2 per pass x 2 passes) x 2 epochs
+    assert mean_loss(model, data) < before - 0.1
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # switched off again
+    assert model.config.use_cache is True
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"fsdp": "full_shard sideways"}, "'sideways' is not one of full_shard"),
+    ({"fsdp_config": {"version": 2}}, "fsdp_config needs fsdp"),
+    ({"fsdp": "full_shard", "fsdp_config": "/no/such/fsdp.json"}, "is not a file"),
+    ({"deepspeed": "/no/such/zero3.json"}, "is not a file"),
+    ({"deepspeed": {"bf16": {"enabled": True}}}, "not a DeepSpeed config"),
+    ({"per_device_batch_size": 0}, "greater than or equal to 1"),
+    ({"gradient_accumulation_steps": 0}, "greater than or equal to 1"),
+    ({"gradient_checkpointing": "sometimes"}, "valid boolean"),
+])
+def test_scale_options_are_validated(options, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        LoraOptions(**options)
+
+
+def test_fsdp_and_deepspeed_are_exclusive(tmp_path):
+    from pydantic import ValidationError
+
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValidationError, match="alternatives|deepspeed package"):
+        LoraOptions(fsdp="full_shard", deepspeed=str(config))
+    assert LoraOptions(fsdp=["full_shard", "auto_wrap"], fsdp_config={"version": 2}).fsdp == "full_shard auto_wrap"
