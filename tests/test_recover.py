@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -86,15 +85,16 @@ def test_recover_never_writes_into_its_input(pruned_dir, tmp_path, capsys):
     assert "output:" in capsys.readouterr().err and _digest(pruned_dir) == before
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
-                    reason="accelerate's launcher is not installed")
 def test_recover_data_parallel_under_accelerate_launch(pruned_dir, tmp_path):
     """Two gloo processes on the CPU: both train, the main process alone writes the output."""
     out = tmp_path / "ddp"
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_PROGRESS": "0"}
+    # accelerate 1.15 launches several --cpu processes only through mpirun; its torchrun launcher (--multi_gpu)
+    # with ACCELERATE_USE_CPU runs them on the CPU with gloo, on machines with or without GPUs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_PROGRESS": "0", "ACCELERATE_USE_CPU": "true"}
     started = time.perf_counter()
-    done = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # `python -m accelerate.commands.launch` is `accelerate launch` with this interpreter (a copied venv's
+    # `accelerate` script may name another one)
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                            "-m", "prunekit.cli", "recover", str(pruned_dir), "--output", str(out), *_options()],
                           env=env, capture_output=True, text=True, timeout=300)
