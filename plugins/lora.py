@@ -70,8 +70,8 @@ class LoraOptions(BaseModel):
     source: str = Field(default="ptb", description="offline: ptb, wikitext2; online: alpaca-cleaned (the reference)")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1,
                              description="adapter init, dropout and shuffling; default: the run's seed")
-    fsdp: str | list[str] = Field(default="", description="TrainingArguments.fsdp, e.g. 'full_shard auto_wrap' "
-                                                          "(under accelerate launch)")
+    fsdp: bool | str | list[str] = Field(default=False, description="TrainingArguments.fsdp: true (configure it in "
+                                                                   "fsdp_config) or legacy words such as 'full_shard'")
     fsdp_config: dict[str, Any] | str | None = Field(default=None, description="TrainingArguments.fsdp_config: "
                                                                                "a mapping or a JSON file")
     deepspeed: dict[str, Any] | str | None = Field(default=None, description="TrainingArguments.deepspeed: a ZeRO "
@@ -86,12 +86,14 @@ class LoraOptions(BaseModel):
 
     @field_validator("fsdp")
     @classmethod
-    def _fsdp_words(cls, v: str | list[str]) -> str:
+    def _fsdp_words(cls, v: bool | str | list[str]) -> bool | str:
+        if isinstance(v, bool):
+            return v
         words = v.split() if isinstance(v, str) else list(v)
         unknown = [w for w in words if w not in FSDP_OPTIONS]
         if unknown:
-            raise ValueError(f"{unknown[0]!r} is not one of {', '.join(FSDP_OPTIONS)}")
-        return " ".join(words)
+            raise ValueError(f"{unknown[0]!r} is not one of true, false, {', '.join(FSDP_OPTIONS)}")
+        return " ".join(words) or False
 
     @field_validator("fsdp_config")
     @classmethod
@@ -120,7 +122,7 @@ class LoraOptions(BaseModel):
         if self.fsdp and self.deepspeed is not None:
             raise ValueError("fsdp and deepspeed are alternatives; give one of them")
         if self.fsdp_config is not None and not self.fsdp:
-            raise ValueError("fsdp_config needs fsdp (e.g. fsdp: 'full_shard auto_wrap')")
+            raise ValueError("fsdp_config needs fsdp: true")
         return self
 
     @property
@@ -222,31 +224,40 @@ class LoraRecovery:
         use_cache = getattr(model.config, "use_cache", None)
         checkpointing = _checkpointing(model)
         started = time.perf_counter()
+        result: dict[str, Any] = {}
         try:
             with kept_global_rng(device):  # leave the caller's global RNG alone
                 torch.manual_seed(seed)
                 peft_model = self._wrap(model)
                 try:
                     model.config.use_cache = False
-                    losses, steps = self._train(peft_model, examples, pad_id, seed, dtype, device)
-                    merged = peft_model.merge_and_unload()
+                    result = self._train(peft_model, examples, pad_id, seed, dtype, device)
+                    if result["whole"]:
+                        merged = peft_model.merge_and_unload()
+                        assert merged is model  # peft merged into the very modules the caller holds
+                    else:  # another process of a sharded run: the main process holds and saves the merged model
+                        peft_model.unload()
                 except BaseException:
-                    peft_model.unload()  # leave the caller's model as it was, without adapters
+                    if result.get("whole", True):
+                        peft_model.unload()  # leave the caller's model as it was, without adapters
                     raise
         finally:
             model.config.use_cache = use_cache
             if not checkpointing and _checkpointing(model):
                 (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-            if next(model.parameters()).device != device and not getattr(model, "hf_device_map", None):
-                model.to(device)  # the Trainer may have moved it to its accelerator
+            if result.get("whole", True):
+                if next(model.parameters()).device != device and not getattr(model, "hf_device_map", None):
+                    model.to(device)  # the Trainer may have moved it to its accelerator
+                for n, p in model.named_parameters():
+                    p.requires_grad_(flags.get(n, False))
             model.train(was_training)
-            for n, p in model.named_parameters():
-                p.requires_grad_(flags.get(n, False))
-        assert merged is model  # peft merged into the very modules the caller holds
-        assert next(model.parameters()).dtype == dtype
+        if result["whole"]:
+            assert next(model.parameters()).dtype == dtype
+        losses = result["losses"]
         self.info = {"source": o.source, "examples": len(examples), "tokens": sum(map(len, examples)),
-                     "epochs": o.epochs, "steps": steps, "loss_first_epoch": losses[0],
+                     "epochs": o.epochs, "steps": result["steps"], "loss_first_epoch": losses[0],
                      "loss_last_epoch": losses[-1], "processes": int(os.environ.get("WORLD_SIZE", "1")),
+                     "engine": result["engine"], "merged_here": result["whole"],
                      "mixed_precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
                      "seconds": round(time.perf_counter() - started, 2)}
         return self.info
@@ -273,8 +284,8 @@ class LoraRecovery:
                                 use_cpu=device.type == "cpu" and not distributed())
 
     def _train(self, peft_model: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int,
-               dtype: torch.dtype, device: torch.device) -> tuple[list[float], int]:
-        """Run the Trainer; returns the mean training loss of every epoch and the number of optimizer steps."""
+               dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """Run the Trainer (see :func:`prunekit.builtin.lora_trainer.train` for what it returns)."""
         from prunekit.builtin.lora_trainer import train
 
         with tempfile.TemporaryDirectory(prefix="prunekit-lora-") as scratch:  # the Trainer wants one; nothing is saved

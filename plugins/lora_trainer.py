@@ -121,8 +121,13 @@ def _callbacks():
 
 def train(peft_model: torch.nn.Module, args: Any, examples: list[list[int]],
           collator: Callable[[list[list[int]]], dict[str, torch.Tensor]],
-          callbacks: list[Any] = ()) -> tuple[list[float], int]:
-    """Train ``peft_model`` with the Trainer; returns the mean training loss of every epoch and the step count."""
+          callbacks: list[Any] = ()) -> dict[str, Any]:
+    """Train ``peft_model`` with the Trainer. Returns ``losses`` (mean training loss of every epoch), ``steps``,
+    ``engine`` (what accelerate ran: ``NO``, ``MULTI_CPU``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``) and ``whole``:
+    whether this process holds the full trained weights. After FSDP or DeepSpeed the weights are gathered
+    (every process takes part) and only the main process gets them back into ``peft_model``."""
+    from prunekit.builtin.lora_unshard import ModuleTree
+
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -132,5 +137,15 @@ def train(peft_model: torch.nn.Module, args: Any, examples: list[list[int]],
                       callbacks=[losses, RichBar(), *callbacks])
     for quiet in (PrinterCallback, ProgressCallback):  # the rich bar replaces them
         trainer.remove_callback(quiet)
+    tree = ModuleTree(peft_model)
     trainer.train()
-    return losses.means(), trainer.state.global_step
+    engine = str(getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type))
+    whole = True
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:  # sharded or engine-owned: gather, then unwrap
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if trainer.accelerator.is_main_process:
+            tree.restore(state)
+        else:
+            tree.restore_structure()
+            whole = False
+    return {"losses": losses.means(), "steps": trainer.state.global_step, "engine": engine, "whole": whole}

@@ -178,8 +178,8 @@ def test_accumulation_and_checkpointing_lower_the_loss():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"fsdp": "full_shard sideways"}, "'sideways' is not one of full_shard"),
-    ({"fsdp_config": {"version": 2}}, "fsdp_config needs fsdp"),
+    ({"fsdp": "full_shard sideways"}, "'sideways' is not one of true, false, full_shard"),
+    ({"fsdp_config": {"version": 2}}, "fsdp_config needs fsdp: true"),
     ({"fsdp": "full_shard", "fsdp_config": "/no/such/fsdp.json"}, "is not a file"),
     ({"deepspeed": "/no/such/zero3.json"}, "is not a file"),
     ({"deepspeed": {"bf16": {"enabled": True}}}, "not a DeepSpeed config"),
@@ -202,3 +202,4 @@ def test_fsdp_and_deepspeed_are_exclusive(tmp_path):
     with pytest.raises(ValidationError, match="alternatives|deepspeed package"):
         LoraOptions(fsdp="full_shard", deepspeed=str(config))
     assert LoraOptions(fsdp=["full_shard", "auto_wrap"], fsdp_config={"version": 2}).fsdp == "full_shard auto_wrap"
+    assert LoraOptions(fsdp=True, fsdp_config={"version": 2}).fsdp is True and LoraOptions(fsdp="").fsdp is False
