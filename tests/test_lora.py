@@ -203,3 +203,29 @@ def test_fsdp_and_deepspeed_are_exclusive(tmp_path):
         LoraOptions(fsdp="full_shard", deepspeed=str(config))
     assert LoraOptions(fsdp=["full_shard", "auto_wrap"], fsdp_config={"version": 2}).fsdp == "full_shard auto_wrap"
     assert LoraOptions(fsdp=True, fsdp_config={"version": 2}).fsdp is True and LoraOptions(fsdp="").fsdp is False
+
+
+def test_module_tree_undoes_fsdp2_sharding(tmp_path):
+    """FSDP2 (torch's fully_shard) on two gloo CPU processes: after gathering, ModuleTree gives back plain
+    classes and full parameters whose logits equal the sharded model's; peft then merges as usual."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           str(tests / "fsdp_restore_worker.py"), str(tests)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert result["fsdp_classes"]  # really sharded: FSDP2 swapped the module classes
+    assert result["classes_restored"] and result["merged_in_place"] and result["dtensors_left"] == 0 and result["lora_left"] == 0
+    assert result["merged_class"] == "LlamaForCausalLM" and result["dtype"] == "torch.bfloat16"
+    assert result["restored_vs_sharded"] == 0.0
+    assert result["merged_vs_sharded"] < 0.1  # the merge rounds W + BA to bf16 once
