@@ -30,10 +30,12 @@ class ModuleTree:
             self.modules.append((module, module.__class__, dict(module._modules), hooks))
         self.params: dict[int, list[tuple[str, torch.nn.Module, str]]] = {}  # one entry per shared Parameter
         self.requires_grad: dict[int, bool] = {}
+        self.dtypes: dict[int, torch.dtype] = {}  # engines may up- or down-cast (FSDP upcasts, ZeRO casts to bf16)
         for name, param in root.named_parameters(remove_duplicate=False):
             owner, _, leaf = name.rpartition(".")
             self.params.setdefault(id(param), []).append((name, root.get_submodule(owner), leaf))
             self.requires_grad[id(param)] = param.requires_grad
+            self.dtypes[id(param)] = param.dtype
 
     def restore_structure(self) -> None:
         """Original classes, children and hooks (parameters untouched)."""
@@ -48,7 +50,7 @@ class ModuleTree:
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         """Original structure, each parameter a plain ``Parameter`` holding its full tensor from ``state``
-        (names as ``root.state_dict()`` had them); tied parameters stay tied."""
+        (names as ``root.state_dict()`` had them) in its original dtype; tied parameters stay tied."""
         self.restore_structure()
         missing = []
         for key, bindings in self.params.items():
@@ -57,7 +59,8 @@ class ModuleTree:
                 missing.append(bindings[0][0])
                 continue
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-            param = torch.nn.Parameter(full.detach().clone(), requires_grad=self.requires_grad[key])
+            full = full.detach().to(self.dtypes[key], copy=True)
+            param = torch.nn.Parameter(full, requires_grad=self.requires_grad[key])
             for _, module, leaf in bindings:
                 module.__dict__.pop(leaf, None)  # FSDP1 may have left a plain attribute in its place
                 module._parameters[leaf] = param
