@@ -260,6 +260,8 @@ class LoraRecovery:
                      "engine": result["engine"], "merged_here": result["whole"],
                      "mixed_precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
                      "seconds": round(time.perf_counter() - started, 2)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's GPU, for the record
+            self.info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         return self.info
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -280,8 +282,10 @@ class LoraRecovery:
         """The ``TrainingArguments`` of the recipe: options passed through, precision from the model's dtype."""
         from prunekit.builtin.lora_trainer import recipe_arguments
 
-        return recipe_arguments(self.options, output_dir, seed, dtype,
-                                use_cpu=device.type == "cpu" and not distributed())
+        # train where the model is; launched processes load on the CPU and go to their own GPU, if there is one
+        on_cpu = device.type == "cpu" and (not distributed() or not torch.cuda.is_available()
+                                           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+        return recipe_arguments(self.options, output_dir, seed, dtype, use_cpu=on_cpu)
 
     def _train(self, peft_model: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int,
                dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
