@@ -225,13 +225,18 @@ class LoraRecovery:
         checkpointing = _checkpointing(model)
         started = time.perf_counter()
         result: dict[str, Any] = {}
+        # fp16 needs loss scaling, which accelerate only does on accelerators: on the CPU an fp16 model trains
+        # on a float32 copy (as before the Trainer) rather than with silently underflowing gradients
+        upcast = dtype == torch.float16 and self.trains_on_cpu(device)
         try:
+            if upcast:
+                model.float()
             with kept_global_rng(device):  # leave the caller's global RNG alone
                 torch.manual_seed(seed)
                 peft_model = self._wrap(model)
                 try:
                     model.config.use_cache = False
-                    result = self._train(peft_model, examples, pad_id, seed, dtype, device)
+                    result = self._train(peft_model, examples, pad_id, seed, torch.float32 if upcast else dtype, device)
                     if result["whole"]:
                         merged = peft_model.merge_and_unload()
                         assert merged is model  # peft merged into the very modules the caller holds
@@ -242,6 +247,8 @@ class LoraRecovery:
                         peft_model.unload()  # leave the caller's model as it was, without adapters
                     raise
         finally:
+            if upcast:
+                model.to(dtype)
             model.config.use_cache = use_cache
             if not checkpointing and _checkpointing(model):
                 (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
@@ -257,8 +264,9 @@ class LoraRecovery:
         self.info = {"source": o.source, "examples": len(examples), "tokens": sum(map(len, examples)),
                      "epochs": o.epochs, "steps": result["steps"], "loss_first_epoch": losses[0],
                      "loss_last_epoch": losses[-1], "processes": int(os.environ.get("WORLD_SIZE", "1")),
-                     "engine": result["engine"], "merged_here": result["whole"],
-                     "mixed_precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
+                     "engine": result["engine"], "merged_here": result["whole"], "loss_scaling": result["loss_scaling"],
+                     "mixed_precision": "no (float32 copy: fp16 on the CPU)" if upcast else
+                     {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
                      "seconds": round(time.perf_counter() - started, 2)}
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's GPU, for the record
             self.info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -278,14 +286,17 @@ class LoraRecovery:
         except ValueError as exc:
             raise UserError(f"recovery.options.target_modules: {str(exc).splitlines()[0]}") from None
 
+    @staticmethod
+    def trains_on_cpu(device: torch.device) -> bool:
+        """Train where the model is; launched processes load on the CPU and go to their own GPU, if there is one."""
+        return device.type == "cpu" and (not distributed() or not torch.cuda.is_available()
+                                         or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+
     def arguments(self, output_dir: str, seed: int, dtype: torch.dtype, device: torch.device) -> Any:
         """The ``TrainingArguments`` of the recipe: options passed through, precision from the model's dtype."""
         from prunekit.builtin.lora_trainer import recipe_arguments
 
-        # train where the model is; launched processes load on the CPU and go to their own GPU, if there is one
-        on_cpu = device.type == "cpu" and (not distributed() or not torch.cuda.is_available()
-                                           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
-        return recipe_arguments(self.options, output_dir, seed, dtype, use_cpu=on_cpu)
+        return recipe_arguments(self.options, output_dir, seed, dtype, use_cpu=self.trains_on_cpu(device))
 
     def _train(self, peft_model: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int,
                dtype: torch.dtype, device: torch.device) -> dict[str, Any]:

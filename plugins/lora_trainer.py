@@ -148,4 +148,6 @@ def train(peft_model: torch.nn.Module, args: Any, examples: list[list[int]],
         else:
             tree.restore_structure()
             whole = False
-    return {"losses": losses.means(), "steps": trainer.state.global_step, "engine": engine, "whole": whole}
+    scaling = getattr(trainer.accelerator, "scaler", None) is not None  # fp16: gradients are loss-scaled
+    return {"losses": losses.means(), "steps": trainer.state.global_step, "engine": engine, "whole": whole,
+            "loss_scaling": scaling}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -152,8 +153,10 @@ def test_bf16_model_trains_without_a_float32_copy():
     outputs = []
     hook = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: outputs.append(o.dtype))
 
+    rng = torch.get_rng_state(), random.getstate()
     info = recovery.recover(model, tokenizer, RunConfig())
     hook.remove()
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]  # caller's RNG untouched
 
     assert len(probe.seen) == info["steps"] == 4
     assert all(base == {torch.bfloat16} and adapters == {torch.float32} and f32 == 0 for base, adapters, f32 in probe.seen)
@@ -229,3 +232,15 @@ def test_module_tree_undoes_fsdp2_sharding(tmp_path):
     assert result["merged_class"] == "LlamaForCausalLM" and result["dtype"] == "torch.bfloat16"
     assert result["restored_vs_sharded"] == 0.0
     assert result["merged_vs_sharded"] < 0.1  # the merge rounds W + BA to bf16 once
+
+
+def test_fp16_model_never_trains_without_loss_scaling():
+    """fp16 gradients must not underflow silently: accelerate scales the loss on GPUs only, so on the CPU
+    an fp16 model trains on a float32 copy and is cast back."""
+    model, tokenizer = pruned_tiny().to(torch.float16), make_tiny_tokenizer()
+    info = LoraRecovery(LoraOptions(**TINY)).recover(model, tokenizer, RunConfig())
+    assert info["mixed_precision"] == "no (float32 copy: fp16 on the CPU)" and info["loss_scaling"] is False
+    assert info["loss_last_epoch"] < info["loss_first_epoch"]
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    args = LoraRecovery(LoraOptions(**TINY)).arguments("/nonexistent", 0, torch.float16, torch.device("cpu"))
+    assert args.fp16 and args.use_cpu  # what a GPU run asks for: fp16 autocast + GradScaler (not runnable here)
