@@ -244,3 +244,29 @@ def test_fp16_model_never_trains_without_loss_scaling():
     assert all(p.dtype == torch.float16 for p in model.parameters())
     args = LoraRecovery(LoraOptions(**TINY)).arguments("/nonexistent", 0, torch.float16, torch.device("cpu"))
     assert args.fp16 and args.use_cpu  # what a GPU run asks for: fp16 autocast + GradScaler (not runnable here)
+
+
+@pytest.mark.parametrize("name", ["recover-1gpu.yaml", "recover-ddp.yaml", "recover-fsdp.yaml", "recover-zero3.yaml"])
+def test_example_recovery_configs_are_accepted(name, monkeypatch):
+    """docs/recovery.md's example files: their options validate and become TrainingArguments (ZeRO-3: the
+    JSON is a DeepSpeed config; validating it needs the deepspeed package)."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the examples' paths are relative to the repository root
+    options = yaml.safe_load((root / "examples" / "recovery" / name).read_text())["recovery"]["options"]
+    if "deepspeed" in options and importlib.util.find_spec("deepspeed") is None:
+        config = json.loads(Path(options["deepspeed"]).read_text())
+        assert config["zero_optimization"]["stage"] == 3
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+        return
+    parsed = LoraOptions(**options)
+    args = LoraRecovery(parsed).arguments("/nonexistent", 0, torch.bfloat16, torch.device("cpu"))
+    assert args.bf16 and args.per_device_train_batch_size == parsed.device_batch
+    assert args.gradient_accumulation_steps == parsed.gradient_accumulation_steps
+    if parsed.fsdp:
+        assert args.fsdp and args.fsdp_plugin_args["fsdp_version"] == 2
+        assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
