@@ -1,28 +1,51 @@
-"""``lora``: LoRA recovery after pruning (LLM-Pruner / MoreauPruner recipe) with peft, merged back into the weights.
+"""``lora``: LoRA recovery after pruning (LLM-Pruner / MoreauPruner recipe) with peft on the Hugging Face Trainer.
 
-Adapters are trained in float32 with a plain AdamW loop (linear warm-up and decay, gradient clipping at
-1.0, the Trainer defaults the reference recipe ran with), then ``merge_and_unload`` folds them into the
-pruned ``Linear`` layers, so the model keeps its exact pruned shapes and loads without peft.
+The base weights stay in their load dtype (no float32 copy of the model); peft keeps the adapters in float32
+and the Trainer runs bf16/fp16 mixed precision when the model is bf16/fp16. Linear warm-up and decay,
+gradient clipping at 1.0 and AdamW without weight decay are the Trainer settings of the reference recipe.
+``merge_and_unload`` then folds the adapters into the pruned ``Linear`` layers, so the model keeps its exact
+pruned shapes and loads without peft. The same loop runs data parallel under ``accelerate launch`` and
+passes ``fsdp`` / ``fsdp_config`` / ``deepspeed`` through to ``TrainingArguments`` (docs/recovery.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import random
+import tempfile
 import time
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prunekit import hookimpl
 from prunekit.data import SOURCES, recovery_texts
 from prunekit.errors import UserError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
+
+
+def _json_object(value: Any, what: str) -> dict[str, Any]:
+    """A dict given inline, or the JSON object in the file ``value`` names."""
+    if isinstance(value, dict):
+        return value
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_file():
+        raise ValueError(f"{what} {str(value)!r} is not a file (give a path to a JSON file or an inline mapping)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds no JSON object")
+    return data
 
 
 class LoraOptions(BaseModel):
@@ -37,11 +60,22 @@ class LoraOptions(BaseModel):
     lr: float = Field(default=1e-4, gt=0)
     epochs: int = Field(default=2, ge=1)
     cutoff_len: int = Field(default=256, ge=2, description="tokens per example (longer ones are truncated)")
-    batch_size: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=4, ge=1, description="examples per forward pass on each process "
+                                                         "(same as per_device_batch_size)")
+    per_device_batch_size: int | None = Field(default=None, ge=1, description="examples per forward pass on each "
+                                                                              "process; default: batch_size")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="forward passes per optimizer step")
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward (less memory)")
     max_examples: int = Field(default=64, ge=1, description="training texts drawn from `source` (CPU-sized default)")
     source: str = Field(default="ptb", description="offline: ptb, wikitext2; online: alpaca-cleaned (the reference)")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1,
                              description="adapter init, dropout and shuffling; default: the run's seed")
+    fsdp: bool | str | list[str] = Field(default=False, description="TrainingArguments.fsdp: true (configure it in "
+                                                                   "fsdp_config) or legacy words such as 'full_shard'")
+    fsdp_config: dict[str, Any] | str | None = Field(default=None, description="TrainingArguments.fsdp_config: "
+                                                                               "a mapping or a JSON file")
+    deepspeed: dict[str, Any] | str | None = Field(default=None, description="TrainingArguments.deepspeed: a ZeRO "
+                                                                             "config JSON file or mapping")
 
     @field_validator("source")
     @classmethod
@@ -49,6 +83,52 @@ class LoraOptions(BaseModel):
         if v not in SOURCES:
             raise ValueError(f"{v!r} is not one of {', '.join(SOURCES)}")
         return v
+
+    @field_validator("fsdp")
+    @classmethod
+    def _fsdp_words(cls, v: bool | str | list[str]) -> bool | str:
+        if isinstance(v, bool):
+            return v
+        words = v.split() if isinstance(v, str) else list(v)
+        unknown = [w for w in words if w not in FSDP_OPTIONS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not one of true, false, {', '.join(FSDP_OPTIONS)}")
+        return " ".join(words) or False
+
+    @field_validator("fsdp_config")
+    @classmethod
+    def _fsdp_config_object(cls, v: Any) -> Any:
+        if v is not None:
+            _json_object(v, "file")
+        return v
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_config(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        config = _json_object(v, "file")
+        if "zero_optimization" not in config and "train_batch_size" not in config \
+                and "train_micro_batch_size_per_gpu" not in config:
+            raise ValueError("not a DeepSpeed config (no zero_optimization or batch size keys)")
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("the deepspeed package is not installed (pip install deepspeed)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> "LoraOptions":
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError("fsdp and deepspeed are alternatives; give one of them")
+        if self.fsdp_config is not None and not self.fsdp:
+            raise ValueError("fsdp_config needs fsdp: true")
+        return self
+
+    @property
+    def device_batch(self) -> int:
+        """Examples per forward pass on each process."""
+        return self.per_device_batch_size or self.batch_size
 
 
 def encode(tokenizer: Any, texts: list[str], cutoff_len: int) -> list[list[int]]:
@@ -93,21 +173,39 @@ def mean_loss(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> fl
     return total / count
 
 
-def _progress() -> Progress:
-    """A transient rich bar on stderr, off with PRUNEKIT_PROGRESS=0."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-                    disable=os.environ.get("PRUNEKIT_PROGRESS", "1") == "0")
+@contextlib.contextmanager
+def kept_global_rng(device: torch.device) -> Iterator[None]:
+    """Leave Python's, numpy's and torch's global random state as they were (the Trainer seeds all three)."""
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on, without transformers 5's deprecated property."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def distributed() -> bool:
+    """True under ``accelerate launch`` / ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 class LoraRecovery:
-    """Fine-tune LoRA adapters on recovery text, then merge them into the pruned weights."""
+    """Fine-tune LoRA adapters on recovery text with the Trainer, then merge them into the pruned weights."""
 
     Options = LoraOptions
 
     def __init__(self, options: LoraOptions | None = None) -> None:
         self.options = options or LoraOptions()
         self.info: dict[str, Any] = {}
+        self.callbacks: list[Any] = []  # extra transformers.TrainerCallback objects (observers, tests)
 
     def examples(self, tokenizer: Any, seed: int) -> list[list[int]]:
         """The tokenized training examples (the same ones for the same options and seed)."""
@@ -115,7 +213,7 @@ class LoraRecovery:
         return encode(tokenizer, recovery_texts(o.source, n=o.max_examples, seed=seed), o.cutoff_len)
 
     def recover(self, model: torch.nn.Module, tokenizer: Any, config: Any = None) -> dict[str, Any]:
-        """Train LoRA on ``model`` in float32, merge it in place, restore the dtype; returns training info."""
+        """Train LoRA on ``model`` in its own dtype, merge it in place; returns training info."""
         o = self.options
         seed = o.seed if o.seed is not None else getattr(config, "seed", 42)
         examples = self.examples(tokenizer, seed)
@@ -123,30 +221,59 @@ class LoraRecovery:
         first = next(model.parameters())
         dtype, device, was_training = first.dtype, first.device, model.training
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        use_cache = getattr(model.config, "use_cache", None)
+        checkpointing = _checkpointing(model)
         started = time.perf_counter()
-        model.float()
+        result: dict[str, Any] = {}
+        # fp16 needs loss scaling, which accelerate only does on accelerators: on the CPU an fp16 model trains
+        # on a float32 copy (as before the Trainer) rather than with silently underflowing gradients
+        upcast = dtype == torch.float16 and self.trains_on_cpu(device)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave global RNG alone
+            if upcast:
+                model.float()
+            with kept_global_rng(device):  # leave the caller's global RNG alone
                 torch.manual_seed(seed)
                 peft_model = self._wrap(model)
                 try:
-                    losses, steps = self._train(peft_model, examples, pad_id, seed)
-                    merged = peft_model.merge_and_unload()
+                    model.config.use_cache = False
+                    result = self._train(peft_model, examples, pad_id, seed, torch.float32 if upcast else dtype, device)
+                    if result["whole"]:
+                        merged = peft_model.merge_and_unload()
+                        assert merged is model  # peft merged into the very modules the caller holds
+                    else:  # another process of a sharded run: the main process holds and saves the merged model
+                        peft_model.unload()
                 except BaseException:
-                    peft_model.unload()  # leave the caller's model as it was, without adapters
+                    if result.get("whole", True):
+                        peft_model.unload()  # leave the caller's model as it was, without adapters
                     raise
         finally:
-            model.to(dtype).train(was_training)
-            for n, p in model.named_parameters():
-                p.requires_grad_(flags.get(n, False))
-        assert merged is model  # peft merged into the very modules the caller holds
+            if upcast:
+                model.to(dtype)
+            model.config.use_cache = use_cache
+            if not checkpointing and _checkpointing(model):
+                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            if result.get("whole", True):
+                if next(model.parameters()).device != device and not getattr(model, "hf_device_map", None):
+                    model.to(device)  # the Trainer may have moved it to its accelerator
+                for n, p in model.named_parameters():
+                    p.requires_grad_(flags.get(n, False))
+            model.train(was_training)
+        if result["whole"]:
+            assert next(model.parameters()).dtype == dtype
+        losses = result["losses"]
         self.info = {"source": o.source, "examples": len(examples), "tokens": sum(map(len, examples)),
-                     "epochs": o.epochs, "steps": steps, "loss_first_epoch": losses[0],
-                     "loss_last_epoch": losses[-1], "seconds": round(time.perf_counter() - started, 2)}
+                     "epochs": o.epochs, "steps": result["steps"], "loss_first_epoch": losses[0],
+                     "loss_last_epoch": losses[-1], "processes": int(os.environ.get("WORLD_SIZE", "1")),
+                     "engine": result["engine"], "merged_here": result["whole"], "loss_scaling": result["loss_scaling"],
+                     "mixed_precision": "no (float32 copy: fp16 on the CPU)" if upcast else
+                     {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
+                     "seconds": round(time.perf_counter() - started, 2)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's GPU, for the record
+            self.info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         return self.info
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` with peft LoRA adapters on every target Linear (whatever its pruned width)."""
+        """``model`` with float32 peft LoRA adapters on every target Linear (whatever its pruned width)."""
         from peft import LoraConfig, get_peft_model
 
         o = self.options
@@ -155,43 +282,30 @@ class LoraRecovery:
         try:
             with warnings.catch_warnings():  # peft <-> transformers 5 deprecation noise, not the user's concern
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                return get_peft_model(model, lora)
+                return get_peft_model(model, lora, autocast_adapter_dtype=True)
         except ValueError as exc:
             raise UserError(f"recovery.options.target_modules: {str(exc).splitlines()[0]}") from None
 
-    def _train(self, peft_model: torch.nn.Module, examples: list[list[int]], pad_id: int,
-               seed: int) -> tuple[list[float], int]:
-        """The AdamW loop; returns the mean training loss of every epoch and the number of steps."""
-        from transformers import get_linear_schedule_with_warmup
+    @staticmethod
+    def trains_on_cpu(device: torch.device) -> bool:
+        """Train where the model is; launched processes load on the CPU and go to their own GPU, if there is one."""
+        return device.type == "cpu" and (not distributed() or not torch.cuda.is_available()
+                                         or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
 
-        o = self.options
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        per_epoch = math.ceil(len(examples) / o.batch_size)
-        total = per_epoch * o.epochs
-        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0)
-        schedule = get_linear_schedule_with_warmup(optimizer, min(100, total // 10), total)
-        device = next(peft_model.parameters()).device
-        generator = torch.Generator().manual_seed(seed)
-        epoch_losses: list[float] = []
-        peft_model.train()
-        with _progress() as bar:
-            job = bar.add_task("LoRA recovery", total=total)
-            for epoch in range(o.epochs):
-                order = torch.randperm(len(examples), generator=generator).tolist()
-                running = []
-                for batch in batches(examples, o.batch_size, pad_id, order):
-                    loss = peft_model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"LoRA recovery: non-finite loss at epoch {epoch + 1}; lower recovery.options.lr")
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    running.append(loss.item())
-                    bar.update(job, advance=1, description=f"LoRA epoch {epoch + 1}/{o.epochs} loss {running[-1]:.3f}")
-                epoch_losses.append(sum(running) / len(running))
-        return epoch_losses, total
+    def arguments(self, output_dir: str, seed: int, dtype: torch.dtype, device: torch.device) -> Any:
+        """The ``TrainingArguments`` of the recipe: options passed through, precision from the model's dtype."""
+        from prunekit.builtin.lora_trainer import recipe_arguments
+
+        return recipe_arguments(self.options, output_dir, seed, dtype, use_cpu=self.trains_on_cpu(device))
+
+    def _train(self, peft_model: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int,
+               dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """Run the Trainer (see :func:`prunekit.builtin.lora_trainer.train` for what it returns)."""
+        from prunekit.builtin.lora_trainer import train
+
+        with tempfile.TemporaryDirectory(prefix="prunekit-lora-") as scratch:  # the Trainer wants one; nothing is saved
+            args = self.arguments(scratch, seed, dtype, device)
+            return train(peft_model, args, examples, lambda rows: collate(rows, pad_id), self.callbacks)
 
 
 @hookimpl

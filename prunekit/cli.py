@@ -63,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="zero-shot examples per task (default from config)")
     ev.add_argument("--full", action="store_true", help="full evaluation sets (no window or example limits)")
     ev.add_argument("--json", type=Path, help="also write the metrics to this file")
+    rec = sub.add_parser("recover", help="recovery fine-tuning of a pruned checkpoint (also under accelerate launch)")
+    rec.add_argument("pruned", metavar="PRUNED_DIR", help="a checkpoint `prunekit run` saved")
+    rec.add_argument("--output", type=Path, required=True, help="output directory (written by the main process only)")
+    rec.add_argument("--config", type=Path, help="YAML or TOML file whose `recovery` section (and seed) is used")
+    rec.add_argument("--recovery", help="recovery trainer (default: the config's, else lora)")
+    rec.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                     help="recovery option, e.g. -o max_examples=512 (repeatable; value parsed as JSON if it can be)")
+    rec.add_argument("--seed", type=int)
+    rec.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    rec.add_argument("--device", choices=["cpu", "cuda"], help="single process only; launched processes use their own")
+    rec.add_argument("--overwrite", action="store_true", default=None, help="replace a previous prunekit output")
     sub.add_parser("bench", help="robustness, quality and cost benchmarks; `prunekit bench --help` for options",
                    add_help=False)
     return parser
@@ -181,6 +192,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    from prunekit.config import read_config_file, resolve_config
+    from prunekit.recover import finish_distributed, recover_checkpoint
+    from prunekit.safety import expand_path
+
+    file_values = read_config_file(expand_path(args.config, "--config")) if args.config else {}
+    recovery = dict(file_values.get("recovery", {}))
+    if args.recovery:
+        recovery["method"] = args.recovery
+    if args.option:
+        recovery["options"] = {**recovery.get("options", {}), **_parse_options(args.option)}
+    config = resolve_config({k: file_values[k] for k in ("seed", "dtype", "device", "overwrite") if k in file_values},
+                            {"recovery": recovery, "seed": args.seed, "dtype": args.dtype, "device": args.device,
+                             "overwrite": args.overwrite})
+    try:
+        manifest = recover_checkpoint(args.pruned, args.output, config)
+    finally:
+        finish_distributed()
+    if manifest is not None:
+        info = manifest["recovery"]["info"] or {}
+        print(f"recovered {args.pruned} -> {args.output} ({info.get('steps', '?')} steps, loss "
+              f"{info.get('loss_first_epoch', float('nan')):.4f} -> {info.get('loss_last_epoch', float('nan')):.4f})")
+    return 0
+
+
 def cmd_bench(bench_args: list[str]) -> int:
     """Hand every argument after ``bench`` to the benchmark harness."""
     try:
@@ -191,7 +227,7 @@ def cmd_bench(bench_args: list[str]) -> int:
     return bench_main(bench_args)
 
 
-COMMANDS = {"run": cmd_run, "methods": cmd_methods, "plugins": cmd_plugins, "eval": cmd_eval}
+COMMANDS = {"run": cmd_run, "methods": cmd_methods, "plugins": cmd_plugins, "eval": cmd_eval, "recover": cmd_recover}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
