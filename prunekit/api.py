@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from prunekit.adapters.base import LayerShape
 from prunekit import stability
-from prunekit.allocate import allocate_select, allocator_plan, pruned_layers
+from prunekit.allocate import allocate_select, allocator_plan, check_calibration_text, pruned_layers
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
@@ -354,6 +354,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     needs_tokenizer = (run_plan.method.needs_calibration(run_plan.options) and batches is None) or run_plan.recovery
     if needs_tokenizer and tokenizer is None:
         raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
+    check_calibration_text(config, registry, tokenizer, batches)
 
     with preserved(model):
         with ctx.stage("groups"):
@@ -368,7 +369,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
             scores, method_info = stability.score(ctx, run_plan.method, run_plan.options, batches or [])
         host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
         with ctx.stage("select"):  # budget -> units each group loses (the allocator plugin) -> kept units
-            ctx.kept, allocation = allocate_select(ctx, scores)
+            ctx.kept, allocation = allocate_select(ctx, scores, batches)
         with ctx.stage("prune"):
             shapes = apply(model, ctx.groups, ctx.kept, registry)
         host.pm.hook.prunekit_after_pruning(context=ctx, model=model)

@@ -13,6 +13,7 @@ from prunekit.adapters.llama import LlamaAdapter
 from prunekit.allocate import (AllocationContext, LossProbe, allocate, feasible_counts, make_budget, ratio_counts,
                                unit_cost)
 from prunekit.cli import main
+from prunekit.errors import UserError
 from prunekit.grouping import GrouperOptions, apply_plan, build_groups
 from prunekit.importance import ScoringContext
 from prunekit.registry import get_registry
@@ -24,7 +25,10 @@ from test_pruning import IDS, zero_removed
 ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6], "max_excess": None}),
-              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1})]
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "search_steps": 6}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "search_steps": 6, "kinds": "mlp",
+                            "max_excess": None, "search_samples": 3, "search_step": 0.25})]
 FRACTION = {"mha4": 0.1, "gqa8x2": 0.3, "gqa4x2": 0.2, "gqa9x3": 0.25}  # one budget per layout keeps it quick
 
 
@@ -224,3 +228,51 @@ def test_quality_suite_compares_allocators_at_equal_parameters(tiny_model_dir, t
         assert row["params_removed_fraction"] <= 0.2 and row["ppl"]["ptb"] > 1
     assert "## Allocators at equal parameters removed" in (out / "report.md").read_text()
     assert (out / "allocation_magnitude.png").exists()
+
+
+def test_rebased_probe_replays_from_a_later_layer_exactly():
+    """After ``rebase`` on one allocation, a candidate that differs only in later layers re-run from there
+    gives the loss of a full pass with every removal applied."""
+    model, adapter, groups, scores = setup("gqa9x3")
+    probe = LossProbe(model, adapter.layers(), [torch.arange(48).view(4, 12) % 96])
+    early = {1: (groups[1], torch.tensor([1, 4])), 5: (groups[5], torch.tensor([0, 3, 7]))}
+    late = {**early, 7: (groups[7], torch.tensor([2, 5, 9, 11]))}
+    full = probe.loss(late)
+    assert probe.rebase(early) == pytest.approx(probe.loss(early), rel=1e-6)
+    assert probe.loss(late, start=groups[7].layer) == pytest.approx(full, rel=1e-6)
+
+
+def test_search_never_raises_the_joint_probe_loss_and_stays_in_budget():
+    from prunekit.alloc_search import local_search
+    from prunekit.allocators import Measured, caps, knapsack
+
+    model, adapter, groups, scores = setup("gqa9x3")
+    ctx = context(model, adapter, groups, scores, 0.25)
+    o = Measured.Options(probe_samples=2, probe_seq_len=12, max_excess=None)
+    start = knapsack(ctx, Measured(o).curves(ctx))
+    probe = ctx.loss_probe(4, 12)
+    eligible = list(range(len(groups)))
+    result = local_search(ctx, start, probe, 12, caps(ctx, o.kinds, None), eligible, 0.25)
+    assert result.steps == 12 and result.loss <= result.start_loss
+    assert ctx.removed_params(result.counts) <= ctx.budget.params
+    removed = {i: (g, ctx.removal(i, c)) for i, (g, c) in enumerate(zip(groups, result.counts)) if c}
+    assert LossProbe(model, adapter.layers(), probe.batches).loss(removed) == pytest.approx(result.loss, rel=1e-6)
+    if result.accepted:
+        assert result.counts != start and result.loss < result.start_loss
+
+
+def test_measured_without_tokenizer_fails_early_or_uses_the_given_batches():
+    from prunekit.api import prune_with_config
+    from prunekit.config import RunConfig
+
+    model = make_tiny_llama(9, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = RunConfig(method="magnitude", allocation={"name": "measured", "params_removed": 0.2,
+                                                      "options": {"probe_samples": 2, "probe_seq_len": 12}},
+                       evaluation={"enabled": False}, device="cpu")
+    with pytest.raises(UserError, match="tokenizer.*measured"):
+        prune_with_config(model, None, config)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    batches = [torch.arange(64).view(4, 16) % 96]
+    result = prune_with_config(model, None, config.model_copy(update={"method": "taylor"}), batches=batches)
+    assert result.allocation["allocator"] == "measured" and 0 < result.allocation["params_removed_fraction"] <= 0.2
