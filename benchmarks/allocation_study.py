@@ -22,14 +22,14 @@ from prunekit.benchmarks.profiles import PROFILES
 from prunekit.benchmarks.workbench import Workbench
 
 PROBE = {"fractions": [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]}  # the measured allocator's default levels
-SEARCH = {"search_samples": 8}  # the local search's probe: 8 x 128 tokens
+SEARCH = {"search_steps": 40}  # the local search, on the knapsack's probe (4 x 128 tokens)
 #: candidates tuned on PTB validation against uniform / uniform-mlp (label, allocator, options, layers)
 TUNING = (
     ("uniform", "uniform", {}, "default"),
     ("uniform-mlp", "uniform", {"kinds": ["mlp"]}, "default"),
     ("measured", "measured", {**PROBE}, "all"),
-    ("measured+search", "measured", {**PROBE, **SEARCH, "search_steps": 80}, "all"),
-    ("measured-mlp+search", "measured", {**PROBE, **SEARCH, "search_steps": 80, "kinds": ["mlp"]}, "all"),
+    ("measured+search", "measured", {**PROBE, **SEARCH}, "all"),
+    ("measured-mlp+search", "measured", {**PROBE, **SEARCH, "kinds": ["mlp"]}, "all"),
 )
 
 
@@ -37,8 +37,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--methods", default="taylor", help="comma-separated scoring methods (e.g. taylor,moreau-gs)")
-    ap.add_argument("--phase", choices=("tune", "test"), default="tune",
-                    help="tune: the candidates on PTB validation; test: uniform, uniform-mlp and --chosen on the test splits")
+    ap.add_argument("--phase", choices=("tune", "test", "cost"), default="tune",
+                    help="tune: the candidates on PTB validation; test: uniform, uniform-mlp and --chosen on the test "
+                         "splits; cost: pruned/dense throughput of those three allocations")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--chosen", default="measured+search", help="test phase: the tuning label to compare")
     ap.add_argument("--windows", type=int, default=60)
     ap.add_argument("--seeds", default="0,1")
@@ -56,7 +58,7 @@ def main() -> None:
         with rows_path.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
 
-    wb = Workbench.open(None, PROFILES["quick"])
+    wb = Workbench.open(None, PROFILES["quick"], args.device)
     wb.cache["curves_dir"] = args.out
     fractions = tuple(float(x) for x in args.fractions.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -64,9 +66,16 @@ def main() -> None:
     if args.phase == "tune":
         wanted = args.candidates.split(",") if args.candidates else list(known)
         allocations, corpora, split = tuple(known[w] for w in wanted), ("ptb",), "validation"
-    else:
+    else:  # test and cost
         allocations, corpora, split = (known["uniform"], known["uniform-mlp"], known[args.chosen]), \
             ("ptb", "wikitext2"), "test"
+    if args.phase == "cost":
+        from prunekit.benchmarks.cost import allocation_throughput
+
+        for method in args.methods.split(","):
+            record = allocation_throughput(wb, method, fractions, allocations, seeds[0], PROBE)
+            (args.out / f"allocation-cost-{method}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return
     for method in args.methods.split(","):
         started = time.time()
         record = quality.allocation_run(wb, method, fractions, seeds, allocations, args.windows, corpora, split,
