@@ -33,7 +33,7 @@ TUNING = (
 )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--methods", default="taylor", help="comma-separated scoring methods (e.g. taylor,moreau-gs)")
@@ -41,13 +41,14 @@ def main() -> None:
                     help="tune: the candidates on PTB validation; test: uniform, uniform-mlp and --chosen on the test "
                          "splits; cost: pruned/dense throughput of those three allocations")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
     ap.add_argument("--chosen", default="measured+search", help="test phase: the tuning label to compare")
     ap.add_argument("--windows", type=int, default=60)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--fractions", default="0.158,0.25")
     ap.add_argument("--candidates", default=None, help="tune phase: comma-separated labels of TUNING (default: all)")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
@@ -58,7 +59,7 @@ def main() -> None:
         with rows_path.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
 
-    wb = Workbench.open(None, PROFILES["quick"], args.device)
+    wb = Workbench.open(args.model, PROFILES["quick"], args.device)
     wb.cache["curves_dir"] = args.out
     fractions = tuple(float(x) for x in args.fractions.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -276,3 +276,19 @@ def test_measured_without_tokenizer_fails_early_or_uses_the_given_batches():
     batches = [torch.arange(64).view(4, 16) % 96]
     result = prune_with_config(model, None, config.model_copy(update={"method": "taylor"}), batches=batches)
     assert result.allocation["allocator"] == "measured" and 0 < result.allocation["params_removed_fraction"] <= 0.2
+
+
+def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_model_dir, tmp_path):
+    from prunekit.benchmarks import allocation_study
+
+    common = ["--model", str(tiny_model_dir), "--methods", "magnitude", "--seeds", "0", "--fractions", "0.2",
+              "--windows", "3", "--out", str(tmp_path)]
+    allocation_study.main([*common, "--phase", "tune", "--candidates", "uniform,measured+search"])
+    rows = [json.loads(line) for line in (tmp_path / "allocation-rows.jsonl").read_text().splitlines()]
+    assert [r["allocation"] for r in rows] == ["uniform", "measured+search"]
+    assert all(0 < r["params_removed_fraction"] <= 0.2 and r["ppl"]["ptb"] > 1 for r in rows)
+    allocation_study.main([*common, "--phase", "cost", "--chosen", "measured+search"])
+    cost = json.loads((tmp_path / "allocation-cost-magnitude.json").read_text())
+    assert [r["allocation"] for r in cost["rows"]] == ["uniform", "uniform-mlp", "measured+search"]
+    for r in cost["rows"]:
+        assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0 and 0 < r["params_removed_fraction"] <= 0.2
