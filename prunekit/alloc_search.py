@@ -69,11 +69,11 @@ def local_search(ctx: AllocationContext, counts: list[int], probe: LossProbe, st
         freed = (counts[i] - new_i) * ctx.costs[i]
         left = ctx.budget.params - ctx.removed_params(counts) + freed
         new_j = floor_feasible(ctx.groups[j], min(caps[j], counts[j] + left // ctx.costs[j]), ctx.round_to)
-        if new_j <= counts[j]:
-            continue
-        tried += 1
         cand = list(counts)
         cand[i], cand[j] = new_i, new_j
+        if new_j <= counts[j] or ctx.removed_params(cand) < ctx.removed_params(counts):
+            continue  # a move never gives budget back: allocations compared at (at least) equal removal
+        tried += 1
         start_layer = min(ctx.groups[i].layer, ctx.groups[j].layer)
         loss = probe.loss(removed_of(cand), start=start_layer)
         if loss < best:
