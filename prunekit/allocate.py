@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,7 @@ from prunekit.errors import UserError
 from prunekit.groups import PruningGroup
 from prunekit.select import keep_from_counts, removal
 
+log = logging.getLogger("prunekit.allocate")
 BlockKinds = tuple[Literal["attention", "mlp"], ...]
 
 
@@ -330,20 +333,37 @@ def describe(info: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ the pipeline's one call
 
 
-def pruned_layers(config, n_layers: int) -> range:
+def layers_mode(config, registry=None) -> str:
+    """``allocation.layers`` as given, else the allocator's own ``default_layers`` (``measured``: all), else
+    "default" (LLM-Pruner's range)."""
+    if config.allocation.layers is not None:
+        return config.allocation.layers
+    if registry is None:
+        from prunekit.registry import get_registry
+
+        registry = get_registry()
+    try:
+        impl = registry.named("allocators", allocator_name(config)).impl
+    except UserError:
+        return "default"
+    return getattr(impl, "default_layers", "default")
+
+
+def pruned_layers(config, n_layers: int, registry=None) -> range:
     """Layers whose blocks become groups: explicit ``selection.layers``, every layer for
     ``allocation.layers: all`` (the allocator decides), else the LLM-Pruner default."""
     from prunekit.pipeline import resolve_layers
 
-    if config.selection.layers is None and config.allocation.layers == "all":
+    if config.selection.layers is None and layers_mode(config, registry) == "all":
         return range(n_layers)
     return resolve_layers(n_layers, config.selection.layers)
 
 
 def allocator_name(config) -> str:
-    """``selection.scope: global`` with the default allocator keeps its old meaning (the global allocator)."""
+    """``selection.scope: global`` with ``uniform`` or no allocator named keeps its old meaning (the global
+    allocator)."""
     name = config.allocation.name
-    if name == "uniform" and config.selection.scope == "global":
+    if config.selection.scope == "global" and (name == "uniform" or "name" not in config.allocation.model_fields_set):
         return "global"
     return name
 
@@ -369,6 +389,19 @@ def check_calibration_text(config, registry, tokenizer, batches) -> None:
     if tokenizer is None and not batches and needs_calibration(config, registry):
         raise UserError(f"tokenizer: allocator {allocator_name(config)!r} measures the calibration loss and needs a "
                         "tokenizer (or pass batches=)")
+
+
+def default_allocator_fallback(config, registry, tokenizer, batches):
+    """The default allocator (none named) when it measures the calibration loss but the run has no text
+    (a data-free method through the API without a tokenizer): ``uniform`` instead, as before measured
+    became the default. A named allocator is never replaced (:func:`check_calibration_text` fails)."""
+    if "name" in config.allocation.model_fields_set or tokenizer is not None or batches:
+        return config
+    if not needs_calibration(config, registry):
+        return config
+    log.info("allocation: no tokenizer or calibration batches for the default measured allocator; using uniform")
+    allocation = config.allocation.model_copy(update={"name": "uniform"})
+    return config.model_copy(update={"allocation": allocation})
 
 
 def batches_sample(batches: list[torch.Tensor], n_samples: int, seq_len: int) -> list[torch.Tensor]:

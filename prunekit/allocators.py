@@ -105,6 +105,7 @@ class Measured:
 
     Options = MeasuredOptions
     needs_calibration = True  # the loss probe reads calibration text (a tokenizer, or the run's batches)
+    default_layers = "all"  # every layer is a candidate unless allocation.layers says otherwise
 
     def __init__(self, options: MeasuredOptions):
         self.options = options

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from prunekit.adapters.base import LayerShape
 from prunekit import stability
-from prunekit.allocate import allocate_select, allocator_plan, check_calibration_text, pruned_layers
+from prunekit.allocate import (allocate_select, allocator_plan, check_calibration_text, default_allocator_fallback,
+                               pruned_layers)
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
@@ -310,13 +311,13 @@ def _dtype_name(model: torch.nn.Module) -> str:
 def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-gs", ratio: float = 0.25, *,
           seed: int = 42, layers: tuple[int, int] | None = None, selection: dict | None = None,
           grouper: dict | None = None, calibration: dict | None = None, recovery: dict | None = None,
-          batches: list[torch.Tensor] | None = None, registry: Registry | None = None,
+          allocation: dict | None = None, batches: list[torch.Tensor] | None = None, registry: Registry | None = None,
           host: PluginHost | None = None, **options: Any) -> PruneResult:
     """Prune ``model`` in place with ``method`` at ``ratio`` and return a :class:`PruneResult`.
 
     ``**options`` are the method's options (``prunekit methods``). The other knobs are the run config's
     sections, validated by the same pydantic models as a config file: ``selection`` (scope, layers,
-    round_to; ``layers`` is a shortcut), ``grouper``, ``calibration`` (source, n_samples, seq_len,
+    round_to; ``layers`` is a shortcut), ``allocation`` (name, options, params_removed, layers), ``grouper``, ``calibration`` (source, n_samples, seq_len,
     batch_size, seed), ``recovery`` (method, options). ``batches`` replaces the calibration sample with
     your own token-id batches. ``tokenizer`` is needed for calibration and recovery. Bad values raise
     :class:`prunekit.errors.UserError` before the model is touched.
@@ -325,6 +326,7 @@ def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-g
                               "selection": {**(selection or {}), **({"layers": layers} if layers is not None else {})},
                               "grouper": grouper or {}, "calibration": calibration or {},
                               "recovery": recovery or {}, "evaluation": {"enabled": False},
+                              **({"allocation": allocation} if allocation is not None else {}),
                               "dtype": _dtype_name(model)}
     device = next(model.parameters()).device.type
     if device in ("cpu", "cuda"):
@@ -346,10 +348,11 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     host = host or get_host()
     registry = registry or Registry.from_host(host)
     run_plan = plan(config, registry)
+    config = default_allocator_fallback(config, registry, tokenizer, batches)
     ctx = context or RunContext(config=config, registry=registry)
-    ctx.model, ctx.tokenizer = model, tokenizer
+    ctx.config, ctx.model, ctx.tokenizer = config, model, tokenizer
     ctx.adapter = registry.adapter_for(model)
-    layers = pruned_layers(config, ctx.adapter.num_layers)
+    layers = pruned_layers(config, ctx.adapter.num_layers, registry)
     check_context(model, config, run_plan.method.needs_calibration(run_plan.options) and batches is None)
     needs_tokenizer = (run_plan.method.needs_calibration(run_plan.options) and batches is None) or run_plan.recovery
     if needs_tokenizer and tokenizer is None:

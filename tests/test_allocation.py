@@ -292,3 +292,19 @@ def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_mode
     assert [r["allocation"] for r in cost["rows"]] == ["uniform", "uniform-mlp", "measured+search"]
     for r in cost["rows"]:
         assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0 and 0 < r["params_removed_fraction"] <= 0.2
+
+
+def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_without_text():
+    from prunekit.allocate import default_allocator_fallback, layers_mode
+    from prunekit.api import prune
+    from prunekit.config import AllocationConfig, RunConfig
+
+    assert layers_mode(RunConfig()) == "default"  # uniform: LLM-Pruner's range, as before
+    assert layers_mode(RunConfig(allocation={"name": "measured"})) == "all"
+    assert layers_mode(RunConfig(allocation={"name": "measured", "layers": "default"})) == "default"
+    unnamed = RunConfig(method="magnitude", allocation=AllocationConfig.model_construct(_fields_set=set(), name="measured"))
+    assert default_allocator_fallback(unnamed, get_registry(), None, None).allocation.name == "uniform"
+    named = RunConfig(method="magnitude", allocation={"name": "measured"})
+    assert default_allocator_fallback(named, get_registry(), None, None) is named
+    result = prune(make_tiny_llama(9, 3), None, method="magnitude", ratio=0.34, allocation={"name": "global"})
+    assert result.allocation["allocator"] == "global"
