@@ -83,7 +83,7 @@ class MeasuredOptions(KindsOptions):
         default=0.2, ge=0, description="cap every group at the fraction `uniform` would remove for the same "
                                         "budget plus this much (None: only the largest measured fraction caps)")
 
-    search_steps: int = Field(default=0, ge=0, description="moves of a local search on the joint probe loss after "
+    search_steps: int = Field(default=40, ge=0, description="moves of a local search on the joint probe loss after "
                                                           "the knapsack (0: knapsack only); one partial forward each")
     search_samples: int | None = Field(default=None, ge=1, description="probe windows of the search (None: "
                                                                       "probe_samples)")
