@@ -27,7 +27,7 @@ SEARCH = {"search_steps": 40}  # the local search, on the knapsack's probe (4 x 
 TUNING = (
     ("uniform", "uniform", {}, "default"),
     ("uniform-mlp", "uniform", {"kinds": ["mlp"]}, "default"),
-    ("measured", "measured", {**PROBE}, "all"),
+    ("measured", "measured", {**PROBE, "search_steps": 0}, "all"),  # the knapsack alone
     ("measured+search", "measured", {**PROBE, **SEARCH}, "all"),
     ("measured-mlp+search", "measured", {**PROBE, **SEARCH, "kinds": ["mlp"]}, "all"),
 )
