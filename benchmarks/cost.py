@@ -80,3 +80,28 @@ def derived(records: list[dict]) -> dict:
             m: r["estimation_seconds"] / (r["iterations"] * base)
             for m, r in by.items() if r.get("iterations")}
     return out
+
+
+def allocation_throughput(wb: Workbench, method: str, fractions: tuple[float, ...], allocations, seed: int,
+                          probe: dict | None = None) -> dict:
+    """Pruned / dense prefill and decode throughput of each allocation at equal parameters removed (heads and
+    MLP channels do not cost the same time), measured interleaved with the dense model in this process."""
+    from prunekit.benchmarks.quality import AllocationBench
+
+    bench = AllocationBench(wb, method, seed, probe)
+    models, meta = {"dense": wb.model}, {}
+    for fraction in fractions:
+        for label, allocator, options, layers in allocations:
+            idx, counts, _ = bench.counts(allocator, options, layers, fraction)
+            name = f"{label}@{fraction}"
+            models[name] = bench.pruned(idx, counts)
+            meta[name] = {"allocation": label, "budget": fraction,
+                          "params_removed_fraction": 1 - models[name].num_parameters() / wb.model.num_parameters()}
+    p = wb.profile
+    tput = speed.compare(models, wb.model.config.vocab_size, p.prompt_len, p.decode_len, p.speed_repeats, seed)
+    rows = [{**m, "throughput": tput[name], **speed.ratios(tput, name)} for name, m in meta.items()]
+    for r in rows:
+        log.info("throughput %s @ %.3f: prefill x%.3f decode x%.3f", r["allocation"], r["budget"],
+                 r["prefill_speedup"], r["decode_speedup"])
+    return {"suite": "cost-allocation", "method": method, "seed": seed, "device": str(wb.device),
+            "dense": tput["dense"], "rows": rows}

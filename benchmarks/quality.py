@@ -183,11 +183,25 @@ class AllocationBench:
             kinds = options.get("kinds", ("attention", "mlp"))
             curves = [self.curves()[i] if self.groups[i].kind in kinds else [(0, 0.0)] for i in idx]
             counts = builtin.knapsack(ctx, builtin.capped(ctx, curves, kinds, options.get("max_excess")))
+            counts = builtin.refine(ctx, counts, builtin.Measured.Options(**options), self.search_probe(ctx, options))
         else:
             impl = self.wb.registry.named("allocators", allocator).impl
             counts = impl(impl.Options(**options)).allocate(ctx)
         check_counts(ctx, counts, allocator)
         return idx, counts, ctx
+
+    def search_probe(self, ctx, options: dict):
+        """The loss probe of the measured allocator's local search, one per probe size (None: no search)."""
+        from prunekit.allocators import Measured
+
+        o = Measured.Options(**options)
+        if not o.search_steps:
+            return None
+        key = (o.search_samples or o.probe_samples, o.probe_seq_len)
+        probes = self.__dict__.setdefault("_probes", {})
+        if key not in probes:
+            probes[key] = ctx.loss_probe(*key)
+        return probes[key]
 
     def pruned(self, idx: list[int], counts: list[int]):
         from prunekit.select import keep_from_counts

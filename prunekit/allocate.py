@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,7 @@ from prunekit.errors import UserError
 from prunekit.groups import PruningGroup
 from prunekit.select import keep_from_counts, removal
 
+log = logging.getLogger("prunekit.allocate")
 BlockKinds = tuple[Literal["attention", "mlp"], ...]
 
 
@@ -172,21 +175,48 @@ class LossProbe:
         return self.model.get_output_embeddings()(decoder.norm(hidden))
 
     @torch.no_grad()
-    def loss(self, removed: dict[int, tuple[PruningGroup, torch.Tensor]]) -> float:
-        """Mean calibration NLL with the given units removed ({key: (group, removed unit indices)})."""
-        saved = []
+    def rebase(self, removed: dict[int, tuple[PruningGroup, torch.Tensor]]) -> float:
+        """Re-record every layer's inputs with ``removed`` applied and return that loss: later calls of
+        :meth:`loss` whose removals differ from ``removed`` only in layers >= ``start`` may then re-run
+        from ``start`` (a local search re-measures one move at a time)."""
+        saved = self._zero(removed)
         try:
-            for group, units in removed.values():
-                if units.numel() == 0:
+            self._inputs = []
+            return self._capture()
+        finally:
+            self._restore(saved)
+
+    def _zero(self, removed: dict[int, tuple[PruningGroup, torch.Tensor]]) -> list:
+        saved = []
+        for group, units in removed.values():
+            if units.numel() == 0:
+                continue
+            for s in group.slices:
+                if s.dim != 1:
                     continue
-                for s in group.slices:
-                    if s.dim != 1:
-                        continue
-                    weight = self.model.get_submodule(s.module_name).weight
-                    cols = group.channels_of(units, s)
-                    saved.append((weight, cols, weight[:, cols].clone()))
-                    weight[:, cols] = 0
+                weight = self.model.get_submodule(s.module_name).weight
+                cols = group.channels_of(units, s)
+                saved.append((weight, cols, weight[:, cols].clone()))
+                weight[:, cols] = 0
+        return saved
+
+    @staticmethod
+    def _restore(saved: list) -> None:
+        for weight, cols, values in reversed(saved):
+            weight[:, cols] = values
+
+    @torch.no_grad()
+    def loss(self, removed: dict[int, tuple[PruningGroup, torch.Tensor]], start: int | None = None) -> float:
+        """Mean calibration NLL with the given units removed ({key: (group, removed unit indices)}).
+
+        ``start``: re-run from this layer (the cached inputs must already reflect every removal before it,
+        see :meth:`rebase`); default: the first layer with a removal, from the dense inputs.
+        """
+        saved = self._zero(removed)
+        try:
             first = min((g.layer for g, u in removed.values() if u.numel()), default=len(self.layers))
+            if start is not None:
+                first = min(start, len(self.layers) - 1)
             total, count = 0.0, 0
             for b, batch in enumerate(self.batches):
                 if first >= len(self.layers):
@@ -199,8 +229,7 @@ class LossProbe:
                 total, count = total + nll, count + n
             return total / count
         finally:
-            for weight, cols, values in reversed(saved):
-                weight[:, cols] = values
+            self._restore(saved)
 
 
 # ------------------------------------------------------------------------------ the allocator contract
@@ -304,20 +333,37 @@ def describe(info: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ the pipeline's one call
 
 
-def pruned_layers(config, n_layers: int) -> range:
+def layers_mode(config, registry=None) -> str:
+    """``allocation.layers`` as given, else the allocator's own ``default_layers`` (``measured``: all), else
+    "default" (LLM-Pruner's range)."""
+    if config.allocation.layers is not None:
+        return config.allocation.layers
+    if registry is None:
+        from prunekit.registry import get_registry
+
+        registry = get_registry()
+    try:
+        impl = registry.named("allocators", allocator_name(config)).impl
+    except UserError:
+        return "default"
+    return getattr(impl, "default_layers", "default")
+
+
+def pruned_layers(config, n_layers: int, registry=None) -> range:
     """Layers whose blocks become groups: explicit ``selection.layers``, every layer for
     ``allocation.layers: all`` (the allocator decides), else the LLM-Pruner default."""
     from prunekit.pipeline import resolve_layers
 
-    if config.selection.layers is None and config.allocation.layers == "all":
+    if config.selection.layers is None and layers_mode(config, registry) == "all":
         return range(n_layers)
     return resolve_layers(n_layers, config.selection.layers)
 
 
 def allocator_name(config) -> str:
-    """``selection.scope: global`` with the default allocator keeps its old meaning (the global allocator)."""
+    """``selection.scope: global`` with ``uniform`` or no allocator named keeps its old meaning (the global
+    allocator)."""
     name = config.allocation.name
-    if name == "uniform" and config.selection.scope == "global":
+    if config.selection.scope == "global" and (name == "uniform" or "name" not in config.allocation.model_fields_set):
         return "global"
     return name
 
@@ -331,10 +377,47 @@ def allocator_plan(config, registry) -> tuple[str, Any, Any]:
     return name, entry, validate_options(entry.impl.Options, config.allocation.options, "allocation.options.")
 
 
-def allocate_select(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+def needs_calibration(config, registry) -> bool:
+    """Whether the configured allocator measures the calibration loss (class attribute ``needs_calibration``)."""
+    _, entry, options = allocator_plan(config, registry)
+    flag = getattr(entry.impl, "needs_calibration", False)
+    return bool(flag(options) if callable(flag) else flag)
+
+
+def check_calibration_text(config, registry, tokenizer, batches) -> None:
+    """A measuring allocator needs text: a tokenizer, or the caller's calibration batches (fails before any work)."""
+    if tokenizer is None and not batches and needs_calibration(config, registry):
+        raise UserError(f"tokenizer: allocator {allocator_name(config)!r} measures the calibration loss and needs a "
+                        "tokenizer (or pass batches=)")
+
+
+def default_allocator_fallback(config, registry, tokenizer, batches):
+    """The default allocator (none named) when it measures the calibration loss but the run has no text
+    (a data-free method through the API without a tokenizer): ``uniform`` instead, as before measured
+    became the default. A named allocator is never replaced (:func:`check_calibration_text` fails)."""
+    if "name" in config.allocation.model_fields_set or tokenizer is not None or batches:
+        return config
+    if not needs_calibration(config, registry):
+        return config
+    log.info("allocation: no tokenizer or calibration batches for the default measured allocator; using uniform")
+    allocation = config.allocation.model_copy(update={"name": "uniform"})
+    return config.model_copy(update={"allocation": allocation})
+
+
+def batches_sample(batches: list[torch.Tensor], n_samples: int, seq_len: int) -> list[torch.Tensor]:
+    """Probe windows cut from the caller's calibration batches when there is no tokenizer: the first
+    ``n_samples`` rows, each cut to ``seq_len`` tokens."""
+    width = min(b.shape[-1] for b in batches)
+    rows = torch.cat([b.reshape(-1, b.shape[-1])[:, :width] for b in batches])[:n_samples, :seq_len]
+    return list(rows.split(8))
+
+
+def allocate_select(ctx, scores: list[torch.Tensor],
+                    batches: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Budget → counts (the configured allocator plugin) → kept units per group; for ``pipeline.run``.
 
-    ``ctx`` is the run's state (config, registry, model, adapter, groups).
+    ``ctx`` is the run's state (config, registry, model, adapter, groups); ``batches``: the calibration
+    batches, the probe text of a measuring allocator when the run has no tokenizer.
     """
     config, groups = ctx.config, ctx.groups
     name, entry, options = allocator_plan(config, ctx.registry)
@@ -346,6 +429,10 @@ def allocate_select(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor]
     def sample(n_samples: int, seq_len: int) -> list[torch.Tensor]:
         from prunekit.data import calibration_batches
 
+        if ctx.tokenizer is None:
+            if not batches:
+                raise UserError("tokenizer: this allocator measures the calibration loss and needs a tokenizer")
+            return batches_sample(batches, n_samples, seq_len)
         c = config.calibration
         seed = config.seed if c.seed is None else c.seed
         ids, _ = calibration_batches(ctx.tokenizer, source=c.source, n_samples=n_samples, seq_len=seq_len,

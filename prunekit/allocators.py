@@ -83,6 +83,13 @@ class MeasuredOptions(KindsOptions):
         default=0.2, ge=0, description="cap every group at the fraction `uniform` would remove for the same "
                                         "budget plus this much (None: only the largest measured fraction caps)")
 
+    search_steps: int = Field(default=40, ge=0, description="moves of a local search on the joint probe loss after "
+                                                          "the knapsack (0: knapsack only); one partial forward each")
+    search_samples: int | None = Field(default=None, ge=1, description="probe windows of the search (None: "
+                                                                      "probe_samples)")
+    search_step: float = Field(default=1 / 24, gt=0, lt=1, description="MLP units one move shifts, as a fraction "
+                                                                     "of the width (attention: one head per KV group)")
+
     @field_validator("fractions")
     @classmethod
     def _in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
@@ -97,6 +104,8 @@ class Measured:
     for the budget: greedy by marginal loss per parameter over each group's lower convex hull."""
 
     Options = MeasuredOptions
+    needs_calibration = True  # the loss probe reads calibration text (a tokenizer, or the run's batches)
+    default_layers = "all"  # every layer is a candidate unless allocation.layers says otherwise
 
     def __init__(self, options: MeasuredOptions):
         self.options = options
@@ -129,7 +138,38 @@ class Measured:
         curves = capped(ctx, self.curves(ctx), self.options.kinds, self.options.max_excess)
         counts = knapsack(ctx, curves)
         ctx.info["measured"]["predicted_increase"] = round(predicted(curves, counts), 6)
+        return refine(ctx, counts, self.options)
+
+
+def caps(ctx: AllocationContext, kinds, max_excess: float | None) -> list[int]:
+    """Most units each group may lose: uniform's count for this budget plus ``max_excess`` of its units
+    (the largest feasible count when ``max_excess`` is None); 0 for groups of other kinds."""
+    uniform = search_ratio(lambda r: ctx.ratio_counts(r, kinds), ctx.removed_params, ctx.budget.params)
+    out = []
+    for i, (g, base) in enumerate(zip(ctx.groups, uniform)):
+        if g.kind not in kinds:
+            out.append(0)
+        elif max_excess is None:
+            out.append(ctx.feasible(i)[-1])
+        else:
+            out.append(floor_feasible(g, int((base / g.n_units + max_excess) * g.n_units), ctx.round_to))
+    return out
+
+
+def refine(ctx: AllocationContext, counts: list[int], options: MeasuredOptions, probe=None) -> list[int]:
+    """The knapsack's counts improved by ``options.search_steps`` moves of the joint-loss local search
+    (:mod:`prunekit.alloc_search`); unchanged when ``search_steps`` is 0."""
+    if not options.search_steps:
         return counts
+    from prunekit.alloc_search import local_search
+
+    if probe is None:
+        probe = ctx.loss_probe(options.search_samples or options.probe_samples, options.probe_seq_len)
+    eligible = [i for i, g in enumerate(ctx.groups) if g.kind in options.kinds]
+    result = local_search(ctx, counts, probe, options.search_steps, caps(ctx, options.kinds, options.max_excess),
+                          eligible, options.search_step)
+    ctx.info.setdefault("measured", {})["search"] = result.record()
+    return result.counts
 
 
 def capped(ctx: AllocationContext, curves: list[list[tuple[int, float]]], kinds, max_excess: float | None):

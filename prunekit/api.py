@@ -22,7 +22,8 @@ from pydantic import BaseModel, ValidationError
 
 from prunekit.adapters.base import LayerShape
 from prunekit import stability
-from prunekit.allocate import allocate_select, allocator_plan, pruned_layers
+from prunekit.allocate import (allocate_select, allocator_plan, check_calibration_text, default_allocator_fallback,
+                               pruned_layers)
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
@@ -325,22 +326,23 @@ def _dtype_name(model: torch.nn.Module) -> str:
 def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-gs", ratio: float = 0.25, *,
           seed: int = 42, layers: tuple[int, int] | None = None, selection: dict | None = None,
           grouper: dict | None = None, calibration: dict | None = None, recovery: dict | None = None,
-          batches: list[torch.Tensor] | None = None, registry: Registry | None = None,
+          allocation: dict | None = None, batches: list[torch.Tensor] | None = None, registry: Registry | None = None,
           host: PluginHost | None = None, compute_dtype: str = "model", **options: Any) -> PruneResult:
     """Prune ``model`` in place with ``method`` at ``ratio`` and return a :class:`PruneResult`.
 
     ``**options`` are the method's options (``prunekit methods``). The other knobs are the run config's
     sections, validated by the same pydantic models as a config file: ``selection`` (scope, layers,
-    round_to; ``layers`` is a shortcut), ``grouper``, ``calibration`` (source, n_samples, seq_len,
-    batch_size, seed), ``recovery`` (method, options). ``compute_dtype`` is the scoring precision
-    (``model`` or ``float32``, docs/precision.md). ``batches`` replaces the calibration sample with
-    your own token-id batches. ``tokenizer`` is needed for calibration and recovery. Bad values raise
+    round_to; ``layers`` is a shortcut), ``allocation`` (name, options, params_removed, layers), ``grouper``,
+    ``calibration`` (source, n_samples, seq_len, batch_size, seed), ``recovery`` (method, options).
+    ``compute_dtype`` is the scoring precision (``model`` or ``float32``, docs/precision.md). ``batches``
+    replaces the calibration sample with your own token-id batches. ``tokenizer`` is needed for calibration and recovery. Bad values raise
     :class:`prunekit.errors.UserError` before the model is touched.
     """
     values: dict[str, Any] = {"method": method, "method_options": options, "ratio": ratio, "seed": seed,
                               "selection": {**(selection or {}), **({"layers": layers} if layers is not None else {})},
                               "grouper": grouper or {}, "calibration": calibration or {},
                               "recovery": recovery or {}, "evaluation": {"enabled": False},
+                              **({"allocation": allocation} if allocation is not None else {}),
                               "dtype": _dtype_name(model), "compute_dtype": compute_dtype}
     device = next(model.parameters()).device.type
     if device in ("cpu", "cuda"):
@@ -362,15 +364,17 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     host = host or get_host()
     registry = registry or Registry.from_host(host)
     run_plan = plan(config, registry)
+    config = default_allocator_fallback(config, registry, tokenizer, batches)
     ctx = context or RunContext(config=config, registry=registry)
-    ctx.model, ctx.tokenizer = model, tokenizer
+    ctx.config, ctx.model, ctx.tokenizer = config, model, tokenizer
     ctx.adapter = registry.adapter_for(model)
-    layers = pruned_layers(config, ctx.adapter.num_layers)
+    layers = pruned_layers(config, ctx.adapter.num_layers, registry)
     check_context(model, config, run_plan.method.needs_calibration(run_plan.options) and batches is None)
     check_offloaded_run(model, config.method, run_plan.method.needs_calibration(run_plan.options), config.recovery.method)
     needs_tokenizer = (run_plan.method.needs_calibration(run_plan.options) and batches is None) or run_plan.recovery
     if needs_tokenizer and tokenizer is None:
         raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
+    check_calibration_text(config, registry, tokenizer, batches)
 
     with preserved(model):
         with ctx.stage("groups"):
@@ -386,7 +390,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
             scores, method_info = stability.score(ctx, run_plan.method, run_plan.options, batches or [])
         host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
         with ctx.stage("select"):  # budget -> units each group loses (the allocator plugin) -> kept units
-            ctx.kept, allocation = allocate_select(ctx, scores)
+            ctx.kept, allocation = allocate_select(ctx, scores, batches)
         with ctx.stage("prune"):
             shapes = apply(model, ctx.groups, ctx.kept, registry)
         host.pm.hook.prunekit_after_pruning(context=ctx, model=model)

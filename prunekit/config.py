@@ -72,8 +72,9 @@ class AllocationConfig(_Strict):
     params_removed: float | None = Field(
         default=None, gt=0, lt=1, description="fraction of ALL model parameters to remove (met from below); "
                                               "default: what `ratio` removes per layer")
-    layers: Literal["default", "all"] = Field(
-        default="default", description="all: every layer becomes a group and the allocator decides which to touch")
+    layers: Literal["default", "all"] | None = Field(
+        default=None, description="all: every layer becomes a group and the allocator decides which to touch; "
+                                  "default: LLM-Pruner's range; unset: the allocator's own choice")
 
 
 class RecoveryConfig(_Strict):

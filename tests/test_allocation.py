@@ -13,6 +13,7 @@ from prunekit.adapters.llama import LlamaAdapter
 from prunekit.allocate import (AllocationContext, LossProbe, allocate, feasible_counts, make_budget, ratio_counts,
                                unit_cost)
 from prunekit.cli import main
+from prunekit.errors import UserError
 from prunekit.grouping import GrouperOptions, apply_plan, build_groups
 from prunekit.importance import ScoringContext
 from prunekit.registry import get_registry
@@ -24,7 +25,10 @@ from test_pruning import IDS, zero_removed
 ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6], "max_excess": None}),
-              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1})]
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "search_steps": 6}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "search_steps": 6, "kinds": "mlp",
+                            "max_excess": None, "search_samples": 3, "search_step": 0.25})]
 FRACTION = {"mha4": 0.1, "gqa8x2": 0.3, "gqa4x2": 0.2, "gqa9x3": 0.25}  # one budget per layout keeps it quick
 
 
@@ -224,3 +228,83 @@ def test_quality_suite_compares_allocators_at_equal_parameters(tiny_model_dir, t
         assert row["params_removed_fraction"] <= 0.2 and row["ppl"]["ptb"] > 1
     assert "## Allocators at equal parameters removed" in (out / "report.md").read_text()
     assert (out / "allocation_magnitude.png").exists()
+
+
+def test_rebased_probe_replays_from_a_later_layer_exactly():
+    """After ``rebase`` on one allocation, a candidate that differs only in later layers re-run from there
+    gives the loss of a full pass with every removal applied."""
+    model, adapter, groups, scores = setup("gqa9x3")
+    probe = LossProbe(model, adapter.layers(), [torch.arange(48).view(4, 12) % 96])
+    early = {1: (groups[1], torch.tensor([1, 4])), 5: (groups[5], torch.tensor([0, 3, 7]))}
+    late = {**early, 7: (groups[7], torch.tensor([2, 5, 9, 11]))}
+    full = probe.loss(late)
+    assert probe.rebase(early) == pytest.approx(probe.loss(early), rel=1e-6)
+    assert probe.loss(late, start=groups[7].layer) == pytest.approx(full, rel=1e-6)
+
+
+def test_search_never_raises_the_joint_probe_loss_and_stays_in_budget():
+    from prunekit.alloc_search import local_search
+    from prunekit.allocators import Measured, caps, knapsack
+
+    model, adapter, groups, scores = setup("gqa9x3")
+    ctx = context(model, adapter, groups, scores, 0.25)
+    o = Measured.Options(probe_samples=2, probe_seq_len=12, max_excess=None)
+    start = knapsack(ctx, Measured(o).curves(ctx))
+    probe = ctx.loss_probe(4, 12)
+    eligible = list(range(len(groups)))
+    result = local_search(ctx, start, probe, 12, caps(ctx, o.kinds, None), eligible, 0.25)
+    assert result.steps == 12 and result.loss <= result.start_loss
+    assert ctx.removed_params(result.counts) <= ctx.budget.params
+    removed = {i: (g, ctx.removal(i, c)) for i, (g, c) in enumerate(zip(groups, result.counts)) if c}
+    assert LossProbe(model, adapter.layers(), probe.batches).loss(removed) == pytest.approx(result.loss, rel=1e-6)
+    if result.accepted:
+        assert result.counts != start and result.loss < result.start_loss
+
+
+def test_measured_without_tokenizer_fails_early_or_uses_the_given_batches():
+    from prunekit.api import prune_with_config
+    from prunekit.config import RunConfig
+
+    model = make_tiny_llama(9, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = RunConfig(method="magnitude", allocation={"name": "measured", "params_removed": 0.2,
+                                                      "options": {"probe_samples": 2, "probe_seq_len": 12}},
+                       evaluation={"enabled": False}, device="cpu")
+    with pytest.raises(UserError, match="tokenizer.*measured"):
+        prune_with_config(model, None, config)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    batches = [torch.arange(64).view(4, 16) % 96]
+    result = prune_with_config(model, None, config.model_copy(update={"method": "taylor"}), batches=batches)
+    assert result.allocation["allocator"] == "measured" and 0 < result.allocation["params_removed_fraction"] <= 0.2
+
+
+def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_model_dir, tmp_path):
+    from prunekit.benchmarks import allocation_study
+
+    common = ["--model", str(tiny_model_dir), "--methods", "magnitude", "--seeds", "0", "--fractions", "0.2",
+              "--windows", "3", "--out", str(tmp_path)]
+    allocation_study.main([*common, "--phase", "tune", "--candidates", "uniform,measured+search"])
+    rows = [json.loads(line) for line in (tmp_path / "allocation-rows.jsonl").read_text().splitlines()]
+    assert [r["allocation"] for r in rows] == ["uniform", "measured+search"]
+    assert all(0 < r["params_removed_fraction"] <= 0.2 and r["ppl"]["ptb"] > 1 for r in rows)
+    allocation_study.main([*common, "--phase", "cost", "--chosen", "measured+search"])
+    cost = json.loads((tmp_path / "allocation-cost-magnitude.json").read_text())
+    assert [r["allocation"] for r in cost["rows"]] == ["uniform", "uniform-mlp", "measured+search"]
+    for r in cost["rows"]:
+        assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0 and 0 < r["params_removed_fraction"] <= 0.2
+
+
+def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_without_text():
+    from prunekit.allocate import default_allocator_fallback, layers_mode
+    from prunekit.api import prune
+    from prunekit.config import AllocationConfig, RunConfig
+
+    assert layers_mode(RunConfig()) == "default"  # uniform: LLM-Pruner's range, as before
+    assert layers_mode(RunConfig(allocation={"name": "measured"})) == "all"
+    assert layers_mode(RunConfig(allocation={"name": "measured", "layers": "default"})) == "default"
+    unnamed = RunConfig(method="magnitude", allocation=AllocationConfig.model_construct(_fields_set=set(), name="measured"))
+    assert default_allocator_fallback(unnamed, get_registry(), None, None).allocation.name == "uniform"
+    named = RunConfig(method="magnitude", allocation={"name": "measured"})
+    assert default_allocator_fallback(named, get_registry(), None, None) is named
+    result = prune(make_tiny_llama(9, 3), None, method="magnitude", ratio=0.34, allocation={"name": "global"})
+    assert result.allocation["allocator"] == "global"
