@@ -25,8 +25,12 @@ MLP_ONLY = {"name": "blocks", "options": {"prune_attention": False}}
 # the scale-free step/rho settings of the sweep (docs/moreau.md): rho*||grad L|| = 1e-4*||w||, gamma = rho/2
 RELATIVE = {"rho_relative": 1e-4, "step_fraction": 0.5}
 RESAMPLED = {"resample": True, "iterations": 5, "averaged": 2, **RELATIVE}
-# the measured allocator as the allocation study chose it on PTB validation (docs/benchmarks.md)
-MEASURED = {"name": "measured", "options": {"kinds": ["attention", "mlp"], "max_excess": 0.2}, "layers": "all"}
+# the measured allocator as the allocation study chose it on PTB validation (docs/benchmarks.md): knapsack
+# over all layers, then the local search on the joint probe loss; and the knapsack alone for reference
+MEASURED = {"name": "measured", "options": {"kinds": ["attention", "mlp"], "max_excess": 0.2, "search_steps": 40},
+            "layers": "all"}
+KNAPSACK = {"name": "measured", "options": {"kinds": ["attention", "mlp"], "max_excess": 0.2, "search_steps": 0},
+            "layers": "all"}
 
 
 def _i13(cell_id: str, label: str, tier: int, method: str, options: dict, samples: int) -> dict:
@@ -53,8 +57,9 @@ ISSUE13: list[dict] = [
 ALLOCATORS: list[tuple[str, dict, int]] = [
     ("uniform", {"name": "uniform"}, 0),
     ("measured", MEASURED, 0),
-    ("uniform-mlp", {"name": "uniform", "options": {"kinds": ["mlp"]}}, 1),
+    ("uniform-mlp", {"name": "uniform", "options": {"kinds": ["mlp"]}}, 0),
     ("global", {"name": "global"}, 1),
+    ("measured-knapsack", KNAPSACK, 2),
 ]
 BUDGETS = (0.158, 0.25)
 
