@@ -269,6 +269,23 @@ def _task_sources(tasks: Sequence[str], task_dir: Path) -> tuple[Any, dict[str, 
     return TaskManager(), {t: {"split": "lm-eval default", "data": "hub (lm-eval task default)"} for t in tasks}
 
 
+@contextmanager
+def _no_git_probe() -> Iterator[None]:
+    """Skip lm-eval's ``git describe`` of the working folder (it prints "fatal: not a git repository" outside a
+    checkout and says nothing about the model); run.json records prunekit's own versions instead."""
+    import lm_eval.evaluator as evaluator
+
+    probe = getattr(evaluator, "get_git_commit_hash", None)
+    if probe is None:  # another lm-eval layout: leave it alone
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
+
+
 def zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] = tuple(ZERO_SHOT_TASKS),
               limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Zero-shot accuracy through lm-eval on an in-memory model: one metric per task, their mean, versions.
@@ -281,7 +298,7 @@ def zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] = tup
 
     tasks = _check_tasks(tasks)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as task_dir, eval_mode(model):
+    with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as task_dir, eval_mode(model), _no_git_probe():
         manager, data = _task_sources(tasks, Path(task_dir))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         lm._device = _model_device(model)  # HFLM takes model.device, which is 'meta' when the embeddings are offloaded
