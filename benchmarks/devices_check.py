@@ -140,9 +140,9 @@ def check_offload(ctx: dict) -> dict:
         out["taylor"] = {"ran": True, "mask_equal": taylor.mask == ctx.get("taylor_mask")}
     except Exception as exc:  # UserError with offload
         out["taylor"] = {"ran": False, "refused": f"{type(exc).__name__}: {exc}"}
-    want = api.prune(ref, tok, "magnitude", 0.34)
+    want = api.prune(ref, tok, "magnitude", 0.34, allocation={"name": "uniform"})
     started = time.perf_counter()
-    got = api.prune(split, tok, "magnitude", 0.34)
+    got = api.prune(split, tok, "magnitude", 0.34, allocation={"name": "uniform"})
     out["magnitude"] = {"mask_equal": got.mask == want.mask, "seconds": round(time.perf_counter() - started, 3),
                         "logits_max_diff": max_diff(logits(split), logits(ref)), **placement_of(split)}
     saved = api.save(got, ctx["tmp"] / "pruned-offload")

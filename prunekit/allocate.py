@@ -391,17 +391,30 @@ def check_calibration_text(config, registry, tokenizer, batches) -> None:
                         "tokenizer (or pass batches=)")
 
 
-def default_allocator_fallback(config, registry, tokenizer, batches):
-    """The default allocator (none named) when it measures the calibration loss but the run has no text
-    (a data-free method through the API without a tokenizer): ``uniform`` instead, as before measured
-    became the default. A named allocator is never replaced (:func:`check_calibration_text` fails)."""
-    if "name" in config.allocation.model_fields_set or tokenizer is not None or batches:
+def default_allocator_fallback(config, registry, tokenizer, batches, offloaded: bool = False):
+    """The default allocator (none named) when it measures the calibration loss but cannot: the run has no
+    text (a data-free method through the API without a tokenizer), or the model is offloaded (its probe zeroes
+    weights that live on ``meta``). ``uniform`` instead, logged; a named allocator is never replaced
+    (:func:`check_calibration_text` and :func:`check_offloaded_allocator` fail instead)."""
+    if "name" in config.allocation.model_fields_set or not needs_calibration(config, registry):
         return config
-    if not needs_calibration(config, registry):
+    if offloaded:
+        reason = "the model is offloaded (the probe cannot zero meta weights)"
+    elif tokenizer is None and not batches:
+        reason = "no tokenizer or calibration batches"
+    else:
         return config
-    log.info("allocation: no tokenizer or calibration batches for the default measured allocator; using uniform")
+    log.info("allocation: %s for the default measured allocator; using uniform", reason)
     allocation = config.allocation.model_copy(update={"name": "uniform"})
     return config.model_copy(update={"allocation": allocation})
+
+
+def check_offloaded_allocator(config, registry, offloaded: bool) -> None:
+    """A measuring allocator named explicitly cannot probe an offloaded model: fail before any work."""
+    if offloaded and "name" in config.allocation.model_fields_set and needs_calibration(config, registry):
+        raise UserError(f"allocation.name: allocator {allocator_name(config)!r} measures the loss of zeroed units, "
+                        "which offloaded (meta) weights do not allow; use --allocator uniform or global, or a "
+                        "device_map without cpu/disk offload")
 
 
 def batches_sample(batches: list[torch.Tensor], n_samples: int, seq_len: int) -> list[torch.Tensor]:

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ValidationError
 
 from prunekit.adapters.base import LayerShape
 from prunekit import stability
-from prunekit.allocate import (allocate_select, allocator_plan, check_calibration_text, default_allocator_fallback,
-                               pruned_layers)
+from prunekit.allocate import (allocate_select, allocator_plan, check_calibration_text, check_offloaded_allocator,
+                               default_allocator_fallback, pruned_layers)
 from prunekit.checks import check_context, check_ratio
 from prunekit.config import CalibrationConfig, RunConfig
 from prunekit.context import RunContext
@@ -364,7 +364,8 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     host = host or get_host()
     registry = registry or Registry.from_host(host)
     run_plan = plan(config, registry)
-    config = default_allocator_fallback(config, registry, tokenizer, batches)
+    check_offloaded_allocator(config, registry, offloaded(model))
+    config = default_allocator_fallback(config, registry, tokenizer, batches, offloaded(model))
     ctx = context or RunContext(config=config, registry=registry)
     ctx.config, ctx.model, ctx.tokenizer = config, model, tokenizer
     ctx.adapter = registry.adapter_for(model)

@@ -67,7 +67,7 @@ class CalibrationConfig(_Strict):
 class AllocationConfig(_Strict):
     """Where the removal goes: an allocator plugin, its options, and the budget as a parameter fraction."""
 
-    name: str = "uniform"
+    name: str = "measured"
     options: dict[str, Any] = Field(default_factory=dict)
     params_removed: float | None = Field(
         default=None, gt=0, lt=1, description="fraction of ALL model parameters to remove (met from below); "

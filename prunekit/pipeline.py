@@ -19,7 +19,8 @@ from prunekit.api import (DTYPES, VERSIONED, default_layers, load_model, mask_re
 from prunekit.checks import check_context, check_sources
 from prunekit.config import RunConfig
 from prunekit.context import RunContext
-from prunekit.devices import check_offloaded_run
+from prunekit.allocate import check_offloaded_allocator
+from prunekit.devices import check_offloaded_run, offloaded
 from prunekit.errors import EvaluationFailed
 from prunekit.evaluate import evaluate_model, plugin_evaluators
 from prunekit.export import check_output_dir, save_pruned
@@ -90,6 +91,7 @@ def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, 
     check_context(ctx.model, config, run_plan.method.needs_calibration(run_plan.options))  # windows that fit the context
     check_offloaded_run(ctx.model, config.method, run_plan.method.needs_calibration(run_plan.options),
                         config.recovery.method)  # offload: no gradients, before the 'before' evaluation
+    check_offloaded_allocator(config, registry, offloaded(ctx.model))  # a named measuring allocator cannot probe it
     metrics: dict[str, Any] = {}
     if config.evaluation.enabled:
         with ctx.stage("evaluate_before"):

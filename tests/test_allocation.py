@@ -299,7 +299,8 @@ def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_
     from prunekit.api import prune
     from prunekit.config import AllocationConfig, RunConfig
 
-    assert layers_mode(RunConfig()) == "default"  # uniform: LLM-Pruner's range, as before
+    assert layers_mode(RunConfig()) == "all"  # the default allocator, measured, decides which layers to touch
+    assert layers_mode(RunConfig(allocation={"name": "uniform"})) == "default"  # uniform: LLM-Pruner's range
     assert layers_mode(RunConfig(allocation={"name": "measured"})) == "all"
     assert layers_mode(RunConfig(allocation={"name": "measured", "layers": "default"})) == "default"
     unnamed = RunConfig(method="magnitude", allocation=AllocationConfig.model_construct(_fields_set=set(), name="measured"))

@@ -31,7 +31,7 @@ def test_prune_in_memory_keeps_dtype_device_and_grad_flags(tmp_path, monkeypatch
         p.requires_grad_(name.endswith("norm.weight"))  # a mix the caller chose
     state = _state(model)
     result = prunekit.prune(model, make_tiny_tokenizer(), method="taylor", ratio=0.34, layers=(0, 4),
-                            calibration=TINY_CALIBRATION)
+                            calibration=TINY_CALIBRATION, allocation={"name": "uniform"})  # every group shrinks
     assert isinstance(result, prunekit.PruneResult) and result.model is model
     assert _state(model) == state  # float32 scoring and the pruning surgery are invisible to the caller
     assert all(p.grad is None for p in model.parameters())
@@ -116,7 +116,8 @@ def test_cli_run_is_the_api(tiny_model_dir, tmp_path):
 
 def test_save_writes_the_cli_files_and_refuses_a_full_directory(tmp_path):
     model, tokenizer = make_tiny_llama(9, 3), make_tiny_tokenizer()
-    result = prunekit.prune(model, tokenizer, method="magnitude", ratio=0.34, layers=(0, 4))
+    result = prunekit.prune(model, tokenizer, method="magnitude", ratio=0.34, layers=(0, 4),
+                            allocation={"name": "uniform"})  # every layer alike: plain from_pretrained reloads it
     out = prunekit.save(result, tmp_path / "out", metrics={"after": {"note": 1.0}})
     manifest = json.loads((out / "run.json").read_text())
     assert set(manifest) >= {"config", "model_source", "method", "versions", "seed", "calibration", "layers_pruned",

@@ -3,6 +3,8 @@ single device (same mask, same logits), evaluates alike, saves a plain checkpoin
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 from pathlib import Path
@@ -16,6 +18,10 @@ from prunekit.cli import main
 from prunekit.devices import (check_device, checkpointing_on, gradient_checkpointing, input_device, is_dispatched, offloaded,
                               parse_device_map, parse_max_memory, placement)
 from prunekit.errors import UserError
+
+# the default allocator (measured) cannot probe offloaded weights and falls back to uniform there: the
+# equivalence tests pin uniform on both sides
+UNIFORM = {"name": "uniform"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,8 +136,8 @@ def test_disk_offload_gives_the_same_mask_logits_and_checkpoint(model_dir, tmp_p
     assert input_device(split) == torch.device("cpu")
     torch.testing.assert_close(_logits(split), _logits(reference), rtol=0, atol=1e-6)
 
-    want = api.prune(reference, tokenizer, "magnitude", 0.34)
-    got = api.prune(split, tokenizer, "magnitude", 0.34)
+    want = api.prune(reference, tokenizer, "magnitude", 0.34, allocation=UNIFORM)
+    got = api.prune(split, tokenizer, "magnitude", 0.34, allocation=UNIFORM)
     assert got.mask == want.mask and got.layer_shapes == want.layer_shapes
     assert split.model.layers[3].mlp.up_proj.weight.device.type == "meta"  # still offloaded, now with the new shape
     assert split.model.layers[3].mlp.up_proj.weight.shape == reference.model.layers[3].mlp.up_proj.weight.shape
@@ -153,8 +159,8 @@ def test_bfloat16_offloaded_model_prunes_like_the_single_device_one(model_dir, t
     """accelerate forbids casting a model with offloaded modules: data-free scoring reads the load dtype."""
     reference, tokenizer, _ = api.load_model(str(model_dir), "bfloat16")
     split, _, _ = api.load_model(str(model_dir), "bfloat16", device_map=SPLIT, offload_folder=tmp_path / "offload")
-    want = api.prune(reference, tokenizer, "magnitude", 0.34)
-    got = api.prune(split, tokenizer, "magnitude", 0.34)
+    want = api.prune(reference, tokenizer, "magnitude", 0.34, allocation=UNIFORM)
+    got = api.prune(split, tokenizer, "magnitude", 0.34, allocation=UNIFORM)
     assert got.mask == want.mask and {p.dtype for p in split.parameters()} == {torch.bfloat16}
     torch.testing.assert_close(_logits(split), _logits(reference), rtol=0, atol=0)
 
@@ -167,7 +173,8 @@ def test_tied_head_must_stay_with_the_embeddings(tmp_path):
         api.load_model(str(tied), device_map=SPLIT, offload_folder=tmp_path / "offload")
     reference, tokenizer, _ = api.load_model(str(tied))
     split, _, _ = api.load_model(str(tied), device_map={**SPLIT, "lm_head": "cpu"}, offload_folder=tmp_path / "off")
-    assert api.prune(split, tokenizer, "magnitude", 0.34).mask == api.prune(reference, tokenizer, "magnitude", 0.34).mask
+    assert (api.prune(split, tokenizer, "magnitude", 0.34, allocation=UNIFORM).mask
+            == api.prune(reference, tokenizer, "magnitude", 0.34, allocation=UNIFORM).mask)
     torch.testing.assert_close(_logits(split), _logits(reference), rtol=0, atol=1e-6)
 
 
@@ -178,6 +185,11 @@ def test_gradient_methods_refused_with_offload_model_untouched(model_dir, tmp_pa
         api.prune(split, tokenizer, "taylor", 0.34, batches=_batches())
     with pytest.raises(UserError, match="^device_map: recovery 'lora' trains through weights offloaded"):
         api.prune(split, tokenizer, "magnitude", 0.34, recovery={"method": "lora"})
+    # the measuring allocator zeroes units to probe the loss, which meta weights do not allow: named, it is
+    # refused; as the unnamed default it falls back to uniform (the other tests here prune that way)
+    with pytest.raises(UserError, match="^allocation.name: allocator 'measured' measures the loss"):
+        api.prune(split, tokenizer, "magnitude", 0.34, allocation={"name": "measured"})
+    assert api.prune(copy.deepcopy(split), tokenizer, "magnitude", 0.34).allocation["allocator"] == "uniform"
     assert split.model.layers[0].mlp.up_proj.weight.shape[0] == 48
     torch.testing.assert_close(_logits(split), dense, rtol=0, atol=0)
 
@@ -237,7 +249,7 @@ def test_cli_run_and_eval_with_disk_offload(model_dir, tmp_path, capsys):
     assert manifest["metrics"]["before"]["cache"]["skipped"]  # an offloaded model's weights are not hashed
     assert manifest["metrics"]["after"]["perplexity"]["ptb"]["ppl"] > 1
     reference, tokenizer, _ = api.load_model(str(model_dir))
-    api.prune(reference, tokenizer, "magnitude", 0.34)
+    api.prune(reference, tokenizer, "magnitude", 0.34, allocation=UNIFORM)
     torch.testing.assert_close(_logits(api.load_model(str(out))[0]), _logits(reference), rtol=0, atol=1e-6)
 
     results = []

@@ -193,8 +193,8 @@ def test_grid_cells_are_valid_run_configs():
     assert all(t["cells"][0]["tier"] == 0 for t in tasks[1:first_tier1])
     # issue 14: both budgets of one allocator share one scoring task per (method, seed)
     uniform = [t for t in tasks if t["kind"] == "cells" and t["cells"][0]["id"].startswith("i14/taylor/uniform/")]
-    assert [sorted(c["id"] for c in t["cells"]) for t in uniform] == [
-        ["i14/taylor/uniform/0.158", "i14/taylor/uniform/0.25"]] * 3
+    assert len(uniform) == 3 and all({"i14/taylor/uniform/0.158", "i14/taylor/uniform/0.25"}
+                                     <= {c["id"] for c in t["cells"]} for t in uniform)
 
 
 BAD = [
