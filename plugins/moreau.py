@@ -32,7 +32,7 @@ from prunekit import hookimpl
 from prunekit.groups import PruningGroup
 from prunekit.finite import nonfinite_loss
 from prunekit.importance import Importance, Options, ScoringContext, check_finite, fisher_diagonal
-from prunekit.precision import GradAccumulator, GradientOverflow, LossScale, finite
+from prunekit.precision import GradAccumulator, GradientOverflow, LossScale, finite, requires_grad_only
 
 Tensors = dict[str, torch.Tensor]
 GradFn = Callable[[Tensors, int], Tensors]  # (current δ, iteration) -> ∇L at the perturbed point
@@ -577,21 +577,6 @@ class InPlacePerturbedGradient:
             p.copy_(self.originals[name])
 
 
-@contextlib.contextmanager
-def gradients_only_for(model: torch.nn.Module, names: set[str]) -> Iterator[None]:
-    """Let autograd track only ``names`` while scoring; restore every flag and drop grads afterwards."""
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    try:
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in names)
-            p.grad = None
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
-
-
 # -- the method ---------------------------------------------------------------------------------------
 
 
@@ -642,7 +627,7 @@ class Moreau(Importance):
         info = self._settings(o, params, seed, in_place=modules is None)
         rho = o.rho if o.mode == "math" else None
         scale = StepScale(_global_norm({n: p.detach() for n, p in params.items()}), o.rho_relative, o.step_fraction)
-        with gradients_only_for(ctx.model, set() if modules is not None else set(params)):
+        with requires_grad_only(ctx.model, set() if modules is not None else set(params)):
             step_fn: PerturbedStep | GradientStep
             if modules is not None:
                 estimator = PerturbedStep(ctx, modules, o.sigma, seed, o.noise_samples, o.initial_step(), rho,
@@ -722,7 +707,7 @@ def fisher_at(ctx: ScoringContext, mean_delta: Tensors) -> Tensors:
         with torch.no_grad():
             for n, p in params.items():
                 p.add_(mean_delta.pop(n).to(p.dtype))
-        with gradients_only_for(ctx.model, set(params)):
+        with requires_grad_only(ctx.model, set(params)):
             _, fisher = fisher_diagonal(ctx, with_mean=False)
     finally:
         with torch.no_grad():
