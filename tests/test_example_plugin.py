@@ -18,7 +18,8 @@ from prunekit.testing import zero_removed_inputs
 
 pytest.importorskip("prunekit_activation_methods", reason="scripts/setup.sh installs the example plugin package")
 
-CONFIG = "selection:\n  layers: [0, 4]\ncalibration:\n  n_samples: 4\n  seq_len: 16\n"
+CONFIG = ("selection:\n  layers: [0, 4]\ncalibration:\n  n_samples: 4\n  seq_len: 16\n"
+          "allocation:\n  name: uniform\n")  # every layer alike: uniform shapes, plain from_pretrained
 PROVIDER = "prunekit-activation-methods"
 
 
