@@ -359,6 +359,14 @@ def pruned_layers(config, n_layers: int, registry=None) -> range:
     return resolve_layers(n_layers, config.selection.layers)
 
 
+def ratio_budget_layers(config, n_layers: int) -> range:
+    """The layers a ``ratio`` budget is counted over: ``selection.layers`` or LLM-Pruner's default range, so
+    ``--ratio 0.25`` names the same number of parameters whichever layers the allocator may then touch."""
+    from prunekit.pipeline import resolve_layers
+
+    return resolve_layers(n_layers, config.selection.layers)
+
+
 def allocator_name(config) -> str:
     """``selection.scope: global`` with ``uniform`` or no allocator named keeps its old meaning (the global
     allocator)."""
@@ -436,8 +444,11 @@ def allocate_select(ctx, scores: list[torch.Tensor],
     name, entry, options = allocator_plan(config, ctx.registry)
     costs = [unit_cost(ctx.model, g) for g in groups]
     round_to = config.selection.round_to
-    budget = make_budget(groups, costs, ctx.model.num_parameters(), config.ratio, config.allocation.params_removed,
-                         round_to)
+    # a ratio means what LLM-Pruner's uniform ratio removes over ITS layers, whichever layers the allocator may touch
+    ratio_layers = set(ratio_budget_layers(config, ctx.adapter.num_layers))
+    in_range = [i for i, g in enumerate(groups) if g.layer in ratio_layers]
+    budget = make_budget([groups[i] for i in in_range], [costs[i] for i in in_range], ctx.model.num_parameters(),
+                         config.ratio, config.allocation.params_removed, round_to)
 
     def sample(n_samples: int, seq_len: int) -> list[torch.Tensor]:
         from prunekit.data import calibration_batches

@@ -3,6 +3,7 @@ deterministic and prunes exactly (pruned model == original with the removed unit
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -19,7 +20,7 @@ from prunekit.importance import ScoringContext
 from prunekit.registry import get_registry
 from prunekit.select import keep_from_counts, select
 
-from conftest import LAYOUTS, make_tiny_llama
+from conftest import LAYOUTS, make_tiny_llama, make_tiny_tokenizer
 from test_pruning import IDS, zero_removed
 
 ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
@@ -309,3 +310,19 @@ def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_
     assert default_allocator_fallback(named, get_registry(), None, None) is named
     result = prune(make_tiny_llama(9, 3), None, method="magnitude", ratio=0.34, allocation={"name": "global"})
     assert result.allocation["allocator"] == "global"
+
+
+def test_a_ratio_budget_means_the_uniform_ratio_over_llm_pruners_layers_whatever_the_allocator_touches():
+    """The default (measured, all layers as candidates) removes what `--ratio` removes uniformly over the
+    default layer range, not that ratio of every layer."""
+    from prunekit.api import prune
+
+    model = make_tiny_llama(9, 3, layers=8)  # LLM-Pruner's range for 8 layers: 1-7
+    tokenizer = make_tiny_tokenizer()
+    uniform = prune(copy.deepcopy(model), tokenizer, "magnitude", 0.34, allocation={"name": "uniform"},
+                    calibration={"n_samples": 4, "seq_len": 16})
+    measured = prune(copy.deepcopy(model), tokenizer, "magnitude", 0.34, calibration={"n_samples": 4, "seq_len": 16})
+    assert measured.allocation["allocator"] == "measured" and "layers.0.mlp" in measured.mask  # layer 0 a candidate
+    assert "layers.0.mlp" not in uniform.mask  # LLM-Pruner's range for 8 layers is 1-7
+    assert measured.allocation["budget"]["params"] == uniform.allocation["params_removed"] > 0
+    assert measured.allocation["params_removed"] <= measured.allocation["budget"]["params"]
