@@ -177,6 +177,10 @@ def check_eval_cli(ctx: dict) -> dict:
     """`prunekit eval --device D` and `--device-map auto` on the pruned checkpoint: same perplexity as on the CPU."""
     from prunekit.cli import main
 
+    if "pruned_dir" not in ctx:  # the offload check failed before saving: prune a checkpoint on one device
+        model, tok, _ = api.load_model(ctx["dir"], device=ctx["device"])
+        got = api.prune(model, tok, "magnitude", 0.34, allocation={"name": "uniform"})
+        ctx["pruned_dir"] = str(api.save(got, ctx["tmp"] / "pruned-single"))
     config = ctx["tmp"] / "eval.yaml"
     config.write_text("evaluation:\n  perplexity: [wikitext2]\n  zero_shot: []\n  ppl_window: 32\n"
                       "  ppl_max_windows: 8\n")

@@ -212,11 +212,12 @@ def check_offloaded_run(model: torch.nn.Module, method: str, needs_gradients: bo
 @contextlib.contextmanager
 def onloaded(model: torch.nn.Module, module_names: Any = None) -> Iterator[list[str]]:
     """Give offloaded modules (all, or those named or nested under ``module_names``) real tensors on the CPU for
-    the block, with their hook's offloading paused and their execution moved to the CPU (a forward in the
-    block, e.g. torch-pruning's trace, computes them there; the next module's hook moves the activations
-    back); afterwards write each tensor (possibly pruned to a new shape) back into accelerate's weights map
-    (in host memory: the input checkpoint is never written) and put the module back on ``meta`` and its
-    execution where it was. Yields the onloaded module names."""
+    the block, with their hook's offloading paused and their execution moved to the CPU; each returns its
+    output to its input's device (``io_same_device``), so a forward in the block (torch-pruning's trace)
+    computes them on the CPU while everything around them (norms, rotary tables, residual adds) stays on
+    the GPU they execute on. Afterwards write each tensor (possibly pruned to a new shape) back into
+    accelerate's weights map (in host memory: the input checkpoint is never written) and put the module
+    back on ``meta`` and its hook as it was. Yields the onloaded module names."""
     from accelerate.utils import set_module_tensor_to_device
 
     wanted = None if module_names is None else tuple(module_names)
@@ -228,7 +229,7 @@ def onloaded(model: torch.nn.Module, module_names: Any = None) -> Iterator[list[
             continue
         chosen.append((name, module, hook))
     placed: list[tuple[Any, Any, str]] = []
-    executed = [hook.execution_device for _, _, hook in chosen]
+    saved = [(hook.execution_device, hook.io_same_device) for _, _, hook in chosen]
     try:
         for name, module, hook in chosen:
             tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
@@ -236,15 +237,15 @@ def onloaded(model: torch.nn.Module, module_names: Any = None) -> Iterator[list[
                 if t.device.type == "meta" and tname in hook.weights_map:
                     set_module_tensor_to_device(module, tname, "cpu", value=hook.weights_map[tname])
                     placed.append((module, hook, tname))
-            hook.offload, hook.execution_device = False, torch.device("cpu")
+            hook.offload, hook.execution_device, hook.io_same_device = False, torch.device("cpu"), True
         yield [name for name, _, _ in chosen]
     finally:
         for module, hook, tname in placed:
             value = getattr(module, tname).detach().to("cpu")
             _store(hook.weights_map, tname, value)
             set_module_tensor_to_device(module, tname, "meta")
-        for (_, _, hook), device in zip(chosen, executed):
-            hook.offload, hook.execution_device = True, device
+        for (_, _, hook), (device, same) in zip(chosen, saved):
+            hook.offload, hook.execution_device, hook.io_same_device = True, device, same
 
 
 def _store(weights_map: Any, name: str, value: torch.Tensor) -> None:

@@ -155,6 +155,33 @@ def test_disk_offload_gives_the_same_mask_logits_and_checkpoint(model_dir, tmp_p
     assert _tree(model_dir) == before  # the input checkpoint (offload source) is untouched
 
 
+def test_onloaded_modules_compute_on_cpu_and_hand_outputs_back(model_dir, tmp_path):
+    """On a GPU, offloaded modules execute on the GPU; while onloaded (the trace for pruning) they compute on the
+    CPU and must hand their output back to the caller's device, else the rotary tables or the residual (on the
+    GPU) meet a CPU tensor. Here the GPU is a sentinel execution device: the hooks' settings are checked, and a
+    forward inside the block (all on the CPU) still gives the reference logits."""
+    from prunekit.devices import _hooked, onloaded
+
+    reference, _, _ = api.load_model(str(model_dir))
+    split, _, _ = api.load_model(str(model_dir), device_map=SPLIT, offload_folder=tmp_path / "offload")
+    hooks = {name: hook for name, _, hook in _hooked(split) if getattr(hook, "offload", False)}
+    gpu = torch.device("cuda", 0)
+    for hook in hooks.values():
+        hook.execution_device = gpu  # what accelerate sets on a GPU machine (main device)
+    with onloaded(split, ["model.layers.2.mlp"]) as names:
+        assert names == ["model.layers.2.mlp.gate_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
+        for name, hook in hooks.items():
+            chosen = name in names
+            assert (hook.execution_device, hook.io_same_device, hook.offload) == (
+                (torch.device("cpu"), True, False) if chosen else (gpu, False, True)), name
+    assert all((h.execution_device, h.io_same_device, h.offload) == (gpu, False, True) for h in hooks.values())
+    for hook in hooks.values():
+        hook.execution_device = torch.device("cpu")
+    with onloaded(split):
+        torch.testing.assert_close(_logits(split), _logits(reference), rtol=0, atol=1e-6)
+    assert split.model.layers[3].mlp.up_proj.weight.device.type == "meta"
+
+
 def test_bfloat16_offloaded_model_prunes_like_the_single_device_one(model_dir, tmp_path):
     """accelerate forbids casting a model with offloaded modules: data-free scoring reads the load dtype."""
     reference, tokenizer, _ = api.load_model(str(model_dir), "bfloat16")
