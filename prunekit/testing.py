@@ -56,6 +56,17 @@ def tiny_batches(vocab: int = 96, n_batches: int = 2, batch_size: int = 2, seq_l
     return [torch.randint(0, vocab, (batch_size, seq_len), generator=gen) for _ in range(n_batches)]
 
 
+def tiny_sampler(batches: list[torch.Tensor]):
+    """A seeded calibration sampler shaped like ``batches`` (draw k: random ids from seed k), for methods
+    that draw fresh calibration text per step (``ScoringContext.sampler``)."""
+    shape = batches[0].shape
+
+    def draw(k: int) -> tuple[list[torch.Tensor], dict]:
+        return (tiny_batches(n_batches=len(batches), batch_size=shape[0], seq_len=shape[1], seed=k),
+                {"seed": k, "starts": []})
+    return draw
+
+
 @dataclass
 class Conformance:
     """What one check measured (returned so a plugin's own test can assert more)."""
@@ -76,7 +87,8 @@ def _score(entry: Any, options: Any, model: torch.nn.Module, groups: list[Prunin
            batches: list[torch.Tensor], seed: int) -> tuple[list[torch.Tensor], dict]:
     from prunekit.importance import ScoringContext
 
-    ctx = ScoringContext(model=model, groups=groups, batches=batches, seed=seed)
+    ctx = ScoringContext(model=model, groups=groups, batches=batches, seed=seed,
+                         sampler=tiny_sampler(batches) if batches else None)
     try:
         scores = entry.cls(options).scores(ctx)
     finally:
