@@ -268,9 +268,9 @@ class StepScale:
                 raise FloatingPointError("moreau: the first gradient is zero; rho_relative has no scale")
             rho = self.rho_relative * self.weight_norm / grad_norm
         step = self.step_fraction * rho if self.step_fraction is not None else old
-        if step >= rho:
-            raise ValueError(f"moreau: step ({step:g}) must be < rho ({rho:g}) = rho_relative x |w|/|grad L|; "
-                             "lower step or use step_fraction")
+        if step >= rho:  # the user's input, found once the first gradient gives rho its scale
+            raise UserError(f"method_options.step: step ({step:g}) must be < rho ({rho:g}) = rho_relative x "
+                            "|w|/|grad L| on this model; lower step or use step_fraction")
         for d in first_step.values():
             d.mul_(step / old)
         step_fn.step, step_fn.rho, prox.step = step, rho, step
