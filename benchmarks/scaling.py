@@ -47,6 +47,7 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
     from prunekit.benchmarks.memory import PeakRSS
     from prunekit.benchmarks.probes import DtypeProbe
     from prunekit.benchmarks.shapes import build, model_bytes, shape
+    from prunekit.sampling import RandomTokenSampler
 
     out: dict[str, Any] = {"spec": spec, "pid": os.getpid(), "loadavg_before": os.getloadavg()[0]}
     s = shape(spec["shape"])
@@ -67,7 +68,8 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
     gc.collect()
     with DtypeProbe(model) as probe, PeakRSS() as mem:
         start, cpu_start = time.perf_counter(), time.process_time()
-        scores, info = api.score(model, groups, spec["method"], batches, options=options, seed=spec["seed"])
+        scores, info = api.score(model, groups, spec["method"], batches, options=options, seed=spec["seed"],
+                                 sampler=RandomTokenSampler.like(batches, model.config.vocab_size, spec["seed"]))
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     steps = info.get("moreau", {}).get("iterations", 1)
     out.update(

@@ -56,15 +56,12 @@ def tiny_batches(vocab: int = 96, n_batches: int = 2, batch_size: int = 2, seq_l
     return [torch.randint(0, vocab, (batch_size, seq_len), generator=gen) for _ in range(n_batches)]
 
 
-def tiny_sampler(batches: list[torch.Tensor]):
-    """A seeded calibration sampler shaped like ``batches`` (draw k: random ids from seed k), for methods
-    that draw fresh calibration text per step (``ScoringContext.sampler``)."""
-    shape = batches[0].shape
+def tiny_sampler(batches: list[torch.Tensor], vocab: int = 96):
+    """A seeded random-token sampler shaped like ``batches``, for methods that draw fresh calibration text
+    per step (``ScoringContext.sampler``)."""
+    from prunekit.sampling import RandomTokenSampler
 
-    def draw(k: int) -> tuple[list[torch.Tensor], dict]:
-        return (tiny_batches(n_batches=len(batches), batch_size=shape[0], seq_len=shape[1], seed=k),
-                {"seed": k, "starts": []})
-    return draw
+    return RandomTokenSampler.like(batches, vocab)
 
 
 @dataclass

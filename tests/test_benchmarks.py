@@ -137,13 +137,14 @@ def test_workbench_score_gives_methods_a_calibration_sampler(tiny_model_dir, one
     from prunekit import api
     from prunekit.benchmarks.profiles import PROFILES
     from prunekit.benchmarks.workbench import Workbench
+    from prunekit.errors import UserError
     from prunekit.sampling import derived_seed
 
     wb = Workbench.open(str(tiny_model_dir), PROFILES["quick"])
     groups = wb.groups(wb.model)
     options = {"resample": True, "iterations": 2, "averaged": 1}
     batches, _ = wb.calibration(0)
-    with pytest.raises(ValueError, match="no sampler"):  # what the suites did before: no sampler, no resampling
+    with pytest.raises(UserError, match="method_options.resample.*no sampler"):  # no sampler, no resampling
         api.score(wb.model, groups, "moreau-gs", batches, options=options, seed=0, registry=wb.registry)
     scores, info, _ = wb.score(wb.model, groups, "moreau-gs", batches, 0, options=options)
     assert [(d["draw"], d["seed"]) for d in info["calibration_draws"]] == [(1, derived_seed(0, 1))]
