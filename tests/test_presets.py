@@ -89,3 +89,21 @@ def test_run_json_records_the_override_that_ran(tiny_model_dir, tmp_path, capsys
         0.1, None, 0.5, True, "fisher")  # the resolved preset plus the user's field
     assert info["rho_effective"] == pytest.approx(0.1) and info["step_effective"] == pytest.approx(0.05)
     assert len(method["info"]["calibration_draws"]) == 1  # step 2 drew fresh text
+
+
+def test_benchmark_cells_keep_their_meaning():
+    """The sweep's and the full grid's "reference settings" cells still run the paper's settings, the
+    gradient-salience cells say so, and the sweep's cost count reads the registered preset."""
+    from prunekit.benchmarks import full_grid, sweep
+
+    registry = get_registry()
+    paper = registry.method("moreau-gs-paper").options({}).model_dump()
+    ref = next(p for p in sweep.GRID if p.label == "moreau-gs reference settings (T=10)")
+    assert registry.method(ref.method).options(ref.options).model_dump() == paper and ref.passes() == 10
+    cell = next(c for c in full_grid.ISSUE13 if c["id"] == "i13/moreau-gs-ref")["config"]
+    assert registry.method(cell["method"]).options(cell["method_options"]).model_dump() == paper
+    gradient = next(c for c in full_grid.ISSUE13 if c["id"] == "i13/moreau-gs-resample")["config"]
+    assert registry.method("moreau-gs").options(gradient["method_options"]).salience == "gradient"
+    chosen = next(c for c in full_grid.ISSUE13 if c["id"] == "i13/moreau-gs-fisher")["config"]
+    assert registry.method("moreau-gs").options(chosen["method_options"]) == registry.method("moreau-gs").options({})
+    assert (sweep.Point("moreau-gs").passes(), sweep.Point("moreau-gs-paper").passes()) == (6, 10)
