@@ -31,9 +31,10 @@ METHODS = ("taylor", "moreau-gs")
 
 def method_options(method: str, iterations: int) -> dict[str, Any]:
     """Options for the measurement: moreau-gs runs ``iterations`` steps, all averaged (δ, W' and the running
-    mean are all alive from the second step on, so the memory peak is the default run's)."""
+    mean are all alive from the second step on, so the memory peak is the proximal loop's), with the gradient
+    salience, so the time is per proximal step (the preset's Fisher pass after the loop is a fisher pass)."""
     if method.startswith("moreau"):
-        return {"iterations": iterations, "averaged": min(2, iterations)}
+        return {"iterations": iterations, "averaged": min(2, iterations), "salience": "gradient"}
     return {}
 
 
