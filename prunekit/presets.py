@@ -25,4 +25,3 @@ def merge_preset(options_cls: type, defaults: dict[str, Any], overrides: dict[st
             if mine in overrides and theirs not in overrides and theirs in defaults:
                 merged.pop(theirs, None)
     return merged
-

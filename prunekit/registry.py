@@ -104,7 +104,8 @@ class MethodEntry:
     plugin: str = ""
 
     def options(self, overrides: dict | None = None) -> BaseModel:
-        values = merge_preset(self.cls.Options, self.defaults, overrides or {})  # a user-set rho beats the preset's rho_relative
+        # a field the user sets replaces the preset's alternative to it (rho vs rho_relative): prunekit.presets
+        values = merge_preset(self.cls.Options, self.defaults, overrides or {})
         return validate_options(self.cls.Options, values, "method_options.")
 
     def needs_calibration(self, options: BaseModel | None = None) -> bool:

@@ -72,4 +72,5 @@ class RandomTokenSampler:
         """Batches of draw ``draw`` and their provenance (the seed; no text, so no window starts)."""
         seed = derived_seed(self.seed, draw)
         gen = torch.Generator().manual_seed(seed)
-        return [torch.randint(0, self.vocab, shape, generator=gen) for shape in self.shapes], {"seed": seed, "starts": []}
+        batches = [torch.randint(0, self.vocab, shape, generator=gen) for shape in self.shapes]
+        return batches, {"seed": seed, "starts": []}
