@@ -123,6 +123,7 @@ def run_one(spec: dict[str, Any], path: str | None) -> dict[str, Any]:
     from prunekit.benchmarks.probes import DtypeProbe
     from prunekit.benchmarks.shapes import build, model_bytes, shape
     from prunekit.evaluate import window_nll
+    from prunekit.sampling import RandomTokenSampler
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -151,7 +152,8 @@ def run_one(spec: dict[str, Any], path: str | None) -> dict[str, Any]:
             info.update(sequences=spec["n_samples"], seq_len=spec["seq_len"], batch_size=spec["batch_size"],
                         tokens=spec["n_samples"] * spec["seq_len"])
         with stage("score") as info, DtypeProbe(model) as probe:
-            scores, method_info = api.score(model, groups, spec["method"], batches, seed=spec["seed"])
+            scores, method_info = api.score(model, groups, spec["method"], batches, seed=spec["seed"],
+                                            sampler=RandomTokenSampler.like(batches, s.vocab, spec["seed"]))
         info.update(scoring=probe.result(), scores_finite=bool(all(torch.isfinite(t).all() for t in scores)))
         moreau = method_info.get("moreau")
         if moreau:

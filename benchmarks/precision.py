@@ -60,6 +60,7 @@ def measure_memory(method: str, dtype: str, compute_dtype: str, device: str, thr
     once under a peak-memory probe."""
     from prunekit import api
     from prunekit.benchmarks.memory import PeakRSS
+    from prunekit.sampling import RandomTokenSampler
 
     torch.set_num_threads(threads)
     shape = shape or SMOL
@@ -78,7 +79,8 @@ def measure_memory(method: str, dtype: str, compute_dtype: str, device: str, thr
         base = torch.cuda.memory_allocated()
     started = time.perf_counter()
     with PeakRSS() as mem:
-        scores, info = api.score(model, groups, method, batches, compute_dtype=compute_dtype)
+        scores, info = api.score(model, groups, method, batches, compute_dtype=compute_dtype,
+                                 sampler=RandomTokenSampler.like(batches, shape["vocab_size"]))
         if cuda:
             torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -104,6 +106,8 @@ def quality(methods: list[str], ratio: float, n_windows: int, threads: int, seed
     from prunekit.evaluate import window_nll
     from prunekit.stability import agreement
     from prunekit.benchmarks.quality import spaced_windows
+    from prunekit.config import CalibrationConfig
+    from prunekit.sampling import CalibrationSampler
 
     torch.set_num_threads(threads)
     wide, tokenizer, _ = api.load_model(None, "float32")
@@ -128,7 +132,9 @@ def quality(methods: list[str], ratio: float, n_windows: int, threads: int, seed
         kept = {}
         for name, model in (("float32", wide), ("bfloat16", narrow)):
             started = time.perf_counter()
-            scores, _ = api.score(model, groups, method, batches, seed=seed)
+            c = CalibrationConfig()  # api.calibrate's sample; the sampler serves methods that resample
+            sampler = CalibrationSampler(tokenizer, c.source, c.n_samples, c.seq_len, c.batch_size, seed)
+            scores, _ = api.score(model, groups, method, batches, seed=seed, sampler=sampler)
             row[f"seconds_{name}"] = round(time.perf_counter() - started, 1)
             kept[name] = api.select(groups, scores, ratio)
             pruned = copy.deepcopy(wide)

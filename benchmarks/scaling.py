@@ -31,9 +31,10 @@ METHODS = ("taylor", "moreau-gs")
 
 def method_options(method: str, iterations: int) -> dict[str, Any]:
     """Options for the measurement: moreau-gs runs ``iterations`` steps, all averaged (δ, W' and the running
-    mean are all alive from the second step on, so the memory peak is the default run's)."""
+    mean are all alive from the second step on, so the memory peak is the proximal loop's), with the gradient
+    salience, so the time is per proximal step (the preset's Fisher pass after the loop is a fisher pass)."""
     if method.startswith("moreau"):
-        return {"iterations": iterations, "averaged": min(2, iterations)}
+        return {"iterations": iterations, "averaged": min(2, iterations), "salience": "gradient"}
     return {}
 
 
@@ -47,6 +48,7 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
     from prunekit.benchmarks.memory import PeakRSS
     from prunekit.benchmarks.probes import DtypeProbe
     from prunekit.benchmarks.shapes import build, model_bytes, shape
+    from prunekit.sampling import RandomTokenSampler
 
     out: dict[str, Any] = {"spec": spec, "pid": os.getpid(), "loadavg_before": os.getloadavg()[0]}
     s = shape(spec["shape"])
@@ -67,7 +69,8 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
     gc.collect()
     with DtypeProbe(model) as probe, PeakRSS() as mem:
         start, cpu_start = time.perf_counter(), time.process_time()
-        scores, info = api.score(model, groups, spec["method"], batches, options=options, seed=spec["seed"])
+        scores, info = api.score(model, groups, spec["method"], batches, options=options, seed=spec["seed"],
+                                 sampler=RandomTokenSampler.like(batches, model.config.vocab_size, spec["seed"]))
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     steps = info.get("moreau", {}).get("iterations", 1)
     out.update(

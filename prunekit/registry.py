@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from prunekit.errors import UserError
 from prunekit.plugins import PluginFailure, PluginHost, get_host
+from prunekit.presets import merge_preset
 
 GROUPER_CALL = ("model", "adapter", "layers", "options")  # how the core calls a grouper
 EVALUATOR_CALL = ("model", "tokenizer", "options")  # how the core calls an evaluator
@@ -58,7 +59,8 @@ def check_options_model(model_cls: Any, defaults: dict | None = None, what: str 
         raise PluginError(f"{what} must be a pydantic BaseModel subclass, got {model_cls!r}")
     try:
         built = model_cls(**(defaults or {}))
-        model_cls.model_validate({name: getattr(built, name) for name in type(built).model_fields})
+        every = {name: getattr(built, name) for name in type(built).model_fields}
+        model_cls.model_validate(merge_preset(model_cls, every, defaults or {}))
     except ValidationError as exc:
         raise PluginError(f"{what} defaults do not validate: "
                           + format_validation_error(f"{model_cls.__name__}.", exc)) from None
@@ -102,7 +104,9 @@ class MethodEntry:
     plugin: str = ""
 
     def options(self, overrides: dict | None = None) -> BaseModel:
-        return validate_options(self.cls.Options, {**self.defaults, **(overrides or {})}, "method_options.")
+        # a field the user sets replaces the preset's alternative to it (rho vs rho_relative): prunekit.presets
+        values = merge_preset(self.cls.Options, self.defaults, overrides or {})
+        return validate_options(self.cls.Options, values, "method_options.")
 
     def needs_calibration(self, options: BaseModel | None = None) -> bool:
         """Whether this method with ``options`` reads calibration batches (may depend on the options)."""

@@ -52,3 +52,25 @@ class CalibrationSampler:
         """A sampler whose draw 0 is this one's draw ``draw`` (its later draws are distinct from ours)."""
         return CalibrationSampler(self.tokenizer, self.source, self.n_samples, self.seq_len, self.batch_size,
                                   derived_seed(self.seed, draw))
+
+
+@dataclass(frozen=True)
+class RandomTokenSampler:
+    """Uniform random token ids shaped like given calibration batches, seeded per draw: the sampler for
+    random-weight models in tests and benchmarks, where there is no text to draw from."""
+
+    vocab: int
+    shapes: tuple[tuple[int, ...], ...]  # the shape of each batch
+    seed: int = 0
+
+    @classmethod
+    def like(cls, batches: list[torch.Tensor], vocab: int, seed: int = 0) -> "RandomTokenSampler":
+        """Draws with the batch shapes of ``batches``."""
+        return cls(vocab, tuple(tuple(b.shape) for b in batches), seed)
+
+    def __call__(self, draw: int) -> tuple[list[torch.Tensor], dict]:
+        """Batches of draw ``draw`` and their provenance (the seed; no text, so no window starts)."""
+        seed = derived_seed(self.seed, draw)
+        gen = torch.Generator().manual_seed(seed)
+        batches = [torch.randint(0, self.vocab, shape, generator=gen) for shape in self.shapes]
+        return batches, {"seed": seed, "starts": []}

@@ -56,6 +56,14 @@ def tiny_batches(vocab: int = 96, n_batches: int = 2, batch_size: int = 2, seq_l
     return [torch.randint(0, vocab, (batch_size, seq_len), generator=gen) for _ in range(n_batches)]
 
 
+def tiny_sampler(batches: list[torch.Tensor], vocab: int = 96):
+    """A seeded random-token sampler shaped like ``batches``, for methods that draw fresh calibration text
+    per step (``ScoringContext.sampler``)."""
+    from prunekit.sampling import RandomTokenSampler
+
+    return RandomTokenSampler.like(batches, vocab)
+
+
 @dataclass
 class Conformance:
     """What one check measured (returned so a plugin's own test can assert more)."""
@@ -76,7 +84,8 @@ def _score(entry: Any, options: Any, model: torch.nn.Module, groups: list[Prunin
            batches: list[torch.Tensor], seed: int) -> tuple[list[torch.Tensor], dict]:
     from prunekit.importance import ScoringContext
 
-    ctx = ScoringContext(model=model, groups=groups, batches=batches, seed=seed)
+    ctx = ScoringContext(model=model, groups=groups, batches=batches, seed=seed,
+                         sampler=tiny_sampler(batches) if batches else None)
     try:
         scores = entry.cls(options).scores(ctx)
     finally:

@@ -16,6 +16,7 @@ from prunekit.grouping import GrouperOptions, apply_plan, build_groups
 from prunekit.importance import ScoringContext
 from prunekit.registry import get_registry
 from prunekit.select import select
+from prunekit.testing import tiny_sampler
 
 VOCAB = 96
 IDS = torch.arange(24).view(2, 12) % VOCAB
@@ -91,7 +92,8 @@ def prune(model, method: str, unit: str, layers: range | None = None, ratio: flo
     layers = layers if layers is not None else range(adapter.num_layers)
     groups = build_groups(model, adapter, layers, GrouperOptions(attention_unit=unit))
     entry = get_registry().method(method)
-    ctx = ScoringContext(model=model, groups=groups, batches=[IDS], seed=3)
+    ctx = ScoringContext(model=model, groups=groups, batches=[IDS], seed=3,
+                         sampler=tiny_sampler([IDS], model.config.vocab_size))  # moreau-gs resamples
     scores = entry.cls(entry.options(METHODS[method])).scores(ctx)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -121,7 +121,9 @@ def test_sweep_choice_uses_validation_within_the_cost_cap(tiny_model_dir, tmp_pa
     assert [d["draw"] for d in mgs["rows"][0]["info"]["calibration_draws"]] == [1, 2]
     assert record["chosen"] == {"taylor": grid[0].name(), "fisher": "fisher 4x64", "moreau-gs": "mgs"}
     # a point over the cap is never chosen, whatever its perplexity
-    assert [p["cost_taylor_passes"] for p in record["points"]] == [1.0, 0.4, 1.2]  # 10, 4, 3 x 4 sequences
+    # 10, 4 and (3 steps + the preset's Fisher pass) x 4 sequences
+    assert [p["cost_taylor_passes"] for p in record["points"]] == [1.0, 0.4, 1.6]
+    assert mgs["rows"][0]["info"]["moreau"]["salience"] == "fisher"
     big = dict(record["points"][1], name="fisher 200x64", point={"method": "fisher", "options": {}, "samples": 200},
                ppl_ptb_validation={"mean": 0.5})
     assert sweep.choose([*record["points"], big], 10.0)["fisher"] == "fisher 4x64"  # 20 passes: over the cap
@@ -137,13 +139,14 @@ def test_workbench_score_gives_methods_a_calibration_sampler(tiny_model_dir, one
     from prunekit import api
     from prunekit.benchmarks.profiles import PROFILES
     from prunekit.benchmarks.workbench import Workbench
+    from prunekit.errors import UserError
     from prunekit.sampling import derived_seed
 
     wb = Workbench.open(str(tiny_model_dir), PROFILES["quick"])
     groups = wb.groups(wb.model)
     options = {"resample": True, "iterations": 2, "averaged": 1}
     batches, _ = wb.calibration(0)
-    with pytest.raises(ValueError, match="no sampler"):  # what the suites did before: no sampler, no resampling
+    with pytest.raises(UserError, match="method_options.resample.*no sampler"):  # no sampler, no resampling
         api.score(wb.model, groups, "moreau-gs", batches, options=options, seed=0, registry=wb.registry)
     scores, info, _ = wb.score(wb.model, groups, "moreau-gs", batches, 0, options=options)
     assert [(d["draw"], d["seed"]) for d in info["calibration_draws"]] == [(1, derived_seed(0, 1))]

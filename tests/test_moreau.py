@@ -57,7 +57,7 @@ def test_registers_presets_of_one_class():
     seen = {}
     prunekit_register_importances(lambda name, cls, defaults=None, description=None: seen.update(
         {name: (cls, defaults, description)}))
-    assert set(seen) == {"moreau", "moreau-gs", "moreau-reference", "moreau-gs-reference"}
+    assert set(seen) == {"moreau", "moreau-gs", "moreau-gs-paper", "moreau-reference", "moreau-gs-reference"}
     assert all(cls is Moreau for cls, _, _ in seen.values())
     presets = {name: MoreauOptions(**defaults) for name, (_, defaults, _) in seen.items()}
     assert (presets["moreau"].penalty, presets["moreau"].mode) == ("l1", "math")
@@ -65,6 +65,14 @@ def test_registers_presets_of_one_class():
     assert (presets["moreau-reference"].penalty, presets["moreau-reference"].mode) == ("l1", "reference")
     assert (presets["moreau-gs-reference"].penalty, presets["moreau-gs-reference"].mode) == ("group", "reference")
     assert all(d for _, _, d in seen.values())
+    # moreau-gs: the issue-13 sweep's choice; moreau-gs-paper: the authors' settings (its defaults before)
+    gs, paper = presets["moreau-gs"], presets["moreau-gs-paper"]
+    assert (gs.penalty, gs.mode, gs.iterations, gs.averaged, gs.resample, gs.rho_relative, gs.step_fraction,
+            gs.salience) == ("group", "math", 5, 2, True, 1e-4, 0.5, "fisher")
+    assert (paper.penalty, paper.mode, paper.iterations, paper.averaged, paper.step, paper.rho, paper.resample,
+            paper.rho_relative, paper.step_fraction, paper.salience) == (
+        "group", "math", 10, 5, 2e-4, 0.2, False, None, None, "gradient")
+    assert paper.model_dump(exclude={"penalty"}) == presets["moreau"].model_dump(exclude={"penalty"})
 
 
 def test_reference_defaults():
@@ -388,7 +396,7 @@ def test_wrapped_linear_falls_back_to_in_place_perturbation(gqa_groups, calibrat
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 
 
-@pytest.mark.parametrize("method", ["taylor", "moreau-gs"])
+@pytest.mark.parametrize("method", ["taylor", "moreau-gs-paper"])  # the gradient path, on the given batches
 def test_micro_batches_give_the_gradient_of_one_batch(gqa_groups, calibration_ids, method):
     """Calibration batches only bound memory: 4 sequences as one batch, as 2+2 or as 3+1 score the same."""
     from prunekit.registry import get_registry

@@ -19,6 +19,7 @@ from prunekit.builtin.moreau import (
     gradient_step,
     proximal_descent,
 )
+from prunekit.errors import UserError
 from prunekit.grouping import GrouperOptions, build_groups
 from prunekit.importance import ScoringContext
 
@@ -93,7 +94,7 @@ def test_inconsistent_relative_options_are_refused(bad):
 def test_relative_step_without_step_fraction_must_stay_below_rho():
     """rho_relative with an absolute γ larger than the ρ it finds is refused at the first step."""
     w, a = quadratic()
-    with pytest.raises(ValueError, match="must be < rho"):
+    with pytest.raises(UserError, match="^method_options.step: .*must be < rho"):
         envelope(w, a, 1e-6, None, iterations=2, averaged=1, step=1.0)
 
 
@@ -138,7 +139,7 @@ def test_resample_with_one_step_is_a_plain_run(groups, calibration_ids):
 
 
 def test_resample_without_a_sampler_is_an_error(groups, calibration_ids):
-    with pytest.raises(ValueError, match="no sampler"):
+    with pytest.raises(UserError, match="^method_options.resample: .*no sampler"):  # before any work
         score(groups, calibration_ids, with_sampler=False, resample=True, **FAST)
 
 

@@ -270,7 +270,7 @@ def test_lifecycle_hooks_fire_once_per_run(live_plugin, tmp_path, tiny_model_dir
 def test_plugins_lists_what_each_plugin_registered(capsys):
     assert main(["plugins"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["moreau"]["registered"] == {"methods": ["moreau", "moreau-gs", "moreau-gs-reference",
+    assert rows["moreau"]["registered"] == {"methods": ["moreau", "moreau-gs", "moreau-gs-paper", "moreau-gs-reference",
                                                         "moreau-reference"]}
     assert rows["blocks"]["registered"] == {"groupers": ["blocks"]}
     assert rows["lora"]["registered"] == {"recovery": ["lora"]}

@@ -12,7 +12,7 @@ from prunekit import api, precision
 from prunekit.errors import UserError
 from prunekit.precision import GradAccumulator, LossScale
 from prunekit.stability import agreement
-from prunekit.testing import tiny_batches, tiny_llama
+from prunekit.testing import tiny_batches, tiny_llama, tiny_sampler
 
 # Documented tolerance (docs/precision.md): bf16-model scores against float32 scoring of the same weights.
 METHODS = {"taylor": {}, "fisher": {}, "moreau": {}, "moreau-gs": {}}
@@ -49,9 +49,9 @@ def test_low_precision_scores_track_float32_scoring(one_thread, method, dtype):
     groups = api.build_groups(model, (0, 3))
     batches = tiny_batches()
     before = _state(model)
-    reference, _ = api.score(model, groups, method, batches, options=METHODS[method], compute_dtype="float32")
+    reference, _ = api.score(model, groups, method, batches, options=METHODS[method], compute_dtype="float32", sampler=tiny_sampler(batches))
     _assert_same_state(model, before)
-    scores, info = api.score(model, groups, method, batches, options=METHODS[method])
+    scores, info = api.score(model, groups, method, batches, options=METHODS[method], sampler=tiny_sampler(batches))
     _assert_same_state(model, before)
     assert info["precision"] == {"compute_dtype": str(dtype).removeprefix("torch."), "cast": False,
                                  "accumulators": "float32"}
@@ -68,11 +68,11 @@ def test_compute_float32_is_bit_identical_to_a_float32_model(one_thread, method)
     groups = api.build_groups(model, (0, 3))
     batches = tiny_batches()
     before = _state(model)
-    cast, _ = api.score(model, groups, method, batches, compute_dtype="float32")
+    cast, _ = api.score(model, groups, method, batches, compute_dtype="float32", sampler=tiny_sampler(batches))
     _assert_same_state(model, before)
     wide = copy.deepcopy(model).float()
-    native, _ = api.score(wide, groups, method, batches)
-    explicit, _ = api.score(wide, groups, method, batches, compute_dtype=torch.float32)
+    native, _ = api.score(wide, groups, method, batches, sampler=tiny_sampler(batches))
+    explicit, _ = api.score(wide, groups, method, batches, compute_dtype=torch.float32, sampler=tiny_sampler(batches))
     assert all(torch.equal(a, b) for a, b in zip(cast, native))
     assert all(torch.equal(a, b) for a, b in zip(native, explicit))
 
@@ -90,8 +90,8 @@ def test_fp16_underflow_is_loss_scaled(one_thread, method):
     model = _underflowing_fp16_model()
     groups = api.build_groups(model, (0, 3))
     batches = tiny_batches()
-    reference, _ = api.score(model, groups, method, batches, compute_dtype="float32")
-    scores, info = api.score(model, groups, method, batches)
+    reference, _ = api.score(model, groups, method, batches, compute_dtype="float32", sampler=tiny_sampler(batches))
+    scores, info = api.score(model, groups, method, batches, sampler=tiny_sampler(batches))
     scale = info["loss_scale"] if "loss_scale" in info else info["moreau"]["loss_scale"]
     assert scale["enabled"] and scale["final"] >= 1024
     assert sum(int((s > 0).sum()) for s in scores) == sum(int((r > 0).sum()) for r in reference) > 0

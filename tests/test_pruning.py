@@ -14,13 +14,15 @@ from prunekit.grouping import GrouperOptions, apply_plan, build_dependency_graph
 from prunekit.importance import ScoringContext
 from prunekit.registry import get_registry
 from prunekit.select import select
+from prunekit.testing import tiny_sampler
 
 from conftest import LAYOUTS, make_tiny_llama
 
 METHODS = [("magnitude", {}), ("magnitude", {"p": 1}), ("random", {}), ("taylor", {}),
            ("taylor", {"variant": "second"}), ("taylor", {"variant": "vector"}), ("fisher", {}),
            ("moreau", {"iterations": 2, "averaged": 1}), ("moreau-gs", {"iterations": 2, "averaged": 1}),
-           ("moreau-gs", {"iterations": 2, "averaged": 1, "mode": "reference"})]
+           ("moreau-gs-paper", {"iterations": 2, "averaged": 1}),
+           ("moreau-gs-paper", {"iterations": 2, "averaged": 1, "mode": "reference"})]
 IDS = torch.arange(24).view(2, 12) % 96
 
 
@@ -40,7 +42,8 @@ def prune(model, method, options, ratio=0.5, unit="heads", scope="local", calibr
     adapter = LlamaAdapter(model)
     groups = build_groups(model, adapter, range(adapter.num_layers), GrouperOptions(attention_unit=unit))
     entry = get_registry().method(method)
-    ctx = ScoringContext(model=model, groups=groups, batches=calibration or [IDS], seed=3)
+    batches = calibration or [IDS]
+    ctx = ScoringContext(model=model, groups=groups, batches=batches, seed=3, sampler=tiny_sampler(batches))
     scores = entry.cls(entry.options(options)).scores(ctx)
     for p in model.parameters():
         p.requires_grad_(False)
