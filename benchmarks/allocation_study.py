@@ -65,8 +65,6 @@ def main(argv: list[str] | None = None) -> None:
         with rows_path.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
 
-    wb = Workbench.open(args.model, PROFILES["quick"], args.device)
-    wb.cache["curves_dir"] = args.out
     fractions = tuple(float(x) for x in args.fractions.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     known = {c[0]: c for c in TUNING + OTHERS}
@@ -81,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             if unknown:
                 ap.error(f"--allocations: unknown {unknown}; accepted: {', '.join(known)}")
             allocations = tuple(known[w] for w in args.allocations.split(","))
+    wb = Workbench.open(args.model, PROFILES["quick"], args.device)
+    wb.cache["curves_dir"] = args.out
     if args.phase == "cost":
         from prunekit.benchmarks.cost import allocation_throughput
 

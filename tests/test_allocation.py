@@ -326,3 +326,40 @@ def test_a_ratio_budget_means_the_uniform_ratio_over_llm_pruners_layers_whatever
     assert "layers.0.mlp" not in uniform.mask  # LLM-Pruner's range for 8 layers is 1-7
     assert measured.allocation["budget"]["params"] == uniform.allocation["params_removed"] > 0
     assert measured.allocation["params_removed"] <= measured.allocation["budget"]["params"]
+
+
+def test_the_allocation_bench_allocates_measured_as_a_run_would(tiny_model_dir, one_thread):
+    """The study's measured rows (curves measured once per seed, reused across budgets) are the counts the
+    allocator itself returns with the same options, its defaults included (max_excess caps the knapsack)."""
+    from prunekit.allocators import Measured
+    from prunekit.benchmarks.profiles import PROFILES
+    from prunekit.benchmarks.quality import AllocationBench
+    from prunekit.benchmarks.workbench import Workbench
+
+    wb = Workbench.open(str(tiny_model_dir), PROFILES["quick"], "cpu")
+    options = {"probe_samples": 2, "probe_seq_len": 16, "search_steps": 0}
+    bench = AllocationBench(wb, "magnitude", 0, options)
+    differs_uncapped = False
+    for fraction in (0.1, 0.2, 0.35):
+        idx, counts, _ = bench.counts("measured", options, "all", fraction)
+        fresh = bench.context(idx, fraction)
+        assert counts == Measured(Measured.Options(**options)).allocate(fresh)
+        _, uncapped, _ = bench.counts("measured", {**options, "max_excess": None}, "all", fraction)
+        differs_uncapped |= uncapped != counts
+        assert sum(c * bench.costs[i] for i, c in zip(idx, counts)) <= int(fraction * wb.model.num_parameters())
+    assert differs_uncapped  # the cap is in force (the bench once dropped it)
+
+
+def test_allocation_study_test_phase_takes_other_budgets_and_global(tiny_model_dir, tmp_path, one_thread):
+    from prunekit.benchmarks import allocation_study
+
+    allocation_study.main(["--model", str(tiny_model_dir), "--methods", "magnitude", "--seeds", "0", "--windows", "3",
+                           "--fractions", "0.1,0.35", "--phase", "test", "--out", str(tmp_path),
+                           "--allocations", "uniform,global"])
+    rows = [json.loads(line) for line in (tmp_path / "allocation-rows.jsonl").read_text().splitlines()]
+    assert [(r["allocation"], r["budget"]) for r in rows] == [("uniform", 0.1), ("global", 0.1), ("uniform", 0.35),
+                                                             ("global", 0.35)]
+    for r in rows:
+        assert 0 < r["params_removed_fraction"] <= r["budget"] and set(r["ppl"]) == {"ptb", "wikitext2"}
+    with pytest.raises(SystemExit):
+        allocation_study.main(["--out", str(tmp_path), "--phase", "test", "--allocations", "uniform,nope"])
