@@ -363,3 +363,13 @@ def test_allocation_study_test_phase_takes_other_budgets_and_global(tiny_model_d
         assert 0 < r["params_removed_fraction"] <= r["budget"] and set(r["ppl"]) == {"ptb", "wikitext2"}
     with pytest.raises(SystemExit):
         allocation_study.main(["--out", str(tmp_path), "--phase", "test", "--allocations", "uniform,nope"])
+    from prunekit.benchmarks import allocation_budgets
+
+    rows_path, png = tmp_path / "rows.jsonl", tmp_path / "budgets.png"
+    allocation_budgets.main(["--rows", str(rows_path), "--collect", str(tmp_path), "--plot", str(png)])
+    collected = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r["allocation"] for r in collected] == ["dense", "uniform", "global", "uniform", "global"]
+    lines = allocation_budgets.quality_table(collected)
+    uniform = [line for line in lines if line.startswith("| uniform")]
+    assert len(uniform) == 2 and all(line.count("| 1.000 |") == 2 for line in uniform)
+    assert png.stat().st_size > 10_000
