@@ -55,9 +55,7 @@ def quality_table(rows: list[dict]) -> list[str]:
                 cells += [" / ".join(f"{r['ppl'][corpus]:.1f}" for r in mine), f"**{m:.1f}**",
                           f"{m / base[corpus]:.3f}" if base[corpus] else "—"]
             out.append(cells)
-    seeds = sorted({r["seed"] for r in pruned})
-    s = "/".join(f"s{x}" for x in seeds)
-    return table(["allocation", "budget", "removed", f"PTB {s}", "PTB mean", "× uniform", f"WikiText-2 {s}",
+    return table(["allocation", "budget", "removed", "PTB per seed", "PTB mean", "× uniform", "WikiText-2 per seed",
                   "WikiText-2 mean", "× uniform"], out)
 
 
