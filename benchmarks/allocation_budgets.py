@@ -1,7 +1,7 @@
 """Tables and the plot of the allocators-at-every-budget section of docs/benchmarks.md (issue 14): perplexity
 per allocation and parameter budget (per seed, mean, x uniform) and pruned/dense throughput per allocation.
 
-``python -m prunekit.benchmarks.allocation_budgets --rows ROWS.jsonl [--cost COST.json] [--plot PNG]`` prints
+``python -m prunekit.benchmarks.allocation_budgets --rows ROWS.jsonl [--cost COST.json...] [--plot PNG]`` prints
 the markdown; ``--collect DIR...`` first gathers the ``allocation-test-*.json`` records of allocation_study
 runs into ROWS.jsonl (one line per pruned model, plus one ``dense`` line per run).
 """
@@ -64,11 +64,21 @@ def mean_ppl(rows: list[dict], corpus: str) -> float | None:
     return statistics.fmean(r["ppl"][corpus] for r in rows) if rows else None
 
 
-def cost_table(record: dict) -> list[str]:
-    """Markdown: pruned/dense prefill and decode throughput of each allocation."""
-    rows = [[NAMES.get(r["allocation"], r["allocation"]), f"{100 * r['budget']:.1f} %",
-             f"{100 * r['params_removed_fraction']:.2f} %", f"{r['prefill_speedup']:.3f}", f"{r['decode_speedup']:.3f}"]
-            for r in record["rows"]]
+def cost_table(records: list[dict]) -> list[str]:
+    """Markdown: pruned/dense prefill and decode throughput of each allocation; with several records (repeat
+    runs), the median and the min–max over them."""
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+    rows = []
+    for first in records[0]["rows"]:
+        same = [r for rec in records for r in rec["rows"]
+                if (r["allocation"], r["budget"]) == (first["allocation"], first["budget"])]
+        rows.append([NAMES.get(first["allocation"], first["allocation"]), f"{100 * first['budget']:.1f} %",
+                     f"{100 * first['params_removed_fraction']:.2f} %", cell([r["prefill_speedup"] for r in same]),
+                     cell([r["decode_speedup"] for r in same])])
     return table(["allocation", "budget", "removed", "prefill × dense", "decode × dense"], rows)
 
 
@@ -100,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=Path, required=True, help="JSONL of rows (written first when --collect is given)")
     ap.add_argument("--collect", type=Path, nargs="*", default=None, help="allocation_study output folders")
-    ap.add_argument("--cost", type=Path, default=None, help="an allocation-cost-METHOD.json record")
+    ap.add_argument("--cost", type=Path, nargs="*", default=None,
+                    help="allocation-cost-METHOD.json records (repeat runs: median and range)")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.collect:
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     lines = quality_table(rows)
     if args.cost:
-        lines += ["", *cost_table(json.loads(args.cost.read_text()))]
+        lines += ["", *cost_table([json.loads(p.read_text()) for p in args.cost])]
     if args.plot:
         plot(rows, args.plot)
     print("\n".join(lines))

@@ -293,6 +293,10 @@ def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_mode
     assert [r["allocation"] for r in cost["rows"]] == ["uniform", "uniform-mlp", "measured+search"]
     for r in cost["rows"]:
         assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0 and 0 < r["params_removed_fraction"] <= 0.2
+    from prunekit.benchmarks.allocation_budgets import cost_table
+
+    lines = cost_table([cost, cost])  # repeat runs: median (min–max); here all three equal
+    assert len(lines) == 2 + 3 and f"{cost['rows'][0]['decode_speedup']:.3f} (" in lines[2]
 
 
 def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_without_text():
