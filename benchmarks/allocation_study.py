@@ -2,7 +2,8 @@
 compare the chosen one with uniform at equal parameters removed on PTB and WikiText-2 test (``--phase test``),
 evenly spaced windows, for each scoring method (``--methods taylor,moreau-gs``).
 
-``python -m prunekit.benchmarks.allocation_study --out DIR [--phase tune] [--windows 60] [--seeds 0,1]``; one
+``python -m prunekit.benchmarks.allocation_study --out DIR [--phase tune] [--windows 60] [--seeds 0,1]
+[--fractions 0.1,0.35] [--allocations uniform,uniform-mlp,measured+search,global]``; one
 JSON line per result in DIR/allocation-rows.jsonl (written as it goes), DIR/allocation-PHASE-METHOD.json at
 the end of each method.
 """
@@ -31,6 +32,8 @@ TUNING = (
     ("measured+search", "measured", {**PROBE, **SEARCH}, "all"),
     ("measured-mlp+search", "measured", {**PROBE, **SEARCH, "kinds": ["mlp"]}, "all"),
 )
+#: further allocations the test and cost phases may name (--allocations); not tuned
+OTHERS = (("global", "global", {}, "default"),)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--fractions", default="0.158,0.25")
     ap.add_argument("--candidates", default=None, help="tune phase: comma-separated labels of TUNING (default: all)")
+    ap.add_argument("--allocations", default=None,
+                    help="test and cost phases: comma-separated labels of TUNING or OTHERS (e.g. global) instead of "
+                         "uniform, uniform-mlp and --chosen")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -59,17 +65,22 @@ def main(argv: list[str] | None = None) -> None:
         with rows_path.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
 
-    wb = Workbench.open(args.model, PROFILES["quick"], args.device)
-    wb.cache["curves_dir"] = args.out
     fractions = tuple(float(x) for x in args.fractions.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
-    known = {c[0]: c for c in TUNING}
+    known = {c[0]: c for c in TUNING + OTHERS}
     if args.phase == "tune":
-        wanted = args.candidates.split(",") if args.candidates else list(known)
+        wanted = args.candidates.split(",") if args.candidates else [c[0] for c in TUNING]
         allocations, corpora, split = tuple(known[w] for w in wanted), ("ptb",), "validation"
     else:  # test and cost
         allocations, corpora, split = (known["uniform"], known["uniform-mlp"], known[args.chosen]), \
             ("ptb", "wikitext2"), "test"
+        if args.allocations:
+            unknown = [w for w in args.allocations.split(",") if w not in known]
+            if unknown:
+                ap.error(f"--allocations: unknown {unknown}; accepted: {', '.join(known)}")
+            allocations = tuple(known[w] for w in args.allocations.split(","))
+    wb = Workbench.open(args.model, PROFILES["quick"], args.device)
+    wb.cache["curves_dir"] = args.out
     if args.phase == "cost":
         from prunekit.benchmarks.cost import allocation_throughput
 

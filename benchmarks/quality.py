@@ -180,10 +180,10 @@ class AllocationBench:
         idx = self.subset(layers)
         ctx = self.context(idx, fraction)
         if allocator == "measured":
-            kinds = options.get("kinds", ("attention", "mlp"))
-            curves = [self.curves()[i] if self.groups[i].kind in kinds else [(0, 0.0)] for i in idx]
-            counts = builtin.knapsack(ctx, builtin.capped(ctx, curves, kinds, options.get("max_excess")))
-            counts = builtin.refine(ctx, counts, builtin.Measured.Options(**options), self.search_probe(ctx, options))
+            o = builtin.Measured.Options(**options)  # its defaults, as a run gets them (max_excess 0.2)
+            curves = [self.curves()[i] if self.groups[i].kind in o.kinds else [(0, 0.0)] for i in idx]
+            counts = builtin.knapsack(ctx, builtin.capped(ctx, curves, o.kinds, o.max_excess))
+            counts = builtin.refine(ctx, counts, o, self.search_probe(ctx, options))
         else:
             impl = self.wb.registry.named("allocators", allocator).impl
             counts = impl(impl.Options(**options)).allocate(ctx)

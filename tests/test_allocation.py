@@ -293,6 +293,10 @@ def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_mode
     assert [r["allocation"] for r in cost["rows"]] == ["uniform", "uniform-mlp", "measured+search"]
     for r in cost["rows"]:
         assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0 and 0 < r["params_removed_fraction"] <= 0.2
+    from prunekit.benchmarks.allocation_budgets import cost_table
+
+    lines = cost_table([cost, cost])  # repeat runs: median (min–max); here all three equal
+    assert len(lines) == 2 + 3 and f"{cost['rows'][0]['decode_speedup']:.3f} (" in lines[2]
 
 
 def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_without_text():
@@ -326,3 +330,50 @@ def test_a_ratio_budget_means_the_uniform_ratio_over_llm_pruners_layers_whatever
     assert "layers.0.mlp" not in uniform.mask  # LLM-Pruner's range for 8 layers is 1-7
     assert measured.allocation["budget"]["params"] == uniform.allocation["params_removed"] > 0
     assert measured.allocation["params_removed"] <= measured.allocation["budget"]["params"]
+
+
+def test_the_allocation_bench_allocates_measured_as_a_run_would(tiny_model_dir, one_thread):
+    """The study's measured rows (curves measured once per seed, reused across budgets) are the counts the
+    allocator itself returns with the same options, its defaults included (max_excess caps the knapsack)."""
+    from prunekit.allocators import Measured
+    from prunekit.benchmarks.profiles import PROFILES
+    from prunekit.benchmarks.quality import AllocationBench
+    from prunekit.benchmarks.workbench import Workbench
+
+    wb = Workbench.open(str(tiny_model_dir), PROFILES["quick"], "cpu")
+    options = {"probe_samples": 2, "probe_seq_len": 16, "search_steps": 0}
+    bench = AllocationBench(wb, "magnitude", 0, options)
+    differs_uncapped = False
+    for fraction in (0.1, 0.2, 0.35):
+        idx, counts, _ = bench.counts("measured", options, "all", fraction)
+        fresh = bench.context(idx, fraction)
+        assert counts == Measured(Measured.Options(**options)).allocate(fresh)
+        _, uncapped, _ = bench.counts("measured", {**options, "max_excess": None}, "all", fraction)
+        differs_uncapped |= uncapped != counts
+        assert sum(c * bench.costs[i] for i, c in zip(idx, counts)) <= int(fraction * wb.model.num_parameters())
+    assert differs_uncapped  # the cap is in force (the bench once dropped it)
+
+
+def test_allocation_study_test_phase_takes_other_budgets_and_global(tiny_model_dir, tmp_path, one_thread):
+    from prunekit.benchmarks import allocation_study
+
+    allocation_study.main(["--model", str(tiny_model_dir), "--methods", "magnitude", "--seeds", "0", "--windows", "3",
+                           "--fractions", "0.1,0.35", "--phase", "test", "--out", str(tmp_path),
+                           "--allocations", "uniform,global"])
+    rows = [json.loads(line) for line in (tmp_path / "allocation-rows.jsonl").read_text().splitlines()]
+    assert [(r["allocation"], r["budget"]) for r in rows] == [("uniform", 0.1), ("global", 0.1), ("uniform", 0.35),
+                                                             ("global", 0.35)]
+    for r in rows:
+        assert 0 < r["params_removed_fraction"] <= r["budget"] and set(r["ppl"]) == {"ptb", "wikitext2"}
+    with pytest.raises(SystemExit):
+        allocation_study.main(["--out", str(tmp_path), "--phase", "test", "--allocations", "uniform,nope"])
+    from prunekit.benchmarks import allocation_budgets
+
+    rows_path, png = tmp_path / "rows.jsonl", tmp_path / "budgets.png"
+    allocation_budgets.main(["--rows", str(rows_path), "--collect", str(tmp_path), "--plot", str(png)])
+    collected = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r["allocation"] for r in collected] == ["dense", "uniform", "global", "uniform", "global"]
+    lines = allocation_budgets.quality_table(collected)
+    uniform = [line for line in lines if line.startswith("| uniform")]
+    assert len(uniform) == 2 and all(line.count("| 1.000 |") == 2 for line in uniform)
+    assert png.stat().st_size > 10_000
