@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from prunekit.builtin.moreau import PAPER
 from prunekit.errors import UserError
 
 MLP_ONLY = {"name": "blocks", "options": {"prune_attention": False}}
@@ -27,7 +28,7 @@ RELATIVE = {"rho_relative": 1e-4, "step_fraction": 0.5}
 RESAMPLED = {"resample": True, "iterations": 5, "averaged": 2, "salience": "gradient", **RELATIVE}
 # moreau-gs's defaults when these cells were measured (the paper's; today's moreau-gs-paper), spelled out: a
 # user-set rho/step replaces the relative counterparts of today's moreau-gs preset (prunekit.presets)
-PAPER_GS = {"iterations": 10, "averaged": 5, "step": 2e-4, "rho": 0.2, "resample": False, "salience": "gradient"}
+PAPER_GS = {**PAPER, "resample": False, "salience": "gradient"}
 # the measured allocator as the allocation study chose it on PTB validation (docs/benchmarks.md): knapsack
 # over all layers, then the local search on the joint probe loss; and the knapsack alone for reference
 MEASURED = {"name": "measured", "options": {"kinds": ["attention", "mlp"], "max_excess": 0.2, "search_steps": 40},

@@ -115,6 +115,8 @@ def quality(methods: list[str], ratio: float, n_windows: int, threads: int, seed
     changed = sum(int((p.float() != q).sum()) for p, q in zip(narrow.parameters(), wide.parameters()))
     groups = api.build_groups(wide)
     batches, calibration = api.calibrate(tokenizer, seed=seed)
+    c = CalibrationConfig()  # api.calibrate's sample; the sampler serves methods that resample
+    sampler = CalibrationSampler(tokenizer, c.source, c.n_samples, c.seq_len, c.batch_size, seed)
     windows = spaced_windows(token_ids(tokenizer, load_text("ptb", "test")), 128, n_windows)
 
     def ppl(model: torch.nn.Module) -> float:
@@ -132,8 +134,6 @@ def quality(methods: list[str], ratio: float, n_windows: int, threads: int, seed
         kept = {}
         for name, model in (("float32", wide), ("bfloat16", narrow)):
             started = time.perf_counter()
-            c = CalibrationConfig()  # api.calibrate's sample; the sampler serves methods that resample
-            sampler = CalibrationSampler(tokenizer, c.source, c.n_samples, c.seq_len, c.batch_size, seed)
             scores, _ = api.score(model, groups, method, batches, seed=seed, sampler=sampler)
             row[f"seconds_{name}"] = round(time.perf_counter() - started, 1)
             kept[name] = api.select(groups, scores, ratio)

@@ -128,6 +128,7 @@ class AllocationBench:
         self.layers = adapter.layers()
         self.probe_options = probe or {}
         self._curves = None
+        self._search_probes: dict = {}  # (windows, tokens) -> the local search's loss probe
         self.probe_seconds = 0.0
 
     def subset(self, layers: str) -> list[int]:
@@ -198,10 +199,9 @@ class AllocationBench:
         if not o.search_steps:
             return None
         key = (o.search_samples or o.probe_samples, o.probe_seq_len)
-        probes = self.__dict__.setdefault("_probes", {})
-        if key not in probes:
-            probes[key] = ctx.loss_probe(*key)
-        return probes[key]
+        if key not in self._search_probes:
+            self._search_probes[key] = ctx.loss_probe(*key)
+        return self._search_probes[key]
 
     def pruned(self, idx: list[int], counts: list[int]):
         from prunekit.select import keep_from_counts

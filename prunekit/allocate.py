@@ -8,11 +8,10 @@ exactly is met from below; the gap is reported.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol
-
-import logging
 
 import torch
 import torch.nn.functional as F

@@ -335,8 +335,8 @@ def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-g
     round_to; ``layers`` is a shortcut), ``allocation`` (name, options, params_removed, layers), ``grouper``,
     ``calibration`` (source, n_samples, seq_len, batch_size, seed), ``recovery`` (method, options).
     ``compute_dtype`` is the scoring precision (``model`` or ``float32``, docs/precision.md). ``batches``
-    replaces the calibration sample with your own token-id batches. ``tokenizer`` is needed for calibration and recovery. Bad values raise
-    :class:`prunekit.errors.UserError` before the model is touched.
+    replaces the calibration sample with your own token-id batches. ``tokenizer`` is needed for calibration
+    and recovery. Bad values raise :class:`prunekit.errors.UserError` before the model is touched.
     """
     values: dict[str, Any] = {"method": method, "method_options": options, "ratio": ratio, "seed": seed,
                               "selection": {**(selection or {}), **({"layers": layers} if layers is not None else {})},
@@ -364,8 +364,9 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     host = host or get_host()
     registry = registry or Registry.from_host(host)
     run_plan = plan(config, registry)
-    check_offloaded_allocator(config, registry, offloaded(model))
-    config = default_allocator_fallback(config, registry, tokenizer, batches, offloaded(model))
+    is_offloaded = bool(offloaded(model))
+    check_offloaded_allocator(config, registry, is_offloaded)
+    config = default_allocator_fallback(config, registry, tokenizer, batches, is_offloaded)
     ctx = context or RunContext(config=config, registry=registry)
     ctx.config, ctx.model, ctx.tokenizer = config, model, tokenizer
     ctx.adapter = registry.adapter_for(model)
