@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# Every install is held to constraints.txt, the versions the tests passed with (scripts/check_drift.py
+# reports what newer releases would change; users installing prunekit themselves keep pyproject's ranges).
 pip() {  # quiet install; keeps pip's exit status, drops this machine's noise about absent local indexes
-  .venv/bin/python -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  .venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
   return "${PIPESTATUS[0]}"
 }
 pip torch==2.13.0

@@ -92,15 +92,26 @@ def test_kv_group_mode_removes_whole_groups():
     assert {(s.num_attention_heads, s.num_key_value_heads) for s in shapes} == {(6, 2)}
 
 
-def test_dependency_graph_builds_for_gqa_2to1():
-    """torch-pruning loops forever on rotary under 2:1 GQA; the adapter's trace-only rotary avoids it."""
+def test_dependency_graph_builds_for_gqa_2to1(monkeypatch):
+    """torch-pruning loops forever on rotary under 2:1 GQA; the adapter's trace-only rotary avoids it.
+
+    transformers >= 5.25 makes ``apply_rotary_pos_emb`` a kernels ``Func`` module rather than a function:
+    the stand-in must still be the one the attention calls while tracing, and the original (whatever its
+    type) must be back afterwards.
+    """
+    from transformers.models.llama import modeling_llama
+
+    import prunekit.adapters.decoder as decoder
+
+    calls = []
+    stand_in = decoder._elementwise_rotary
+    monkeypatch.setattr(decoder, "_elementwise_rotary", lambda *a, **k: calls.append(1) or stand_in(*a, **k))
+    original = modeling_llama.apply_rotary_pos_emb
     model = make_tiny_llama(4, 2)
     graph = build_dependency_graph(model, LlamaAdapter(model))
     assert graph.module2node  # traced
-    # the real rotary function is restored after tracing
-    from transformers.models.llama import modeling_llama
-
-    assert modeling_llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"
+    assert len(calls) == model.config.num_hidden_layers  # the stand-in ran in every layer's attention
+    assert modeling_llama.apply_rotary_pos_emb is original  # restored after tracing
 
 
 def test_dependency_graph_needs_logits_only():
