@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from prunekit import api
-from prunekit.devices import input_device, is_dispatched, offloaded
+from prunekit.runtime.devices import input_device, is_dispatched, offloaded
 
 VOCAB = 96
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
@@ -119,7 +119,7 @@ def check_single_and_hooked(ctx: dict) -> dict:
 def check_offload(ctx: dict) -> dict:
     """Half the layers offloaded (CPU on a GPU machine, disk on a CPU one): magnitude mask, logits, perplexity,
     taylor refused (or run, when nothing is offloaded), save -> reload."""
-    from prunekit.evaluate import perplexity
+    from prunekit.eval.perplexity import perplexity
 
     dev, far = ctx["device"], ("cpu" if ctx["device"].startswith("cuda") else "disk")
     near = int(dev.partition(":")[2] or 0) if dev.startswith("cuda") else dev
@@ -207,7 +207,7 @@ def score_peak(shape_name: str, checkpointing: bool, device: str, threads: int) 
     """In a fresh process: Taylor scoring of a random LLaMA of ``shape_name``; time and peak memory above the
     loaded model (CUDA: max_memory_allocated; CPU: peak RSS), with or without gradient checkpointing."""
     from prunekit.benchmarks.memory import PeakRSS
-    from prunekit.devices import gradient_checkpointing
+    from prunekit.runtime.devices import gradient_checkpointing
 
     torch.set_num_threads(threads)
     shape, n, seq = SHAPES[shape_name]

@@ -5,12 +5,12 @@ and PTB validation, on a GPU shared by several worker processes.
 [--grid issue13,issue14 | --grid-file F] [--cells PATTERN,..] [--windows all|N] [--time-budget-s S]``
 ``python -m prunekit.benchmarks.full_eval --report DIR`` renders summary.md + plots from a finished DIR.
 
-Each cell (:mod:`prunekit.benchmarks.full_grid`) is a :class:`prunekit.config.RunConfig` without a seed and
-goes through the stages of ``prunekit.api.prune_with_config`` one by one (groups, calibrate, score through
+Each cell (:mod:`prunekit.benchmarks.full_grid`) is a :class:`prunekit.core.config.RunConfig` without a seed and
+goes through the stages of ``prunekit.pipeline.prune.prune_with_config`` one by one (groups, calibrate, score through
 ``stability.score``, allocate + select through ``allocate_select``, ``api.apply``), so scores are computed
 once per (method, options, calibration, seed, groups) and shared by every allocator and budget that uses
 them (a score cache shared by the workers: --scores-dir, by default a temporary folder). Perplexity: every non-overlapping 128-token window of the tokenized split
-(prunekit's convention, ``prunekit.evaluate.perplexity``; exp of the mean NLL of the 127 predicted tokens
+(prunekit's convention, ``prunekit.eval.perplexity.perplexity``; exp of the mean NLL of the 127 predicted tokens
 per window, no window straddles another), batched on the device. Each finished (cell, seed) is appended
 to DIR/rows.jsonl at once and DIR/summary.{json,md} are rewritten, so a killed run keeps its results; a
 second run on the same DIR skips the (cell, seed) pairs already there.
@@ -55,9 +55,9 @@ def say(message: str) -> None:
 
 def eval_windows(tokenizer: Any, n_windows: int | None) -> dict[str, torch.Tensor]:
     """Per evaluation set, its non-overlapping 128-token windows: all of them, or ``n_windows`` evenly spaced
-    (the same choice as ``prunekit.evaluate.perplexity(max_windows=)``)."""
-    from prunekit.data import load_text, token_ids
-    from prunekit.evaluate import spaced_windows
+    (the same choice as ``prunekit.eval.perplexity.perplexity(max_windows=)``)."""
+    from prunekit.data.sources import load_text, token_ids
+    from prunekit.eval.perplexity import spaced_windows
 
     out = {}
     for key, corpus, split in SETS:
@@ -71,7 +71,8 @@ def eval_windows(tokenizer: Any, n_windows: int | None) -> dict[str, torch.Tenso
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int) -> dict[str, float]:
     """exp(mean NLL) over every predicted token of the windows, and its standard error (per-window spread)."""
-    from prunekit.evaluate import eval_mode, mean_stderr, window_nlls
+    from prunekit.eval.perplexity import mean_stderr, window_nlls
+    from prunekit.runtime.modelstate import eval_mode
 
     sums: list[float] = []
     with eval_mode(model):
@@ -89,7 +90,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int) -> dic
 
 def score_key(config) -> str:
     """What the scores depend on: method, options, calibration, seed, stability and the group set."""
-    layers = config.selection.layers, config.allocation.layers  # what prunekit.allocate.pruned_layers reads
+    layers = config.selection.layers, config.allocation.layers  # what prunekit.allocation.plan.pruned_layers reads
     payload = {"method": config.method, "options": config.method_options,
                "calibration": config.calibration.model_dump(mode="json"), "seed": config.seed,
                "stability": config.stability, "grouper": config.grouper.model_dump(mode="json"),
@@ -102,7 +103,7 @@ class Worker:
 
     def __init__(self, args: dict, emit):
         from prunekit import api
-        from prunekit.registry import get_registry
+        from prunekit.plugin.registry import get_registry
 
         self.args, self.emit = args, emit
         self.device = torch.device(args["device"])
@@ -138,7 +139,8 @@ class Worker:
     def scores(self, ctx, plan, config) -> tuple[list[torch.Tensor], dict, dict]:
         """Scores of the context's groups for ``config``: from the score cache when another task made them, else
         computed (calibrate + ``stability.score``, the pipeline's scoring stage) and stored."""
-        from prunekit import api, stability
+        import prunekit.pipeline.stability as stability
+        from prunekit import api
 
         path = self.scores_dir / f"{score_key(config)}.pt"
         if path.exists():
@@ -165,8 +167,8 @@ class Worker:
     def task(self, cells: list[dict], seed: int, deadline: float | None) -> None:
         """Run the cells of one task (one score key) at one seed; one row per cell, emitted at once."""
         from prunekit import api
-        from prunekit.allocate import pruned_layers
-        from prunekit.context import RunContext
+        from prunekit.allocation.plan import pruned_layers
+        from prunekit.pipeline.context import RunContext
 
         first = full_grid.run_config(cells[0], seed, self.args["device"])
         plan = api.plan(first, self.registry)
@@ -191,7 +193,7 @@ class Worker:
     def cell(self, ctx, cell: dict, seed: int, scores: list[torch.Tensor], info: dict, timings: dict) -> None:
         """Allocate + select from the shared scores, prune a copy, evaluate it, emit the row."""
         from prunekit import api
-        from prunekit.allocate import allocate_select
+        from prunekit.allocation.plan import allocate_select
 
         config = full_grid.run_config(cell, seed, self.args["device"])
         ctx.config = config
@@ -306,9 +308,8 @@ def read_rows(out: Path, name: str = ROWS) -> list[dict]:
 def validate(cells: list[dict], device: str) -> None:
     """Every cell's config and plan (method, options, grouper, allocator) checked before any model loads."""
     from prunekit import api
-    from prunekit.registry import get_registry
-
     from prunekit.errors import UserError
+    from prunekit.plugin.registry import get_registry
 
     registry = get_registry()
     for cell in cells:

@@ -1,7 +1,7 @@
 """The cells of the full-test-set evaluation (issues 13 and 14): plain, editable data.
 
 A cell is one pruning configuration: ``config`` holds exactly the fields of
-:class:`prunekit.config.RunConfig` that ``prunekit.api.prune_with_config`` takes (method,
+:class:`prunekit.core.config.RunConfig` that ``prunekit.pipeline.prune.prune_with_config`` takes (method,
 method_options, ratio, grouper, selection, calibration, allocation); the driver adds the seed. Any
 registered allocator or method is therefore a cell without code changes. ``tier`` orders the work
 (0 first: what the issues' "must show" needs); ``issue``, ``method``-independent labels (``label``,
@@ -27,7 +27,7 @@ MLP_ONLY = {"name": "blocks", "options": {"prune_attention": False}}
 RELATIVE = {"rho_relative": 1e-4, "step_fraction": 0.5}
 RESAMPLED = {"resample": True, "iterations": 5, "averaged": 2, "salience": "gradient", **RELATIVE}
 # moreau-gs's defaults when these cells were measured (the paper's; today's moreau-gs-paper), spelled out: a
-# user-set rho/step replaces the relative counterparts of today's moreau-gs preset (prunekit.presets)
+# user-set rho/step replaces the relative counterparts of today's moreau-gs preset (prunekit.plugin.presets)
 PAPER_GS = {**PAPER, "resample": False, "salience": "gradient"}
 # the measured allocator as the allocation study chose it on PTB validation (docs/benchmarks.md): knapsack
 # over all layers, then the local search on the joint probe loss; and the knapsack alone for reference
@@ -114,8 +114,8 @@ def run_config(cell: dict[str, Any], seed: int, device: str):
     """The validated :class:`RunConfig` of one cell at one seed (the seed drives calibration and method)."""
     from pydantic import ValidationError
 
-    from prunekit.config import RunConfig
-    from prunekit.registry import format_validation_error
+    from prunekit.core.config import RunConfig
+    from prunekit.core.validation import format_validation_error
 
     values = {**cell["config"], "seed": seed, "device": device, "dtype": "float32", "evaluation": {"enabled": False}}
     try:

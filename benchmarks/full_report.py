@@ -311,9 +311,8 @@ def _atomic(path: Path, text: str) -> None:
 
 def render(out: Path) -> dict:
     """The ``--report DIR`` mode: summary and plots from a finished (or partial) results folder."""
-    from prunekit.errors import UserError
-
     from prunekit.benchmarks.full_eval import RUN
+    from prunekit.errors import UserError
 
     if not (out / RUN).exists():
         raise UserError(f"--report: {str(out)!r} has no {RUN} (not a full_eval results folder)")

@@ -122,8 +122,8 @@ def run_one(spec: dict[str, Any], path: str | None) -> dict[str, Any]:
     from prunekit import api
     from prunekit.benchmarks.probes import DtypeProbe
     from prunekit.benchmarks.shapes import build, model_bytes, shape
-    from prunekit.evaluate import window_nll
-    from prunekit.sampling import RandomTokenSampler
+    from prunekit.data.sampling import RandomTokenSampler
+    from prunekit.eval.perplexity import window_nll
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -244,7 +244,7 @@ def check(specs: list[dict[str, Any]], budget: float, run_timeout: float, out: s
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the check and print its JSON document (exit 1 when a run failed)."""
     from prunekit.benchmarks.shapes import SHAPES
-    from prunekit.config import CalibrationConfig, RunConfig
+    from prunekit.core.config import CalibrationConfig, RunConfig
 
     cal = CalibrationConfig()
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
@@ -276,10 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not shapes:
         p.error(f"--shapes: {', '.join(unknown) or 'none given'} (accepted: {', '.join(SHAPES)})")
     from prunekit.errors import UserError
-    from prunekit.plugins import get_host
-    from prunekit.registry import Registry
+    from prunekit.plugin.registry import get_registry
 
-    registry = Registry.from_host(get_host())
+    registry = get_registry()
     try:  # a misspelt method fails here, before any GPU time is spent
         for method in methods or [""]:
             registry.method(method)

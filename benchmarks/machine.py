@@ -8,7 +8,7 @@ import platform
 import psutil
 import torch
 
-from prunekit.api import package_versions
+from prunekit.core.versions import package_versions
 
 
 def cpu_model() -> str:

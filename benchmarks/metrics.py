@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from prunekit.groups import PruningGroup
+from prunekit.core.groups import PruningGroup
 
 Unit = tuple[str, int]  # (group name, unit index)
 

@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 import torch_pruning as tp
 
+from prunekit.adapters.grouping import GrouperOptions
 from prunekit.benchmarks import speed
 from prunekit.benchmarks.metrics import iou
 from prunekit.benchmarks.workbench import Workbench
-from prunekit.grouping import GrouperOptions
 
 log = logging.getLogger("benchmarks")
 PEERS: dict[str, tuple[Callable[[], object], bool, str]] = {

@@ -60,7 +60,7 @@ def measure_memory(method: str, dtype: str, compute_dtype: str, device: str, thr
     once under a peak-memory probe."""
     from prunekit import api
     from prunekit.benchmarks.memory import PeakRSS
-    from prunekit.sampling import RandomTokenSampler
+    from prunekit.data.sampling import RandomTokenSampler
 
     torch.set_num_threads(threads)
     shape = shape or SMOL
@@ -102,12 +102,12 @@ def in_child(*args: Any) -> dict[str, Any]:
 def quality(methods: list[str], ratio: float, n_windows: int, threads: int, seed: int = 42) -> list[dict[str, Any]]:
     """Per method: bf16-model vs float32-model scoring of the default model — removed IoU and PTB perplexity."""
     from prunekit import api
-    from prunekit.data import load_text, token_ids
-    from prunekit.evaluate import window_nll
-    from prunekit.stability import agreement
     from prunekit.benchmarks.quality import spaced_windows
-    from prunekit.config import CalibrationConfig
-    from prunekit.sampling import CalibrationSampler
+    from prunekit.core.config import CalibrationConfig
+    from prunekit.data.sampling import CalibrationSampler
+    from prunekit.data.sources import load_text, token_ids
+    from prunekit.eval.perplexity import window_nll
+    from prunekit.pipeline.stability import agreement
 
     torch.set_num_threads(threads)
     wide, tokenizer, _ = api.load_model(None, "float32")

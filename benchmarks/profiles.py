@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from prunekit.benchmarks.perturb import PERTURBATIONS
-from prunekit.config import CalibrationConfig
+from prunekit.core.config import CalibrationConfig
 
 _CALIBRATION = CalibrationConfig()  # the profiles calibrate like a default run
 

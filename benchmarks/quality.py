@@ -11,14 +11,14 @@ import time
 
 from prunekit.benchmarks.metrics import summary
 from prunekit.benchmarks.workbench import Workbench
-from prunekit.data import calibration_batches
+from prunekit.data.sources import calibration_batches
 
 log = logging.getLogger("benchmarks")
 
 
 def zero_shot_mean(wb: Workbench, model, limit: int | None) -> dict:
     """Mean zero-shot accuracy over prunekit's task list (lm-eval on the local task data)."""
-    from prunekit.evaluate import zero_shot
+    from prunekit.eval.zero_shot import zero_shot
 
     result = zero_shot(model, wb.tokenizer, limit=limit, batch_size=wb.profile.ppl_batch)
     return {"mean": result.get("mean"), "detail": result}
@@ -92,8 +92,9 @@ def spaced_ppl(wb: Workbench, model, corpus: str, split: str, n_windows: int) ->
     """Perplexity on evenly spaced 128-token windows of a corpus split."""
     import math
 
-    from prunekit.data import load_text, token_ids
-    from prunekit.evaluate import eval_mode, window_nll
+    from prunekit.data.sources import load_text, token_ids
+    from prunekit.eval.perplexity import window_nll
+    from prunekit.runtime.modelstate import eval_mode
 
     key = ("spaced", corpus, split, n_windows)
     if key not in wb.cache:
@@ -115,8 +116,8 @@ class AllocationBench:
 
     def __init__(self, wb: Workbench, method: str, seed: int, probe: dict | None = None):
         """Score ``method`` with calibration ``seed`` on every layer's groups; ``probe``: measured options."""
-        from prunekit.allocate import unit_cost
-        from prunekit.grouping import GrouperOptions
+        from prunekit.adapters.grouping import GrouperOptions
+        from prunekit.core.budget import unit_cost
 
         self.wb, self.method, self.seed = wb, method, seed
         adapter = wb.adapter(wb.model)
@@ -137,7 +138,8 @@ class AllocationBench:
         return [i for i, g in enumerate(self.groups) if g.layer in keep]
 
     def context(self, idx: list[int], fraction: float):
-        from prunekit.allocate import AllocationContext, Budget
+        from prunekit.allocation.base import AllocationContext
+        from prunekit.core.budget import Budget
 
         wb, p = self.wb, self.wb.profile
 
@@ -163,7 +165,7 @@ class AllocationBench:
         if self._curves is None and path is not None and path.exists():
             self._curves = [[tuple(p) for p in c] for c in json.loads(path.read_text())]
         if self._curves is None:
-            from prunekit.allocators import Measured
+            from prunekit.allocation.builtin import Measured
 
             started = time.perf_counter()
             ctx = self.context(list(range(len(self.groups))), 0.5)
@@ -175,8 +177,8 @@ class AllocationBench:
 
     def counts(self, allocator: str, options: dict, layers: str, fraction: float):
         """(group indices, counts, allocation context) of one allocator at one budget."""
-        from prunekit.allocate import check_counts
-        from prunekit import allocators as builtin
+        import prunekit.allocation.builtin as builtin
+        from prunekit.allocation.base import check_counts
 
         idx = self.subset(layers)
         ctx = self.context(idx, fraction)
@@ -193,7 +195,7 @@ class AllocationBench:
 
     def search_probe(self, ctx, options: dict):
         """The loss probe of the measured allocator's local search, one per probe size (None: no search)."""
-        from prunekit.allocators import Measured
+        from prunekit.allocation.builtin import Measured
 
         o = Measured.Options(**options)
         if not o.search_steps:
@@ -204,7 +206,7 @@ class AllocationBench:
         return self._search_probes[key]
 
     def pruned(self, idx: list[int], counts: list[int]):
-        from prunekit.select import keep_from_counts
+        from prunekit.core.select import keep_from_counts
 
         groups = [self.groups[i] for i in idx]
         return self.wb.pruned(self.wb.model, groups, keep_from_counts(groups, [self.scores[i] for i in idx], counts))

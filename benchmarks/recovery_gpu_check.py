@@ -80,7 +80,7 @@ def check_output(output: Path, pruned: Path, dtype: str) -> dict[str, Any]:
     """Does ``output`` reload with the pruned checkpoint's shapes, in ``dtype``, with changed MLP weights?"""
     import torch
 
-    from prunekit.export import load_pruned
+    from prunekit.io.export import load_pruned
 
     before, after = load_pruned(pruned).state_dict(), load_pruned(output).state_dict()
     name = next(n for n in before if n.endswith("mlp.down_proj.weight"))

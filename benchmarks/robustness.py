@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from prunekit.benchmarks.metrics import compare_masks, summary
 from prunekit.benchmarks.perturb import perturbations
 from prunekit.benchmarks.workbench import Workbench

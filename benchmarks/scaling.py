@@ -1,7 +1,7 @@
 """How scoring time and memory grow with model size on this CPU: ``python -m prunekit.benchmarks.scaling --out DIR``.
 
 For random-weight LLaMA-shaped models (SmolLM2-135M, SmolLM2-360M, Llama-3.2-1B shapes) in float32 and
-bfloat16, ``taylor`` and ``moreau-gs`` scoring (``prunekit.api.score``, today's code path) each run in a
+bfloat16, ``taylor`` and ``moreau-gs`` scoring (``prunekit.pipeline.stages.score``, today's code path) each run in a
 fresh process (RSS peaks never reset) with one thread. Reported: the RSS peak above the loaded model in
 units of the model's own bytes, and the CPU time per calibration token (per proximal step for moreau-gs),
 also divided by the parameter count (flat = linear scaling); CPU time, not wall time, because the machine
@@ -48,7 +48,7 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
     from prunekit.benchmarks.memory import PeakRSS
     from prunekit.benchmarks.probes import DtypeProbe
     from prunekit.benchmarks.shapes import build, model_bytes, shape
-    from prunekit.sampling import RandomTokenSampler
+    from prunekit.data.sampling import RandomTokenSampler
 
     out: dict[str, Any] = {"spec": spec, "pid": os.getpid(), "loadavg_before": os.getloadavg()[0]}
     s = shape(spec["shape"])
@@ -106,8 +106,8 @@ def needed_bytes(shape_name: str, method: str) -> int:
     and salience) or 12 (moreau-gs: δ, W', running mean) bytes per prunable weight, and 1.5 GiB for
     activations and the interpreter. Checked against MemAvailable so a shared machine is never pushed into swap
     or the OOM killer."""
-    from prunekit.api import default_layers
     from prunekit.benchmarks.shapes import shape
+    from prunekit.core.layers import default_layers
 
     s = shape(shape_name)
     prunable = len(default_layers(s.layers)) * s.layer_params()

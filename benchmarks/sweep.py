@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 
+from prunekit import api
+from prunekit.adapters.grouping import GrouperOptions
 from prunekit.benchmarks.metrics import iou, summary
 from prunekit.benchmarks.workbench import Workbench
 from prunekit.builtin.moreau import PAPER, PRESETS
-from prunekit.config import CalibrationConfig
-from prunekit.data import calibration_batches, load_text, token_ids
-from prunekit.evaluate import window_nll
-from prunekit.grouping import GrouperOptions
-from prunekit import api
-from prunekit.sampling import CalibrationSampler
+from prunekit.core.config import CalibrationConfig
+from prunekit.data.sampling import CalibrationSampler
+from prunekit.data.sources import calibration_batches, load_text, token_ids
+from prunekit.eval.perplexity import window_nll
 
 log = logging.getLogger("benchmarks")
 SEQ_LEN = CalibrationConfig().seq_len
@@ -224,8 +224,9 @@ def _pm(stat: dict | None, digits: int = 1) -> str:
 
 def pareto_plots(record: dict, out: Path) -> list[Path]:
     """Perplexity vs cost and removed-set IoU vs cost, one marker series per method (PNG files in ``out``)."""
-    from prunekit.benchmarks import plots  # sets the Agg backend
     import matplotlib.pyplot as plt
+
+    from prunekit.benchmarks import plots  # sets the Agg backend
 
     points = [p for p in record["points"] if p.get("cost_taylor_passes")]
     paths = []

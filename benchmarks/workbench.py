@@ -15,13 +15,13 @@ import torch
 
 from prunekit import api
 from prunekit.adapters.base import Adapter
+from prunekit.adapters.grouping import GrouperOptions
 from prunekit.benchmarks.profiles import Profile
-from prunekit.data import Text, load_text
-from prunekit.evaluate import perplexity
-from prunekit.grouping import GrouperOptions
-from prunekit.groups import PruningGroup
-from prunekit.registry import MethodEntry, Registry, get_registry
-from prunekit.sampling import CalibrationSampler
+from prunekit.core.groups import PruningGroup
+from prunekit.data.sampling import CalibrationSampler
+from prunekit.data.sources import Text, load_text
+from prunekit.eval.perplexity import perplexity
+from prunekit.plugin.registry import MethodEntry, Registry, get_registry
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from prunekit import hookimpl
-from prunekit.importance import Importance, Options, ScoringContext, fisher_diagonal
+from prunekit.importance.base import Importance, Options, ScoringContext, fisher_diagonal
 
 
 class FisherOptions(Options):

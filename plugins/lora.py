@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import tempfile
@@ -25,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prunekit import hookimpl
-from prunekit.data import SOURCES, recovery_texts
+from prunekit.data.sources import SOURCES, recovery_texts
 from prunekit.errors import UserError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

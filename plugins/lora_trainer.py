@@ -67,8 +67,14 @@ class Examples(torch.utils.data.Dataset):
 def _callbacks():
     """The callback classes (imported lazily: transformers is heavy)."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from transformers import TrainerCallback
 
     class EpochLosses(TrainerCallback):
@@ -126,10 +132,10 @@ def train(peft_model: torch.nn.Module, args: Any, examples: list[list[int]],
     ``engine`` (what accelerate ran: ``NO``, ``MULTI_CPU``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``) and ``whole``:
     whether this process holds the full trained weights. After FSDP or DeepSpeed the weights are gathered
     (every process takes part) and only the main process gets them back into ``peft_model``."""
-    from prunekit.builtin.lora_unshard import ModuleTree
-
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from prunekit.builtin.lora_unshard import ModuleTree
 
     EpochLosses, RichBar = _callbacks()
     losses = EpochLosses()

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from prunekit import hookimpl
-from prunekit.importance import Importance, Options, ScoringContext
+from prunekit.importance.base import Importance, Options, ScoringContext
 
 
 class MagnitudeOptions(Options):

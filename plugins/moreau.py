@@ -7,7 +7,7 @@ stochastic gradient descent from δ = 0 with fresh relative Gaussian noise every
     v = δ - γ·(∇L(w + ε + δ) + δ/ρ),   δ ← prox_{γη}(v),   ε ~ N(0, (σ|w|)²)
 
 δ̄ is the mean of δ over the last ``averaged`` of ``iterations`` steps and the per-weight salience is
-|w·δ̄|, which the shared :func:`prunekit.groups.unit_scores` reduction turns into unit scores exactly
+|w·δ̄|, which the shared :func:`prunekit.core.groups.unit_scores` reduction turns into unit scores exactly
 like first-order Taylor. ``penalty`` picks the prox: ``l1`` element-wise soft-thresholding (method
 ``moreau``) or ``group`` soft-thresholding over the pruning units (method ``moreau-gs``).
 
@@ -29,11 +29,11 @@ import torch
 from pydantic import Field, model_validator
 
 from prunekit import hookimpl
-from prunekit.groups import PruningGroup
+from prunekit.core.groups import PruningGroup
 from prunekit.errors import UserError
-from prunekit.finite import nonfinite_loss
-from prunekit.importance import Importance, Options, ScoringContext, check_finite, fisher_diagonal
-from prunekit.precision import GradAccumulator, GradientOverflow, LossScale, finite, requires_grad_only
+from prunekit.importance.base import Importance, Options, ScoringContext, check_finite, fisher_diagonal
+from prunekit.importance.finite import nonfinite_loss
+from prunekit.importance.precision import GradAccumulator, GradientOverflow, LossScale, finite, requires_grad_only
 
 Tensors = dict[str, torch.Tensor]
 GradFn = Callable[[Tensors, int], Tensors]  # (current δ, iteration) -> ∇L at the perturbed point
@@ -46,7 +46,7 @@ _MEDIAN_SAMPLE = 1 << 20
 class MoreauOptions(Options):
     """Settings of the Moreau-envelope estimator; defaults are the authors' LLaMA-7B run."""
 
-    # two ways to give one value: a user who sets one replaces a preset's other (prunekit.presets)
+    # two ways to give one value: a user who sets one replaces a preset's other (prunekit.plugin.presets)
     alternatives: ClassVar[tuple[tuple[str, str], ...]] = (
         ("rho", "rho_relative"), ("step", "step_fraction"), ("eta", "eta_relative"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from prunekit import hookimpl
-from prunekit.importance import Importance, ScoringContext
+from prunekit.importance.base import Importance, ScoringContext
 
 
 class Random(Importance):

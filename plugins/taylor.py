@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from prunekit import hookimpl
-from prunekit.importance import Importance, Options, ScoringContext, accumulate_gradients, fisher_diagonal
+from prunekit.importance.base import Importance, Options, ScoringContext, accumulate_gradients, fisher_diagonal
 
 
 class TaylorOptions(Options):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from prunekit.hookspecs import hookimpl
+from prunekit.plugin.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "prune", "evaluate", "save", "load_model", "load_pruned", "PruneResult", "MethodInfo",
@@ -22,22 +22,19 @@ __all__ = ["hookimpl", "prune", "evaluate", "save", "load_model", "load_pruned",
 
 _LAZY = {
     "prune": "prunekit.api", "save": "prunekit.api", "load_model": "prunekit.api", "PruneResult": "prunekit.api",
-    "MethodInfo": "prunekit.api", "UserError": "prunekit.errors", "EvaluationFailed": "prunekit.errors",
+    "MethodInfo": "prunekit.api", "evaluate": "prunekit.api", "UserError": "prunekit.errors", "EvaluationFailed": "prunekit.errors",
 }
 
 
 def load_pruned(path, dtype=None, device: str = "cpu", **hub):
-    """Load a model prunekit saved (folder or hub id), per-layer shapes included (see ``prunekit.export``)."""
-    from prunekit.export import load_pruned as _load
+    """Load a model prunekit saved (folder or hub id), per-layer shapes included (see ``prunekit.io.export``)."""
+    from prunekit.io.export import load_pruned as _load
 
     return _load(path, dtype=dtype, device=device, **hub)
 
 
 def __getattr__(name: str) -> Any:
-    """Import the public API on first use. ``evaluate`` is the :mod:`prunekit.evaluate` module, which is
-    callable as :func:`prunekit.api.evaluate` (Python binds ``prunekit.evaluate`` to that module anyway)."""
-    if name == "evaluate":
-        return importlib.import_module("prunekit.evaluate")
+    """Import the public API on first use (``import prunekit`` stays cheap)."""
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from prunekit import assets
+import prunekit.runtime.assets as assets
 from prunekit.errors import UserError
 
 WHEELS = {

@@ -6,12 +6,12 @@ import sys
 
 import torch
 import torch.distributed as dist
+from conftest import make_tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from conftest import make_tiny_llama
 from prunekit.builtin.lora_unshard import ModuleTree
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from conftest import make_tiny_llama
 
+from prunekit.adapters.grouping import GrouperOptions, build_groups
 from prunekit.adapters.llama import LlamaAdapter
-from prunekit.grouping import GrouperOptions, build_groups
-from prunekit.importance import ScoringContext
+from prunekit.importance.base import ScoringContext
 
 
 def _ctx(model, batches):

@@ -9,19 +9,19 @@ import json
 
 import pytest
 import torch
-
-from prunekit.adapters.llama import LlamaAdapter
-from prunekit.allocate import (AllocationContext, LossProbe, allocate, feasible_counts, make_budget, ratio_counts,
-                               unit_cost)
-from prunekit.cli import main
-from prunekit.errors import UserError
-from prunekit.grouping import GrouperOptions, apply_plan, build_groups
-from prunekit.importance import ScoringContext
-from prunekit.registry import get_registry
-from prunekit.select import keep_from_counts, select
-
 from conftest import LAYOUTS, make_tiny_llama, make_tiny_tokenizer
 from test_pruning import IDS, zero_removed
+
+from prunekit.adapters.grouping import GrouperOptions, apply_plan, build_groups
+from prunekit.adapters.llama import LlamaAdapter
+from prunekit.allocation.base import AllocationContext, allocate
+from prunekit.allocation.probe import LossProbe
+from prunekit.cli import main
+from prunekit.core.budget import feasible_counts, make_budget, ratio_counts, unit_cost
+from prunekit.core.select import keep_from_counts, select
+from prunekit.errors import UserError
+from prunekit.importance.base import ScoringContext
+from prunekit.plugin.registry import get_registry
 
 ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12}),
@@ -129,7 +129,7 @@ def test_loss_probe_replays_layers_exactly():
 
 
 def test_measured_knapsack_matches_brute_force_on_its_curves():
-    from prunekit.allocators import knapsack
+    from prunekit.allocation.builtin import knapsack
 
     model, adapter, groups, scores = setup("mha4", layers=range(2))
     ctx = context(model, adapter, groups, scores, 0.05)
@@ -244,8 +244,8 @@ def test_rebased_probe_replays_from_a_later_layer_exactly():
 
 
 def test_search_never_raises_the_joint_probe_loss_and_stays_in_budget():
-    from prunekit.alloc_search import local_search
-    from prunekit.allocators import Measured, caps, knapsack
+    from prunekit.allocation.builtin import Measured, caps, knapsack
+    from prunekit.allocation.search import local_search
 
     model, adapter, groups, scores = setup("gqa9x3")
     ctx = context(model, adapter, groups, scores, 0.25)
@@ -263,8 +263,8 @@ def test_search_never_raises_the_joint_probe_loss_and_stays_in_budget():
 
 
 def test_measured_without_tokenizer_fails_early_or_uses_the_given_batches():
-    from prunekit.api import prune_with_config
-    from prunekit.config import RunConfig
+    from prunekit.core.config import RunConfig
+    from prunekit.pipeline.prune import prune_with_config
 
     model = make_tiny_llama(9, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -300,9 +300,9 @@ def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_mode
 
 
 def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_without_text():
-    from prunekit.allocate import default_allocator_fallback, layers_mode
-    from prunekit.api import prune
-    from prunekit.config import AllocationConfig, RunConfig
+    from prunekit.allocation.plan import default_allocator_fallback, layers_mode
+    from prunekit.core.config import AllocationConfig, RunConfig
+    from prunekit.pipeline.prune import prune
 
     assert layers_mode(RunConfig()) == "all"  # the default allocator, measured, decides which layers to touch
     assert layers_mode(RunConfig(allocation={"name": "uniform"})) == "default"  # uniform: LLM-Pruner's range
@@ -319,7 +319,7 @@ def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_
 def test_a_ratio_budget_means_the_uniform_ratio_over_llm_pruners_layers_whatever_the_allocator_touches():
     """The default (measured, all layers as candidates) removes what `--ratio` removes uniformly over the
     default layer range, not that ratio of every layer."""
-    from prunekit.api import prune
+    from prunekit.pipeline.prune import prune
 
     model = make_tiny_llama(9, 3, layers=8)  # LLM-Pruner's range for 8 layers: 1-7
     tokenizer = make_tiny_tokenizer()
@@ -335,7 +335,7 @@ def test_a_ratio_budget_means_the_uniform_ratio_over_llm_pruners_layers_whatever
 def test_the_allocation_bench_allocates_measured_as_a_run_would(tiny_model_dir, one_thread):
     """The study's measured rows (curves measured once per seed, reused across budgets) are the counts the
     allocator itself returns with the same options, its defaults included (max_excess caps the knapsack)."""
-    from prunekit.allocators import Measured
+    from prunekit.allocation.builtin import Measured
     from prunekit.benchmarks.profiles import PROFILES
     from prunekit.benchmarks.quality import AllocationBench
     from prunekit.benchmarks.workbench import Workbench

@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import prunekit
 from prunekit import hookimpl
 from prunekit.cli import main
 from prunekit.errors import UserError
-from prunekit.plugins import get_host
-
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from prunekit.plugin.host import get_host
 
 TINY_CALIBRATION = {"n_samples": 4, "seq_len": 16}
 
@@ -165,10 +164,10 @@ def test_evaluate_cache_hits_for_the_same_model_and_misses_after_a_change(tmp_pa
 
 
 def test_evaluate_is_callable_and_still_the_module():
-    import prunekit.evaluate as module
-    from prunekit import evaluate
+    import prunekit.eval.suite as evaluate
+    import prunekit.eval.suite as module
 
-    assert evaluate is module is prunekit.evaluate and callable(evaluate) and evaluate.EvalSpec
+    assert evaluate is module is prunekit.eval.suite and callable(evaluate) and evaluate.EvalSpec
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -183,10 +182,10 @@ def test_prune_on_cuda_in_half_precision():
 
 def test_pipeline_shims_delegate_to_the_api():
     from prunekit import api
-    from prunekit.config import RunConfig
-    from prunekit.context import RunContext
-    from prunekit.pipeline import score_groups
-    from prunekit.registry import get_registry
+    from prunekit.core.config import RunConfig
+    from prunekit.pipeline.context import RunContext
+    from prunekit.pipeline.run import score_groups
+    from prunekit.plugin.registry import get_registry
 
     model, registry = make_tiny_llama(4, 2), get_registry()
     groups = api.build_groups(model, (0, 4), registry=registry)

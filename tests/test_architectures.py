@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.export import load_pruned
-from prunekit.grouping import GrouperOptions, apply_plan, build_groups
-from prunekit.importance import ScoringContext
-from prunekit.registry import get_registry
-from prunekit.select import select
-from prunekit.testing import tiny_sampler
+from prunekit.adapters.grouping import GrouperOptions, apply_plan, build_groups
+from prunekit.core.select import select
+from prunekit.importance.base import ScoringContext
+from prunekit.io.export import load_pruned
+from prunekit.plugin.registry import get_registry
+from prunekit.plugin.testing import tiny_sampler
 
 VOCAB = 96
 IDS = torch.arange(24).view(2, 12) % VOCAB

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_data import tiny_tokenizer
 
-from prunekit import assets
+import prunekit.runtime.assets as assets
 from prunekit.errors import UserError
 
 has_smollm2 = assets.dist_version(assets.SMOLLM2_DIST) is not None

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from prunekit.benchmarks import harness
 from prunekit.benchmarks.metrics import compare_masks, iou, summary
 from prunekit.benchmarks.perturb import PERTURBATIONS, noisy, rounded
-from prunekit.groups import CoupledSlice, PruningGroup
-
-from conftest import make_tiny_llama
+from prunekit.core.groups import CoupledSlice, PruningGroup
 
 
 def _group(name: str, kind: str, layer: int, n: int) -> PruningGroup:
@@ -139,8 +138,8 @@ def test_workbench_score_gives_methods_a_calibration_sampler(tiny_model_dir, one
     from prunekit import api
     from prunekit.benchmarks.profiles import PROFILES
     from prunekit.benchmarks.workbench import Workbench
+    from prunekit.data.sampling import derived_seed
     from prunekit.errors import UserError
-    from prunekit.sampling import derived_seed
 
     wb = Workbench.open(str(tiny_model_dir), PROFILES["quick"])
     groups = wb.groups(wb.model)

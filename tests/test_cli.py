@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from prunekit import hookimpl
 from prunekit.cli import main
-from prunekit.export import load_pruned
-from prunekit.importance import Importance, Options
-from prunekit.plugins import get_host
+from prunekit.importance.base import Importance, Options
+from prunekit.io.export import load_pruned
+from prunekit.plugin.host import get_host
 
 RUN = ["run", "--no-eval", "--ratio", "0.34"]
 
@@ -193,12 +193,12 @@ def test_nonempty_output_needs_overwrite(tiny_model_dir, tmp_path):
 
 
 def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import prunekit.safety
+    import prunekit.io.safety
 
     def explode(*_a, **_k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prunekit.safety, "publish", explode)  # everything written, then the last step fails
+    monkeypatch.setattr(prunekit.io.safety, "publish", explode)  # everything written, then the last step fails
     assert main([*RUN, "--method", "magnitude", "--model", str(tiny_model_dir), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "internal error: RuntimeError: disk full" in err and "PRUNEKIT_DEBUG" in err and len(err.splitlines()) == 1

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+
 import pytest
 import torch
 
-from prunekit import data
+import prunekit.data.sources as data
 from prunekit.errors import UserError
 
 

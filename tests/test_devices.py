@@ -4,20 +4,28 @@ single device (same mask, same logits), evaluates alike, saves a plain checkpoin
 from __future__ import annotations
 
 import copy
-
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama, make_tiny_tokenizer
+
 from prunekit import api
 from prunekit.cli import main
-from prunekit.devices import (check_device, checkpointing_on, gradient_checkpointing, input_device, is_dispatched, offloaded,
-                              parse_device_map, parse_max_memory, placement)
 from prunekit.errors import UserError
+from prunekit.runtime.devices import (
+    check_device,
+    checkpointing_on,
+    gradient_checkpointing,
+    input_device,
+    is_dispatched,
+    offloaded,
+    parse_device_map,
+    parse_max_memory,
+    placement,
+)
 
 # the default allocator (measured) cannot probe offloaded weights and falls back to uniform there: the
 # equivalence tests pin uniform on both sides
@@ -160,7 +168,7 @@ def test_onloaded_modules_compute_on_cpu_and_hand_outputs_back(model_dir, tmp_pa
     CPU and must hand their output back to the caller's device, else the rotary tables or the residual (on the
     GPU) meet a CPU tensor. Here the GPU is a sentinel execution device: the hooks' settings are checked, and a
     forward inside the block (all on the CPU) still gives the reference logits."""
-    from prunekit.devices import _hooked, onloaded
+    from prunekit.runtime.devices import _hooked, onloaded
 
     reference, _, _ = api.load_model(str(model_dir))
     split, _, _ = api.load_model(str(model_dir), device_map=SPLIT, offload_folder=tmp_path / "offload")
@@ -222,7 +230,7 @@ def test_gradient_methods_refused_with_offload_model_untouched(model_dir, tmp_pa
 
 
 def test_perplexity_on_an_offloaded_model_matches(model_dir, tmp_path):
-    from prunekit.evaluate import perplexity
+    from prunekit.eval.perplexity import perplexity
 
     text = " ".join(["the cat sat on the mat and the dog ran"] * 40)
     reference, tokenizer, _ = api.load_model(str(model_dir))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from prunekit import hookspecs
+import prunekit.plugin.hookspecs as hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = sorted(n for n in dir(hookspecs) if n.startswith("prunekit_"))

@@ -10,8 +10,9 @@ import yaml
 from pydantic import ValidationError
 from test_data import tiny_tokenizer
 
-from prunekit import assets, evaluate
-from prunekit.data import Text
+import prunekit.eval.suite as evaluate
+import prunekit.runtime.assets as assets
+from prunekit.data.sources import Text
 from prunekit.errors import UserError
 
 needs_zero_shot_data = pytest.mark.skipif(not assets.zero_shot_data_available(),
@@ -154,8 +155,8 @@ def test_evaluate_model_runs_a_small_spec(model, tok, zero_shot_cache, monkeypat
 def test_plugin_evaluators_run_with_their_options(model, tok):
     """An evaluator a plugin registers runs after the built-ins, gets its options, and lands in the result."""
     from prunekit import hookimpl
-    from prunekit.plugins import build_host
-    from prunekit.registry import Registry
+    from prunekit.plugin.host import build_host
+    from prunekit.plugin.registry import Registry
 
     class CountsParameters:
         @hookimpl

@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunekit.cli import main
-from prunekit.config import resolve_config
-from prunekit.pipeline import calibration_batches
-from prunekit.registry import get_registry
-from prunekit.testing import zero_removed_inputs
+from prunekit.core.config import resolve_config
+from prunekit.pipeline.run import calibration_batches
+from prunekit.plugin.registry import get_registry
+from prunekit.plugin.testing import zero_removed_inputs
 
 pytest.importorskip("prunekit_activation_methods", reason="scripts/setup.sh installs the example plugin package")
 
@@ -54,9 +54,9 @@ def test_runs_end_to_end_and_reloads(tiny_model_dir, tmp_path, method):
 
 def test_flap_bias_is_the_removed_channels_mean_contribution(tiny_model_dir, tmp_path):
     """Pruned + compensated == original with removed input columns zeroed and W[:, R]·mean(X_R) added as bias."""
+    from prunekit.adapters.grouping import GrouperOptions, build_groups
     from prunekit.adapters.llama import LlamaAdapter
-    from prunekit.grouping import GrouperOptions, build_groups
-    from prunekit.importance import ScoringContext
+    from prunekit.importance.base import ScoringContext
 
     out, manifest = _run(tiny_model_dir, tmp_path, "flap")
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
+from prunekit.adapters.grouping import GrouperOptions, build_groups
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.builtin.fisher import Fisher, FisherOptions
 from prunekit.builtin.taylor import Taylor, TaylorOptions
-from prunekit.grouping import GrouperOptions, build_groups
-from prunekit.groups import unit_scores
-from prunekit.importance import ScoringContext
-from prunekit.registry import get_registry
-
+from prunekit.core.groups import unit_scores
+from prunekit.importance.base import ScoringContext
+from prunekit.plugin.registry import get_registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 

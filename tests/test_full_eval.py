@@ -1,6 +1,6 @@
 """The full-test-set driver (benchmarks/full_eval.py) on a tiny model: spawned workers, shared scores, rows as
 they finish, resume, time budget, summary/report, malformed input; and its composed stages equal
-``prunekit.api.prune_with_config``."""
+``prunekit.pipeline.prune.prune_with_config``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from prunekit.benchmarks import full_eval, full_grid, full_report
-
-from conftest import make_tiny_llama, make_tiny_tokenizer
 
 CALIB = {"n_samples": 4, "seq_len": 32}
 MLP = {"options": {"prune_attention": False}}
@@ -181,7 +180,7 @@ def test_composed_stages_equal_prune_with_config(tiny_dir, tmp_path, one_thread)
 
 def test_grid_cells_are_valid_run_configs():
     from prunekit import api
-    from prunekit.registry import get_registry
+    from prunekit.plugin.registry import get_registry
 
     cells = full_grid.cells(["issue13", "issue14"])
     assert len(cells) == 9 + 5 * 2 * 2 and len({c["id"] for c in cells}) == len(cells)  # 9 sweep points; 5 allocators x 2 methods x 2 budgets

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from prunekit.cli import main
-from prunekit.export import load_pruned
+from prunekit.io.export import load_pruned
 
 RUN = ["run", "--no-eval", "--ratio", "0.34", "--method", "magnitude"]
 

@@ -8,7 +8,7 @@ import json
 from conftest import WORDS, make_tiny_tokenizer
 
 from prunekit.cli import main
-from prunekit.data import calibration_batches
+from prunekit.data.sources import calibration_batches
 
 
 def _corpus(folder, n_files=3):

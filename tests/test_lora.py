@@ -7,21 +7,20 @@ import random
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
 
 import prunekit.builtin.lora as lora_module
-from prunekit.builtin.lora import LoraOptions, LoraRecovery, batches, mean_loss
+from prunekit.adapters.grouping import GrouperOptions, apply_plan, build_groups
 from prunekit.adapters.llama import LlamaAdapter
+from prunekit.builtin.lora import LoraOptions, LoraRecovery, batches, mean_loss
 from prunekit.cli import main
-from prunekit.config import RunConfig
-from prunekit.export import load_pruned
+from prunekit.core.config import RunConfig
+from prunekit.core.select import select
 from prunekit.errors import UserError
-from prunekit.grouping import GrouperOptions, apply_plan, build_groups
-from prunekit.importance import ScoringContext
-from prunekit.plugins import get_host
-from prunekit.registry import get_registry
-from prunekit.select import select
-
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from prunekit.importance.base import ScoringContext
+from prunekit.io.export import load_pruned
+from prunekit.plugin.host import get_host
+from prunekit.plugin.registry import get_registry
 
 TINY = {"max_examples": 8, "cutoff_len": 32, "batch_size": 4, "epochs": 2, "lr": 1e-2, "seed": 0}
 

@@ -1,4 +1,4 @@
-"""Malformed input, table-driven, in process through ``prunekit.cli.main``: every case must end with the
+"""Malformed input, table-driven, in process through ``prunekit.cli.commands.main``: every case must end with the
 expected exit code, exactly one line on stderr, no traceback, and every input and output location
 byte-for-byte as it was (hashes of the shared model folders and of the case's own folder)."""
 
@@ -160,23 +160,23 @@ def _hold_lock(tmp: Path, _monkeypatch, _world: Path):
 
 
 def _tiny_disk(_tmp: Path, monkeypatch, _world: Path):
-    import prunekit.safety
+    import prunekit.io.safety
 
-    monkeypatch.setattr(prunekit.safety.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    monkeypatch.setattr(prunekit.io.safety.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9, 4096))
 
 
 def _enospc_mid_save(_tmp: Path, monkeypatch, _world: Path):
-    import prunekit.export
-    import prunekit.safety
+    import prunekit.io.export
+    import prunekit.io.safety
 
-    real = prunekit.safety.pause_point
+    real = prunekit.io.safety.pause_point
 
     def pause(point: str) -> None:
         if point == "save:mid":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(point)
 
-    monkeypatch.setattr(prunekit.safety, "pause_point", pause)
+    monkeypatch.setattr(prunekit.io.safety, "pause_point", pause)
 
 
 def _symlink_out(tmp: Path, _monkeypatch, _world: Path):

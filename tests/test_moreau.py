@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from pydantic import ValidationError
 
-from conftest import make_tiny_llama
+from prunekit.adapters.grouping import GrouperOptions, build_groups
+from prunekit.adapters.llama import LlamaAdapter
 from prunekit.builtin.moreau import (
     ElementProx,
     InPlacePerturbedGradient,
@@ -21,11 +23,9 @@ from prunekit.builtin.moreau import (
     proximal_descent,
     prunekit_register_importances,
 )
-from prunekit.adapters.llama import LlamaAdapter
-from prunekit.grouping import GrouperOptions, build_groups
-from prunekit.groups import CoupledSlice, PruningGroup
-from prunekit.importance import ScoringContext
-from prunekit.select import select
+from prunekit.core.groups import CoupledSlice, PruningGroup
+from prunekit.core.select import select
+from prunekit.importance.base import ScoringContext
 
 FAST = {"iterations": 4, "averaged": 2}
 
@@ -399,7 +399,7 @@ def test_wrapped_linear_falls_back_to_in_place_perturbation(gqa_groups, calibrat
 @pytest.mark.parametrize("method", ["taylor", "moreau-gs-paper"])  # the gradient path, on the given batches
 def test_micro_batches_give_the_gradient_of_one_batch(gqa_groups, calibration_ids, method):
     """Calibration batches only bound memory: 4 sequences as one batch, as 2+2 or as 3+1 score the same."""
-    from prunekit.registry import get_registry
+    from prunekit.plugin.registry import get_registry
 
     entry = get_registry().method(method)
     everything = torch.cat(calibration_ids)

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from pydantic import ValidationError
 
-from conftest import make_tiny_llama
+from prunekit.adapters.grouping import GrouperOptions, build_groups
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.builtin.moreau import (
     ElementProx,
@@ -20,8 +21,7 @@ from prunekit.builtin.moreau import (
     proximal_descent,
 )
 from prunekit.errors import UserError
-from prunekit.grouping import GrouperOptions, build_groups
-from prunekit.importance import ScoringContext
+from prunekit.importance.base import ScoringContext
 
 FAST = {"iterations": 3, "averaged": 2}
 

@@ -17,17 +17,17 @@ import textwrap
 
 import pytest
 
-from prunekit import plugins as plugin_host
+import prunekit.plugin.host as plugin_host
 from prunekit.cli import main
 from prunekit.errors import UserError
-from prunekit.registry import get_registry
+from prunekit.plugin.registry import get_registry
 
 _ids = itertools.count()
 
 HEADER = """
 import torch
 from prunekit import hookimpl
-from prunekit.importance import Importance, Options
+from prunekit.importance.base import Importance, Options
 
 class Keep(Importance):
     '''Throw-away method: scores every unit by its index.'''
@@ -82,7 +82,7 @@ BROKEN = [
         @hookimpl
         def prunekit_register_importances(register):
             register("notimp-method", dict)
-        """, "not a subclass of prunekit.importance.Importance"),
+        """, "not a subclass of prunekit.importance.base.Importance"),
     ("name-breaks-rule", "badname", """
         @hookimpl
         def prunekit_register_importances(register):
@@ -131,7 +131,7 @@ BROKEN = [
 
 
 def _one_warning(caplog, entry_point: str) -> str:
-    lines = [r.getMessage() for r in caplog.records if r.name == "prunekit.plugins"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "prunekit.plugin.host"]
     mine = [m for m in lines if f"plugin {entry_point!r}" in m]
     assert len(mine) == 1, lines
     assert "\n" not in mine[0]
@@ -142,7 +142,7 @@ def _one_warning(caplog, entry_point: str) -> str:
 def test_broken_plugin_is_disabled_with_a_named_warning(install, caplog, capsys, tiny_model_dir, tmp_path,
                                                         case, entry_point, body, expected):
     install(f"broken-{case}", entry_point, body)
-    caplog.set_level(logging.WARNING, logger="prunekit.plugins")
+    caplog.set_level(logging.WARNING, logger="prunekit.plugin.host")
     registry = get_registry()
     message = _one_warning(caplog, entry_point)
     assert f"from package broken-{case} disabled" in message and expected in message, message
@@ -168,7 +168,7 @@ def test_method_name_clash_is_contested_and_names_both(install, caplog, tiny_mod
             register("taylor", Keep)
             register("keep-index", Keep)
         """)
-    caplog.set_level(logging.WARNING, logger="prunekit.plugins")
+    caplog.set_level(logging.WARNING, logger="prunekit.plugin.host")
     registry = get_registry()
     warning = [r.getMessage() for r in caplog.records if "registered by both" in r.getMessage()]
     assert len(warning) == 1 and "prunekit (entry point 'taylor')" in warning[0]
@@ -204,7 +204,7 @@ def test_entry_point_name_never_shadows_a_builtin(install, caplog):
         def prunekit_register_importances(register):
             register("evil-magnitude", Keep)
         """)
-    caplog.set_level(logging.WARNING, logger="prunekit.plugins")
+    caplog.set_level(logging.WARNING, logger="prunekit.plugin.host")
     registry = get_registry()
     assert registry.method("magnitude").provider == "prunekit"
     assert registry.method("evil-magnitude").plugin == "evil-pkg:magnitude"

@@ -12,12 +12,13 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from prunekit import hookimpl, hookspecs
+import prunekit.plugin.hookspecs as hookspecs
+from prunekit import hookimpl
 from prunekit.cli import main
 from prunekit.errors import UserError
-from prunekit.importance import Importance
-from prunekit.plugins import build_host, get_host
-from prunekit.registry import EVALUATOR_CALL, GROUPER_CALL, TABLES, Registry, register_signature
+from prunekit.importance.base import Importance
+from prunekit.plugin.host import build_host, get_host
+from prunekit.plugin.registry import EVALUATOR_CALL, GROUPER_CALL, TABLES, Registry, register_signature
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ class FirstLayersOptions(BaseModel):
 def first_layers_mlp(model, adapter, layers, options):
     """Throw-away grouper: MLP channels of the first ``n_layers`` of the pruned range only."""
     from prunekit.adapters.base import Adapter
-    from prunekit.grouping import GrouperOptions, build_groups
+    from prunekit.adapters.grouping import GrouperOptions, build_groups
 
     assert isinstance(model, torch.nn.Module) and isinstance(adapter, Adapter) and isinstance(layers, range)
     assert isinstance(options, FirstLayersOptions)  # validated by its own model, handed over as an instance
@@ -194,7 +195,8 @@ class ThrowAwayEvaluator:
 def test_evaluator_options_are_validated_and_recorded(live_plugin):
     from conftest import make_tiny_llama, make_tiny_tokenizer
 
-    from prunekit.evaluate import EvalSpec, evaluate_model
+    from prunekit.eval.spec import EvalSpec
+    from prunekit.eval.suite import evaluate_model
 
     live_plugin(ThrowAwayEvaluator(), "throwaway-evaluator")
     model, tok = make_tiny_llama(), make_tiny_tokenizer()
@@ -279,7 +281,7 @@ def test_plugins_lists_what_each_plugin_registered(capsys):
 
 
 def test_methods_prints_the_description_column(capsys):
-    from prunekit.registry import get_registry
+    from prunekit.plugin.registry import get_registry
 
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
@@ -304,7 +306,7 @@ def test_every_registered_method_conforms(prunekit_conformance, method):
 
 
 def test_conformance_catches_a_method_that_breaks_the_contract(live_plugin):
-    from prunekit.testing import ConformanceError, check_method
+    from prunekit.plugin.testing import ConformanceError, check_method
 
     class WrongShape(Importance):
         def scores(self, ctx):

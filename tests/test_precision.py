@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 
-from prunekit import api, precision
+import prunekit.importance.precision as precision
+from prunekit import api
 from prunekit.errors import UserError
-from prunekit.precision import GradAccumulator, LossScale
-from prunekit.stability import agreement
-from prunekit.testing import tiny_batches, tiny_llama, tiny_sampler
+from prunekit.importance.precision import GradAccumulator, LossScale
+from prunekit.pipeline.stability import agreement
+from prunekit.plugin.testing import tiny_batches, tiny_llama, tiny_sampler
 
 # Documented tolerance (docs/precision.md): bf16-model scores against float32 scoring of the same weights.
 METHODS = {"taylor": {}, "fisher": {}, "moreau": {}, "moreau-gs": {}}

@@ -1,5 +1,5 @@
 """Method presets and user overrides: a user-set field replaces the preset's alternative to it
-(``prunekit.presets``), so ``-o rho=0.1`` on the relative ``moreau-gs`` preset runs with ρ = 0.1; setting
+(``prunekit.plugin.presets``), so ``-o rho=0.1`` on the relative ``moreau-gs`` preset runs with ρ = 0.1; setting
 both sides yourself is still an error; run.json records the options that ran."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pydantic import BaseModel, model_validator
 
 from prunekit.cli import main
 from prunekit.errors import UserError
-from prunekit.presets import merge_preset
-from prunekit.registry import get_registry
+from prunekit.plugin.presets import merge_preset
+from prunekit.plugin.registry import get_registry
 
 
 class Pair(BaseModel):

@@ -6,17 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import LAYOUTS, make_tiny_llama
 from transformers import AutoModelForCausalLM
 
+from prunekit.adapters.grouping import GrouperOptions, apply_plan, build_dependency_graph, build_groups
 from prunekit.adapters.llama import LlamaAdapter
-from prunekit.export import load_pruned
-from prunekit.grouping import GrouperOptions, apply_plan, build_dependency_graph, build_groups
-from prunekit.importance import ScoringContext
-from prunekit.registry import get_registry
-from prunekit.select import select
-from prunekit.testing import tiny_sampler
-
-from conftest import LAYOUTS, make_tiny_llama
+from prunekit.core.select import select
+from prunekit.importance.base import ScoringContext
+from prunekit.io.export import load_pruned
+from prunekit.plugin.registry import get_registry
+from prunekit.plugin.testing import tiny_sampler
 
 METHODS = [("magnitude", {}), ("magnitude", {"p": 1}), ("random", {}), ("taylor", {}),
            ("taylor", {"variant": "second"}), ("taylor", {"variant": "vector"}), ("fisher", {}),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prunekit.cli import main
-from prunekit.export import load_pruned
+from prunekit.io.export import load_pruned
 
 TINY = {"max_examples": 8, "cutoff_len": 32, "batch_size": 4, "epochs": 2, "lr": 1e-2, "seed": 0}
 

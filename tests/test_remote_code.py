@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from prunekit import assets
+import prunekit.runtime.assets as assets
+from prunekit.adapters.grouping import GrouperOptions, apply_plan, build_groups
 from prunekit.adapters.llama import LlamaAdapter
-from prunekit.export import load_pruned, save_pruned
-from prunekit.grouping import GrouperOptions, apply_plan, build_groups
-from prunekit.importance import ScoringContext
-from prunekit.registry import get_registry
-from prunekit.remote_code import AUTO_MAP, CONFIG_FILE, MODELING_FILE, write_remote_code
-from prunekit.select import select
-
-from conftest import make_tiny_llama
+from prunekit.core.select import select
+from prunekit.importance.base import ScoringContext
+from prunekit.io.export import load_pruned, save_pruned
+from prunekit.io.remote_code import AUTO_MAP, CONFIG_FILE, MODELING_FILE, write_remote_code
+from prunekit.plugin.registry import get_registry
 
 IDS = torch.arange(24).view(2, 12) % 96
 HUB_ID = "prunekit-tests/tiny-pruned"
@@ -108,8 +107,9 @@ FAMILIES = ("olmo2", "gpt_neox")
 
 def prune_family(arch: str):
     """A tiny ``arch`` model (see tests/test_architectures.py) with layer 1's heads and channels halved."""
-    import prunekit
     from test_architectures import make_model
+
+    import prunekit
 
     model = make_model(arch)
     prunekit.prune(model, None, method="magnitude", ratio=0.5, layers=(1, 2))

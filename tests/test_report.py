@@ -1,6 +1,6 @@
 """The before/after table shows the compared figures and hides counts, versions and provenance."""
 
-from prunekit.report import flatten_numbers
+from prunekit.eval.report import flatten_numbers
 
 
 def test_flatten_keeps_compared_figures_only():
@@ -18,7 +18,7 @@ def test_flatten_keeps_compared_figures_only():
 def test_standard_errors_and_noise_marks_in_the_before_after_table():
     from rich.console import Console
 
-    from prunekit.report import flatten_stderr, metrics_table, within_noise
+    from prunekit.eval.report import flatten_stderr, metrics_table, within_noise
 
     before = {"perplexity": {"ptb": {"ppl": 20.0, "ppl_stderr": 1.0, "nll_stderr": 0.05}},
               "zero_shot": {"tasks": {"boolq": {"value": 0.24, "stderr": 0.06}}, "mean": 0.469, "mean_stderr": 0.025}}

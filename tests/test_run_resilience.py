@@ -11,8 +11,8 @@ import pytest
 
 from prunekit import hookimpl
 from prunekit.cli import main
-from prunekit.export import load_pruned
-from prunekit.plugins import get_host
+from prunekit.io.export import load_pruned
+from prunekit.plugin.host import get_host
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS: list[int] = []

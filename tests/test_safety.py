@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from prunekit import safety
-from prunekit.config import resolve_config
+import prunekit.io.safety as safety
+from prunekit.core.config import resolve_config
 from prunekit.errors import UserError
-from prunekit.export import atomic_directory
-from prunekit.finite import check_weights_finite
-from prunekit.importance import ScoringContext, accumulate_gradients
-from prunekit.pipeline import calibration_batches
+from prunekit.importance.base import ScoringContext, accumulate_gradients
+from prunekit.importance.finite import check_weights_finite
+from prunekit.io.export import atomic_directory
+from prunekit.pipeline.run import calibration_batches
 
 
 def _prunekit_dir(path, files=("model.safetensors",)):
@@ -99,7 +99,7 @@ def test_stale_scratch_is_removed_only_for_its_own_output(tmp_path, capsys):
 
 
 def test_the_embedded_model_cache_is_protected(tmp_path, monkeypatch):
-    from prunekit.export import check_output_dir
+    from prunekit.io.export import check_output_dir
 
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache" / "models").mkdir(parents=True)
@@ -177,8 +177,8 @@ def test_nan_weight_is_named():
 
 
 def test_non_finite_loss_names_the_batch_and_the_layer():
-    from prunekit.grouping import GrouperOptions
-    from prunekit.registry import get_registry
+    from prunekit.adapters.grouping import GrouperOptions
+    from prunekit.plugin.registry import get_registry
 
     model = make_tiny_llama(4, 4, layers=3)
     registry = get_registry()
@@ -196,9 +196,9 @@ def test_non_finite_loss_names_the_batch_and_the_layer():
     ("heads", 0.9, "would empty the attention of 4 layer(s); one unit per KV group is kept"),
 ])
 def test_ratio_rounding_is_reported_never_silent(unit, ratio, expect, capsys):
-    from prunekit.checks import check_ratio
-    from prunekit.grouping import GrouperOptions
-    from prunekit.registry import get_registry
+    from prunekit.adapters.grouping import GrouperOptions
+    from prunekit.pipeline.checks import check_ratio
+    from prunekit.plugin.registry import get_registry
 
     model = make_tiny_llama(9, 3, layers=4)
     registry = get_registry()
@@ -210,7 +210,7 @@ def test_ratio_rounding_is_reported_never_silent(unit, ratio, expect, capsys):
 
 
 def test_eval_json_is_written_whole_with_plain_permissions(tmp_path):
-    from prunekit.failures import write_json_atomically
+    from prunekit.cli.failures import write_json_atomically
 
     target = tmp_path / "m.json"
     write_json_atomically(target, {"ppl": 1.5})

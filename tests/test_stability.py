@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from prunekit.cli import main
-from prunekit.config import RunConfig
-from prunekit.groups import CoupledSlice, PruningGroup
-from prunekit.pipeline import run
-from prunekit.sampling import CalibrationSampler, derived_seed
-from prunekit.stability import agreement, consensus
+from prunekit.core.config import RunConfig
+from prunekit.core.groups import CoupledSlice, PruningGroup
+from prunekit.data.sampling import CalibrationSampler, derived_seed
+from prunekit.pipeline.run import run
+from prunekit.pipeline.stability import agreement, consensus
 
 SMALL = {"selection": {"layers": [0, 4]}, "calibration": {"n_samples": 2, "seq_len": 16}, "ratio": 0.34,
          "evaluation": {"enabled": False}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.token_cache import cached_token_ids, tokenizer_fingerprint
+from prunekit.data.tokens import cached_token_ids, tokenizer_fingerprint
 
 
 def word_tokenizer(extra: tuple[str, ...] = ()):
@@ -37,7 +37,8 @@ def test_second_read_comes_from_disk_and_equals_tokenizing(tmp_path):
 
 
 def test_token_ids_use_the_disk_only_inside_a_run(tmp_path, monkeypatch):
-    from prunekit import data, token_cache
+    import prunekit.data.sources as data
+    import prunekit.data.tokens as token_cache
 
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
     tok = word_tokenizer()

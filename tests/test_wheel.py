@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from prunekit.plugins import build_host
-from prunekit.registry import Registry
+from prunekit.plugin.host import build_host
+from prunekit.plugin.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".tox", "build", "dist", "*.egg-info", "__pycache__",
@@ -24,8 +24,8 @@ NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".tox", "build", "dist", "*
 PROBE = r'''
 import importlib, importlib.metadata, importlib.util, json, pkgutil, sys
 import prunekit
-from prunekit.plugins import get_host
-from prunekit.registry import get_registry
+from prunekit.plugin.host import get_host
+from prunekit.plugin.registry import get_registry
 
 registry = get_registry()
 import prunekit.benchmarks

@@ -98,7 +98,7 @@ class Adapter:
     # -- tracing --------------------------------------------------------------------------------
     def example_inputs(self, seq_len: int = 8) -> torch.Tensor:
         """Input ids for tracing the dependency graph."""
-        from prunekit.devices import input_device
+        from prunekit.runtime.devices import input_device
 
         device = input_device(self.model)  # accelerate's first device when the model is dispatched
         return torch.arange(seq_len, device=device).unsqueeze(0) % self.config.vocab_size
@@ -136,13 +136,13 @@ class Adapter:
         the config (plain ``from_pretrained`` loads it). The model is compared with one built from its
         config on the meta device: resized Linears, any other parameter or buffer whose shape differs
         (norm weights that shrink with heads), changed width attributes, and per-module config views
-        (:class:`~prunekit.templates.modeling_prunekit.LayerConfigView`) whose widths differ from the
+        (:class:`~prunekit.io.templates.modeling_prunekit.LayerConfigView`) whose widths differ from the
         config's. A family that keeps pruned state elsewhere extends this.
         """
         import copy
 
-        from prunekit.remote_code import transformers_class
-        from prunekit.templates.modeling_prunekit import LayerConfigView
+        from prunekit.adapters.hf import transformers_class
+        from prunekit.io.templates.modeling_prunekit import LayerConfigView
 
         with torch.device("meta"):
             reference = transformers_class(type(self.model))(copy.deepcopy(self.config))

@@ -14,7 +14,7 @@ from torch import nn
 
 from prunekit.adapters.base import Adapter, LayerShape
 from prunekit.adapters.layout import Slot, replace_linear, resize_norm, widths
-from prunekit.templates.modeling_prunekit import LayerConfigView  # noqa: F401 (re-exported; checkpoints carry it)
+from prunekit.io.templates.modeling_prunekit import LayerConfigView  # noqa: F401 (re-exported; checkpoints carry it)
 
 
 def _elementwise_rotary(q, k, cos, sin, *args, unsqueeze_dim=1, **kwargs):

@@ -9,7 +9,7 @@ Gemma 3's ``q_norm``/``k_norm`` have ``head_dim`` weights shared by heads: nothi
 from __future__ import annotations
 
 from prunekit.adapters.llama import LlamaAdapter
-from prunekit.hookspecs import hookimpl
+from prunekit.plugin.hookspecs import hookimpl
 
 
 class GemmaAdapter(LlamaAdapter):

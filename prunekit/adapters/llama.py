@@ -9,7 +9,7 @@ from __future__ import annotations
 from prunekit.adapters.base import AttentionNames, LayerShape, MlpNames
 from prunekit.adapters.decoder import DecoderAdapter, cols, rows
 from prunekit.adapters.layout import Slot
-from prunekit.hookspecs import hookimpl
+from prunekit.plugin.hookspecs import hookimpl
 
 
 class LlamaAdapter(DecoderAdapter):

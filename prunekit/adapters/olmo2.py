@@ -13,7 +13,7 @@ from prunekit.adapters.base import LayerShape
 from prunekit.adapters.decoder import norm
 from prunekit.adapters.layout import Slot
 from prunekit.adapters.llama import LlamaAdapter
-from prunekit.hookspecs import hookimpl
+from prunekit.plugin.hookspecs import hookimpl
 
 
 class Olmo2Adapter(LlamaAdapter):

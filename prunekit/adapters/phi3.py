@@ -11,7 +11,7 @@ from __future__ import annotations
 from prunekit.adapters.base import LayerShape
 from prunekit.adapters.decoder import DecoderAdapter, LayerConfigView, cols, rows
 from prunekit.adapters.layout import Slot
-from prunekit.hookspecs import hookimpl
+from prunekit.plugin.hookspecs import hookimpl
 
 
 class Phi3Adapter(DecoderAdapter):

@@ -7,7 +7,7 @@ reshape), so removing heads leaves them whole: nothing to shrink, only the proje
 from __future__ import annotations
 
 from prunekit.adapters.llama import LlamaAdapter
-from prunekit.hookspecs import hookimpl
+from prunekit.plugin.hookspecs import hookimpl
 
 
 class Qwen3Adapter(LlamaAdapter):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from prunekit import hookimpl
-from prunekit.importance import Importance, Options, ScoringContext
+from prunekit.importance.base import Importance, Options, ScoringContext
 
 # model -> {group name: (module name, per-unit contribution [n_units, out_features])}, until pruning
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

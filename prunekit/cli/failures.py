@@ -1,0 +1,120 @@
+"""How a command ends when something goes wrong: one line on stderr, an exit code, no traceback.
+
+Exit codes: 2 bad input (:class:`UserError`, a broken model), 1 environment faults (full disk, memory),
+a failed evaluation after the pruned model was saved (130 when it was interrupted) and unexpected errors (with a hint to set ``PRUNEKIT_DEBUG=1`` for the traceback), 130 Ctrl-C, 143
+SIGTERM. SIGTERM is turned into an exception so the same cleanup runs as for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from prunekit.errors import EnvironmentFault, EvaluationFailed, UserError
+
+DEBUG_ENV = "PRUNEKIT_DEBUG"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the process was, so every ``finally`` cleans up as it does for Ctrl-C."""
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
+def _say(message: str) -> None:
+    """One line on stderr, whatever newlines the message carried."""
+    print("prunekit: " + " ".join(message.split()), file=sys.stderr)
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run ``command`` with SIGTERM handled like SIGINT; turn every failure into one line and an exit code."""
+    import prunekit.io.safety as safety
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return command()
+    except UserError as exc:
+        _say(f"error: {exc}")
+        return 2
+    except EnvironmentFault as exc:
+        _say(f"error: {exc}")
+        return 1
+    except EvaluationFailed as exc:  # the pruned model is saved; the evaluation after it is not
+        _say(f"error: {exc}")
+        return 130 if exc.interrupted else 1
+    except FloatingPointError as exc:
+        _say(f"error: numerical failure: {exc} (the model or the dtype cannot represent this; try --dtype float32)")
+        return 2
+    except Terminated:
+        _say("terminated (SIGTERM); the input model is untouched and the output is absent or complete")
+        return 143
+    except KeyboardInterrupt:
+        _say("interrupted; the input model is untouched and the output is absent or complete")
+        return 130
+    except MemoryError:
+        _say("error: out of memory (lower calibration.n_samples, calibration.seq_len or batch sizes)")
+        return 1
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        _say(f"internal error: {type(exc).__name__}: {first} (set {DEBUG_ENV}=1 for the traceback)")
+        return 1
+    finally:
+        safety.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """``prunekit eval`` flags that can be refused before a model is loaded (``~`` expanded in place)."""
+    from prunekit.io.safety import expand_path
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit: {args.limit} is not a number of examples; accepted: an integer >= 1 "
+                        f"(or --full for every example)")
+    if args.limit is not None and args.full:
+        raise UserError("--limit: cannot be combined with --full (which uses every example)")
+    if args.config is not None:
+        args.config = expand_path(args.config, "--config")
+    if args.model is not None:
+        args.model = str(expand_path(args.model, "--model"))
+    if args.json is not None:
+        args.json = expand_path(args.json, "--json")
+        folder = args.json.parent
+        if args.json.is_dir():
+            raise UserError(f"--json: {args.json} is a directory; give a file name")
+        if not folder.is_dir():
+            raise UserError(f"--json: folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"--json: no permission to write in {folder}")
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON through a temporary file in the same folder, so ``path`` is never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        from prunekit.io.safety import os_error
+
+        raise os_error(exc, path) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

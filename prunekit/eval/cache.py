@@ -1,0 +1,144 @@
+"""A disk cache for a model's evaluation metrics, keyed by what determines them.
+
+The key hashes the model's weights (every parameter and buffer: name, dtype, shape, bytes), its
+config, its tokenizer's vocabulary, the evaluation settings, the versions of prunekit, torch,
+transformers and lm-eval, and the source of prunekit's evaluation and data modules. The same dense
+model evaluated the same way on a second run is therefore read back instead of recomputed
+(``prunekit run`` does this for the "before" metrics); any change to weights, settings, versions or
+that code misses. Entries are JSON files under ``<prunekit cache>/metrics/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.runtime.assets import default_cache_root
+
+KEY_VERSIONS = ("prunekit", "torch", "transformers", "lm_eval")
+# Config fields that say where or when a model was saved, not how it computes.
+VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype")
+# what computes the metrics (perplexity, zero-shot, the suite) and the text they read
+CODE_FILES = ("eval/perplexity.py", "eval/zero_shot.py", "eval/spec.py", "eval/suite.py", "data/sources.py",
+              "data/text.py", "data/tokens.py")
+CHUNK = 1 << 26  # hash big tensors 64 MiB at a time
+
+
+def _hash_tensor(h: "hashlib._Hash", tensor: torch.Tensor) -> None:
+    """Feed a tensor's raw bytes (moved to CPU in chunks) into ``h``."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return
+    step = max(1, CHUNK // flat.element_size())
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step].cpu().contiguous()
+        h.update(part.view(torch.uint8).numpy().data)
+
+
+def model_fingerprint(model: torch.nn.Module, tokenizer: Any = None) -> str:
+    """SHA-256 of a model's weights, config and tokenizer vocabulary (tied tensors are hashed once)."""
+    h = hashlib.sha256()
+    seen: set[tuple[int, tuple[int, ...], torch.dtype]] = set()
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if ident in seen and tensor.data_ptr():
+            continue
+        seen.add(ident)
+        _hash_tensor(h, tensor)
+    config = getattr(model, "config", None)
+    if config is not None:
+        as_dict = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG}
+        h.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        special = getattr(tokenizer, "special_tokens_map", {})
+        h.update(json.dumps([type(tokenizer).__name__, sorted(vocab.items()), special], sort_keys=True,
+                            default=str).encode())
+    return h.hexdigest()
+
+
+def _code_fingerprint() -> str:
+    """SHA-256 of the modules that compute and feed the metrics, so an edit to them (same version number, e.g.
+    in a checkout) never reads figures the old code produced. Read as files: nothing is imported."""
+    package = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for name in CODE_FILES:
+        h.update((package / name).read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(fingerprint: str, settings: dict[str, Any], device: str) -> str:
+    """The entry name for a model fingerprint evaluated with ``settings`` on a device type."""
+    from prunekit.core.versions import package_versions
+
+    material = {"model": fingerprint, "settings": settings, "device": device,
+                "versions": package_versions(KEY_VERSIONS),
+                "code": _code_fingerprint()}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cache_dir(root: str | os.PathLike | None = None) -> Path:
+    """Folder of the metric entries: ``<root or prunekit's cache>/metrics``."""
+    return Path(root) if root is not None else default_cache_root() / "metrics"
+
+
+def read(key: str, root: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The cached metrics for ``key``, or None (a missing or unreadable entry is a miss)."""
+    path = cache_dir(root) / f"{key}.json"
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return entry.get("metrics") if isinstance(entry, dict) else None
+
+
+def write(key: str, metrics: dict[str, Any], root: str | os.PathLike | None = None) -> Path:
+    """Store ``metrics`` under ``key`` atomically (a crash leaves no half-written entry)."""
+    folder = cache_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics},
+                      handle, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def cached_metrics(model: torch.nn.Module, tokenizer: Any, settings: dict[str, Any],
+                   compute: Callable[[], dict[str, Any]], root: str | os.PathLike | None = None,
+                   refresh: bool = False) -> dict[str, Any]:
+    """``compute()``'s metrics for this model and ``settings``, read from the cache when present.
+
+    The result carries ``cache``: ``{"hit": bool, "key", "file", "fingerprint_seconds"}`` so a caller can
+    say where the figures came from. ``refresh`` recomputes and overwrites the entry.
+    """
+    from prunekit.runtime.devices import input_device, offloaded
+
+    if offloaded(model):  # weights on 'meta' (accelerate offload): hashing them would read the whole model back
+        return {**compute(), "cache": {"hit": False, "key": None, "file": None, "fingerprint_seconds": 0,
+                                       "skipped": "offloaded model (device_map)"}}
+    started = time.perf_counter()
+    device = input_device(model).type
+    key = cache_key(model_fingerprint(model, tokenizer), settings, device)
+    hashing = round(time.perf_counter() - started, 2)
+    path = cache_dir(root) / f"{key}.json"
+    hit = None if refresh else read(key, root)
+    if hit is not None:
+        return {**hit, "cache": {"hit": True, "key": key, "file": str(path), "fingerprint_seconds": hashing}}
+    metrics = compute()
+    write(key, metrics, root)
+    return {**metrics, "cache": {"hit": False, "key": key, "file": str(path), "fingerprint_seconds": hashing}}
