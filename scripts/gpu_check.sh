@@ -19,7 +19,7 @@ if [ -n "${CARRY:-}" ]; then
 fi
 $PY -m pip install --no-index --no-deps --no-build-isolation -q -e . 2>&1 | tail -3
 RUN_DIR="$PWD"
-if [ -n "${SOURCE_LAYOUT:-}" ] || ! $PY -c "import prunekit.benchmarks.gpu_check" 2>/dev/null; then
+if [ -n "${SOURCE_LAYOUT:-}" ] || ! $PY -c "import prunekit.benchmarks.studies.gpu_check" 2>/dev/null; then
   # no setuptools to install with: lay the packages out as installed and declare the entry points by hand
   echo "pip could not install prunekit; using a source layout in .gpu_site" >&2
   mkdir -p .gpu_site/prunekit-0.dist-info
@@ -44,7 +44,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # fewer fragmentation OOMs near the 141 GB limit; the JSON records it (allocated-memory peaks do not depend on it)
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-(cd "$RUN_DIR" && $PY -m prunekit.benchmarks.gpu_check --device cuda --out "$OUT/gpu_check.json" "$@" \
+(cd "$RUN_DIR" && $PY -m prunekit.benchmarks.studies.gpu_check --device cuda --out "$OUT/gpu_check.json" "$@" \
   > "$OUT/gpu_check_stdout.json" 2> >(tee "$OUT/gpu_check_stderr.txt" >&2))
 code=$?
 $PY - "$OUT/gpu_check.json" <<'PY'

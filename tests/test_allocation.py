@@ -280,7 +280,7 @@ def test_measured_without_tokenizer_fails_early_or_uses_the_given_batches():
 
 
 def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_model_dir, tmp_path):
-    from prunekit.benchmarks import allocation_study
+    from prunekit.benchmarks.studies import allocation_study
 
     common = ["--model", str(tiny_model_dir), "--methods", "magnitude", "--seeds", "0", "--fractions", "0.2",
               "--windows", "3", "--out", str(tmp_path)]
@@ -293,7 +293,7 @@ def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_mode
     assert [r["allocation"] for r in cost["rows"]] == ["uniform", "uniform-mlp", "measured+search"]
     for r in cost["rows"]:
         assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0 and 0 < r["params_removed_fraction"] <= 0.2
-    from prunekit.benchmarks.allocation_budgets import cost_table
+    from prunekit.benchmarks.studies.allocation_budgets import cost_table
 
     lines = cost_table([cost, cost])  # repeat runs: median (min–max); here all three equal
     assert len(lines) == 2 + 3 and f"{cost['rows'][0]['decode_speedup']:.3f} (" in lines[2]
@@ -355,7 +355,7 @@ def test_the_allocation_bench_allocates_measured_as_a_run_would(tiny_model_dir, 
 
 
 def test_allocation_study_test_phase_takes_other_budgets_and_global(tiny_model_dir, tmp_path, one_thread):
-    from prunekit.benchmarks import allocation_study
+    from prunekit.benchmarks.studies import allocation_study
 
     allocation_study.main(["--model", str(tiny_model_dir), "--methods", "magnitude", "--seeds", "0", "--windows", "3",
                            "--fractions", "0.1,0.35", "--phase", "test", "--out", str(tmp_path),
@@ -367,7 +367,7 @@ def test_allocation_study_test_phase_takes_other_budgets_and_global(tiny_model_d
         assert 0 < r["params_removed_fraction"] <= r["budget"] and set(r["ppl"]) == {"ptb", "wikitext2"}
     with pytest.raises(SystemExit):
         allocation_study.main(["--out", str(tmp_path), "--phase", "test", "--allocations", "uniform,nope"])
-    from prunekit.benchmarks import allocation_budgets
+    from prunekit.benchmarks.studies import allocation_budgets
 
     rows_path, png = tmp_path / "rows.jsonl", tmp_path / "budgets.png"
     allocation_budgets.main(["--rows", str(rows_path), "--collect", str(tmp_path), "--plot", str(png)])

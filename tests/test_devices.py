@@ -296,8 +296,8 @@ def test_cli_run_and_eval_with_disk_offload(model_dir, tmp_path, capsys):
 
 
 def test_device_check_script_passes_on_cpu(capsys):
-    """The GPU check (benchmarks/devices_check.py) runs the same code path here with --device cpu."""
-    from prunekit.benchmarks.devices_check import main as check
+    """The GPU check (benchmarks/studies/devices_check.py) runs the same code path here with --device cpu."""
+    from prunekit.benchmarks.studies.devices_check import main as check
 
     assert check(["--device", "cpu", "--only", "single_and_hooked", "offload", "auto"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -1,4 +1,4 @@
-"""The full-test-set driver (benchmarks/full_eval.py) on a tiny model: spawned workers, shared scores, rows as
+"""The full-test-set driver (benchmarks/studies/full_eval.py) on a tiny model: spawned workers, shared scores, rows as
 they finish, resume, time budget, summary/report, malformed input; and its composed stages equal
 ``prunekit.pipeline.prune.prune_with_config``."""
 
@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
-from prunekit.benchmarks import full_eval, full_grid, full_report
+from prunekit.benchmarks.studies import full_eval, full_grid, full_report
 
 CALIB = {"n_samples": 4, "seq_len": 32}
 MLP = {"options": {"prune_attention": False}}
@@ -65,7 +65,7 @@ def blocker(tiny_dir) -> Path:
 def _driver(args: list[str], blocker: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "prunekit.benchmarks.full_eval", *args], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "prunekit.benchmarks.studies.full_eval", *args], env=env, text=True,
                           capture_output=True, timeout=900)
 
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from prunekit.benchmarks import gpu_check, scaling
-from prunekit.benchmarks.shapes import SHAPES, build, model_bytes
+from prunekit.benchmarks.studies import gpu_check, scaling
+from prunekit.benchmarks.studies.shapes import SHAPES, build, model_bytes
 
 STAGES = ["startup", "build", "groups", "calibrate", "score", "select", "prune", "perplexity"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -38,7 +38,7 @@ def test_gpu_check_on_cpu_tiny(tmp_path):
     scoring's dtype is recorded, and neither lm_eval nor datasets was imported (the GPU machine has neither)."""
     out = tmp_path / "check.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "prunekit.benchmarks.gpu_check", "--device", "cpu", "--shapes", "tiny",
+        [sys.executable, "-m", "prunekit.benchmarks.studies.gpu_check", "--device", "cpu", "--shapes", "tiny",
          "--methods", "taylor,moreau-gs", "--samples", "4", "--seq-len", "32", "--ppl-windows", "2",
          "--ppl-len", "64", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, env=ENV, timeout=600)

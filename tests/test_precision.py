@@ -161,7 +161,7 @@ def test_prune_records_compute_dtype(one_thread):
 @pytest.mark.parametrize("method", ["taylor", "moreau-gs"])
 def test_memory_benchmark_runs_on_a_tiny_shape(one_thread, method):
     """The precision benchmark's memory probe (the code path the GPU run takes, here with --device cpu)."""
-    from prunekit.benchmarks.precision import measure_memory
+    from prunekit.benchmarks.studies.precision import measure_memory
 
     tiny = {"vocab_size": 96, "hidden_size": 72, "intermediate_size": 48, "num_hidden_layers": 4,
             "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 8, "tie_word_embeddings": True}

@@ -7,7 +7,7 @@ Prints one JSON object: per stage wall time, exit code, engine, steps, losses, p
 process and whether the output reloads with the pruned shapes in the load dtype. ``--device cpu --size tiny``
 runs the same code path on a CPU (accelerate ignores FSDP there, so its engine reads MULTI_CPU/NO).
 
-    python -m prunekit.benchmarks.recovery_gpu_check --device cuda --work /tmp/recovery-check
+    python -m prunekit.benchmarks.studies.recovery_gpu_check --device cuda --work /tmp/recovery-check
 """
 
 from __future__ import annotations

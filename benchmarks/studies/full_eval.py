@@ -1,11 +1,11 @@
 """Full-test-set quality driver for issues 13 and 14: every grid cell, 3 seeds, FULL PTB test, WikiText-2 test
 and PTB validation, on a GPU shared by several worker processes.
 
-``python -m prunekit.benchmarks.full_eval --device cuda --workers N --seeds 0,1,2 --out DIR
+``python -m prunekit.benchmarks.studies.full_eval --device cuda --workers N --seeds 0,1,2 --out DIR
 [--grid issue13,issue14 | --grid-file F] [--cells PATTERN,..] [--windows all|N] [--time-budget-s S]``
-``python -m prunekit.benchmarks.full_eval --report DIR`` renders summary.md + plots from a finished DIR.
+``python -m prunekit.benchmarks.studies.full_eval --report DIR`` renders summary.md + plots from a finished DIR.
 
-Each cell (:mod:`prunekit.benchmarks.full_grid`) is a :class:`prunekit.core.config.RunConfig` without a seed and
+Each cell (:mod:`prunekit.benchmarks.studies.full_grid`) is a :class:`prunekit.core.config.RunConfig` without a seed and
 goes through the stages of ``prunekit.pipeline.prune.prune_with_config`` one by one (groups, calibrate, score through
 ``stability.score``, allocate + select through ``allocate_select``, ``api.apply``), so scores are computed
 once per (method, options, calibration, seed, groups) and shared by every allocator and budget that uses
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from prunekit.benchmarks import full_grid
+from prunekit.benchmarks.studies import full_grid
 
 # Everything a run writes into DIR: few flat files, so a results folder travels whole (e.g. back from a
 # borrowed GPU machine that returns at most 8 files); the score cache lives elsewhere (--scores-dir).
@@ -321,7 +321,7 @@ def validate(cells: list[dict], device: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan, spawn the workers, collect rows into DIR/rows.jsonl, keep DIR/summary.* current."""
-    from prunekit.benchmarks import full_report
+    from prunekit.benchmarks.studies import full_report
     from prunekit.errors import UserError
 
     started = time.time()
@@ -380,7 +380,7 @@ def _collect(out: Path, tasks: list[dict], workers: int, settings: dict, meta: d
     """Spawn the workers, append their rows and masks as they come, keep the summary current; rows written."""
     import multiprocessing as mp
 
-    from prunekit.benchmarks import full_report
+    from prunekit.benchmarks.studies import full_report
 
     ctx = mp.get_context("spawn")
     task_q, result_q = ctx.Queue(), ctx.Queue()
@@ -438,7 +438,7 @@ def _row_line(row: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m prunekit.benchmarks.full_eval", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m prunekit.benchmarks.studies.full_eval", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help=f"results folder ({RUN}, {ROWS}, {MASKS}, {SUMMARY_JSON}, {SUMMARY_MD})")
     ap.add_argument("--scores-dir", type=Path, default=None,
                     help="keep the score cache here (default: a temporary folder, removed at the end)")
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.report is not None:
-            from prunekit.benchmarks import full_report
+            from prunekit.benchmarks.studies import full_report
 
             summary = full_report.render(args.report)
             say(f"report: {args.report / 'summary.md'} ({summary['complete']} of {summary['expected']} pairs)")

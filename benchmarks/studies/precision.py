@@ -1,10 +1,10 @@
 """Scoring precision study: memory of scoring a bf16 model in its own dtype, and how far bf16 scoring moves
 the mask and the perplexity from float32 scoring (docs/precision.md).
 
-``python -m prunekit.benchmarks.precision memory [--device cpu]``: peak memory above the loaded model (RSS
+``python -m prunekit.benchmarks.studies.precision memory [--device cpu]``: peak memory above the loaded model (RSS
 on CPU, ``max_memory_allocated`` on CUDA), in units of the model's own size, of ``api.score`` on a
 random-weight LLaMA shaped like SmolLM2-135M, one fresh process per (method, dtype, compute_dtype).
-``python -m prunekit.benchmarks.precision quality``: the default model loaded in float32 and in bf16,
+``python -m prunekit.benchmarks.studies.precision quality``: the default model loaded in float32 and in bf16,
 scored with each method; removed-set IoU (ratio 0.25) and PTB-test perplexity of both pruned models on
 evenly spaced 128-token windows (each mask applied to the float32 model, so only the mask differs).
 Results are printed as JSON lines.
@@ -149,7 +149,7 @@ def quality(methods: list[str], ratio: float, n_windows: int, threads: int, seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prunekit.benchmarks.precision", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m prunekit.benchmarks.studies.precision", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="suite", required=True)
     mem = sub.add_parser("memory")
     mem.add_argument("--methods", default="taylor,moreau-gs")

@@ -1,4 +1,4 @@
-"""Summary of a full-test-set evaluation folder (:mod:`prunekit.benchmarks.full_eval`): tables, choices, plots.
+"""Summary of a full-test-set evaluation folder (:mod:`prunekit.benchmarks.studies.full_eval`): tables, choices, plots.
 
 Reads DIR/run.json (cells, seeds, run settings), DIR/rows.jsonl and DIR/masks.jsonl; writes DIR/summary.json
 and DIR/summary.md (the markdown for docs/benchmarks.md) and, with plots, full_eval_*.png. Per cell:
@@ -27,7 +27,7 @@ TARGET_13, TARGET_14 = 0.95, 0.75
 
 def read(out: Path) -> tuple[dict, list[dict]]:
     """run.json (cells, seeds, meta) and the rows."""
-    from prunekit.benchmarks.full_eval import RUN, read_rows
+    from prunekit.benchmarks.studies.full_eval import RUN, read_rows
 
     grid = json.loads((out / RUN).read_text()) if (out / RUN).exists() else {"cells": [], "seeds": []}
     return grid, read_rows(out)
@@ -45,7 +45,7 @@ def cost_passes(config: dict) -> float | None:
 
 def read_masks(out: Path) -> dict[tuple[str, int], dict[str, list[int]]]:
     """Removed units per group of every (cell, seed) in DIR/masks.jsonl (the latest line wins)."""
-    from prunekit.benchmarks.full_eval import MASKS, read_rows
+    from prunekit.benchmarks.studies.full_eval import MASKS, read_rows
 
     return {(m["cell"], m["seed"]): m["removed"] for m in read_rows(out, MASKS)}
 
@@ -179,7 +179,7 @@ def markdown(record: dict, plots: list[Path] = ()) -> list[str]:
     dense = record["dense"]
     lines = ["## Full test sets (issues 13 and 14), SmolLM2-135M", ""]
     windows = dense["n_windows"] if dense else {}
-    lines += [f"`python -m prunekit.benchmarks.full_eval {' '.join(meta.get('argv', [])[1:])}` on "
+    lines += [f"`python -m prunekit.benchmarks.studies.full_eval {' '.join(meta.get('argv', [])[1:])}` on "
               f"{meta.get('cuda') or meta.get('device', '?')} ({meta.get('workers')} worker processes sharing it, "
               f"{meta.get('threads')} CPU threads each, torch {meta.get('torch')}, float32 "
               f"{'with TF32 matmuls' if meta.get('allow_tf32') else 'without TF32'}), "
@@ -288,7 +288,7 @@ def plots(record: dict, out: Path) -> list[Path]:
 
 def write_summary(out: Path, meta: dict | None = None, with_plots: bool = False) -> dict:
     """summary.json and summary.md of ``out`` (plots too when asked); returns the summary record."""
-    from prunekit.benchmarks.full_eval import RUN, SUMMARY_JSON, SUMMARY_MD
+    from prunekit.benchmarks.studies.full_eval import RUN, SUMMARY_JSON, SUMMARY_MD
 
     if (out / RUN).exists():
         run = json.loads((out / RUN).read_text())
@@ -311,7 +311,7 @@ def _atomic(path: Path, text: str) -> None:
 
 def render(out: Path) -> dict:
     """The ``--report DIR`` mode: summary and plots from a finished (or partial) results folder."""
-    from prunekit.benchmarks.full_eval import RUN
+    from prunekit.benchmarks.studies.full_eval import RUN
     from prunekit.errors import UserError
 
     if not (out / RUN).exists():

@@ -2,7 +2,7 @@
 compare the chosen one with uniform at equal parameters removed on PTB and WikiText-2 test (``--phase test``),
 evenly spaced windows, for each scoring method (``--methods taylor,moreau-gs``).
 
-``python -m prunekit.benchmarks.allocation_study --out DIR [--phase tune] [--windows 60] [--seeds 0,1]
+``python -m prunekit.benchmarks.studies.allocation_study --out DIR [--phase tune] [--windows 60] [--seeds 0,1]
 [--fractions 0.1,0.35] [--allocations uniform,uniform-mlp,measured+search,global]``; one
 JSON line per result in DIR/allocation-rows.jsonl (written as it goes), DIR/allocation-PHASE-METHOD.json at
 the end of each method.

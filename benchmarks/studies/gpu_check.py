@@ -1,6 +1,6 @@
 """GPU check: prune 7B/8B-shaped random-weight models with prunekit's API and report time and memory per stage.
 
-``python -m prunekit.benchmarks.gpu_check --device cuda --out gpu_check.json`` builds LLaMA-2-7B- and
+``python -m prunekit.benchmarks.studies.gpu_check --device cuda --out gpu_check.json`` builds LLaMA-2-7B- and
 Llama-3-8B-shaped models with random bf16 weights directly on the GPU (no download), and for each
 (shape, method) in its own process runs: groups (``api.build_groups``), random-token calibration batches,
 scoring (``api.score``), selection (``api.select``, default ratio), pruning (``api.apply``) and one
@@ -25,7 +25,7 @@ import traceback
 from importlib import metadata
 from typing import Any, Iterator
 
-MODULE = "prunekit.benchmarks.gpu_check"
+MODULE = "prunekit.benchmarks.studies.gpu_check"
 HEAVY = ("lm_eval", "datasets")  # absent on the GPU machine: the check must never import them
 VERSIONS = ("torch", "transformers", "torch-pruning", "accelerate", "pydantic", "pluggy", "prunekit")
 
@@ -64,7 +64,7 @@ class Stages:
     def save(self) -> None:
         """Write the record so far (the parent reads it even if this process dies later)."""
         if self.path:
-            from prunekit.benchmarks.isolated import write_json
+            from prunekit.benchmarks.studies.isolated import write_json
 
             write_json(self.path, self.record)
 
@@ -120,8 +120,8 @@ def run_one(spec: dict[str, Any], path: str | None) -> dict[str, Any]:
     import torch
 
     from prunekit import api
-    from prunekit.benchmarks.probes import DtypeProbe
-    from prunekit.benchmarks.shapes import build, model_bytes, shape
+    from prunekit.benchmarks.studies.probes import DtypeProbe
+    from prunekit.benchmarks.studies.shapes import build, model_bytes, shape
     from prunekit.data.sampling import RandomTokenSampler
     from prunekit.eval.perplexity import window_nll
 
@@ -213,7 +213,7 @@ def check(specs: list[dict[str, Any]], budget: float, run_timeout: float, out: s
     A run that fails, crashes or times out is recorded with its error and the stages it finished; the
     next one still runs. Runs that would start with under 30 s of the budget left are recorded as skipped.
     """
-    from prunekit.benchmarks.isolated import run_child, write_json
+    from prunekit.benchmarks.studies.isolated import run_child, write_json
 
     start = time.perf_counter()
     doc: dict[str, Any] = {"check": "prunekit gpu_check", "argv": argv,
@@ -243,7 +243,7 @@ def check(specs: list[dict[str, Any]], budget: float, run_timeout: float, out: s
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the check and print its JSON document (exit 1 when a run failed)."""
-    from prunekit.benchmarks.shapes import SHAPES
+    from prunekit.benchmarks.studies.shapes import SHAPES
     from prunekit.core.config import CalibrationConfig, RunConfig
 
     cal = CalibrationConfig()

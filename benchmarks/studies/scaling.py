@@ -1,4 +1,4 @@
-"""How scoring time and memory grow with model size on this CPU: ``python -m prunekit.benchmarks.scaling --out DIR``.
+"""How scoring time and memory grow with model size on this CPU: ``python -m prunekit.benchmarks.studies.scaling --out DIR``.
 
 For random-weight LLaMA-shaped models (SmolLM2-135M, SmolLM2-360M, Llama-3.2-1B shapes) in float32 and
 bfloat16, ``taylor`` and ``moreau-gs`` scoring (``prunekit.pipeline.stages.score``, today's code path) each run in a
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODULE = "prunekit.benchmarks.scaling"
+MODULE = "prunekit.benchmarks.studies.scaling"
 DEFAULT_SHAPES = ("smollm2-135m", "smollm2-360m", "llama3.2-1b")
 # calibration sequences per shape: the per-token figure is what is compared, so big shapes get few
 DEFAULT_SAMPLES = {"tiny": 4, "smollm2-135m": 8, "smollm2-360m": 4, "llama3.2-1b": 2}
@@ -44,10 +44,10 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     from prunekit import api
-    from prunekit.benchmarks.isolated import write_json
+    from prunekit.benchmarks.studies.isolated import write_json
     from prunekit.benchmarks.memory import PeakRSS
-    from prunekit.benchmarks.probes import DtypeProbe
-    from prunekit.benchmarks.shapes import build, model_bytes, shape
+    from prunekit.benchmarks.studies.probes import DtypeProbe
+    from prunekit.benchmarks.studies.shapes import build, model_bytes, shape
     from prunekit.data.sampling import RandomTokenSampler
 
     out: dict[str, Any] = {"spec": spec, "pid": os.getpid(), "loadavg_before": os.getloadavg()[0]}
@@ -106,7 +106,7 @@ def needed_bytes(shape_name: str, method: str) -> int:
     and salience) or 12 (moreau-gs: δ, W', running mean) bytes per prunable weight, and 1.5 GiB for
     activations and the interpreter. Checked against MemAvailable so a shared machine is never pushed into swap
     or the OOM killer."""
-    from prunekit.benchmarks.shapes import shape
+    from prunekit.benchmarks.studies.shapes import shape
     from prunekit.core.layers import default_layers
 
     s = shape(shape_name)
@@ -155,7 +155,7 @@ def table(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration in its own process, write scaling.json / scaling.md and print the table."""
-    p = argparse.ArgumentParser(prog="python -m prunekit.benchmarks.scaling", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m prunekit.benchmarks.studies.scaling", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="directory for scaling.json and scaling.md")
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
     p.add_argument("--dtypes", default=",".join(DTYPES))
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         p.error("--out DIR is required")
-    from prunekit.benchmarks.isolated import run_child, write_json
+    from prunekit.benchmarks.studies.isolated import run_child, write_json
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ equals the single-device mask, the pruned logits' largest difference, perplexity
 trip, and (``--device cuda``) the peak GPU memory of Taylor scoring with and without gradient checkpointing.
 Prints one JSON object (and writes it to ``--out``). A failed check is recorded, the others still run::
 
-    python benchmarks/devices_check.py --device cuda --out devices.json   # about a minute on one H200
-    python benchmarks/devices_check.py --device cpu                       # the same code path on the CPU
+    python benchmarks/studies/devices_check.py --device cuda --out devices.json   # about a minute on one H200
+    python benchmarks/studies/devices_check.py --device cpu                       # the same code path on the CPU
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Tables and the plot of the allocators-at-every-budget section of docs/benchmarks.md (issue 14): perplexity
 per allocation and parameter budget (per seed, mean, x uniform) and pruned/dense throughput per allocation.
 
-``python -m prunekit.benchmarks.allocation_budgets --rows ROWS.jsonl [--cost COST.json...] [--plot PNG]`` prints
+``python -m prunekit.benchmarks.studies.allocation_budgets --rows ROWS.jsonl [--cost COST.json...] [--plot PNG]`` prints
 the markdown; ``--collect DIR...`` first gathers the ``allocation-test-*.json`` records of allocation_study
 runs into ROWS.jsonl (one line per pruned model, plus one ``dense`` line per run).
 """
