@@ -24,7 +24,7 @@ from prunekit.errors import UserError
 from prunekit.io.load import DTYPES
 from prunekit.pipeline.checks import check_context, check_ratio
 from prunekit.pipeline.context import RunContext
-from prunekit.pipeline.plan import plan
+from prunekit.pipeline.plan import RunPlan, plan
 from prunekit.pipeline.stages import apply, build_groups, calibrate, calibration_seed
 from prunekit.plugin.host import PluginHost, get_host
 from prunekit.plugin.registry import Registry, get_registry
@@ -149,28 +149,48 @@ def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-g
                              source=getattr(model, "name_or_path", None) or None)
 
 
-def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig, *,
-                      registry: Registry | None = None, host: PluginHost | None = None,
-                      batches: list[torch.Tensor] | None = None, context: RunContext | None = None,
-                      source: str | None = None) -> PruneResult:
-    """:func:`prune` driven by a whole :class:`RunConfig` (the CLI's path); ``context`` lets a caller share
-    the run state (timings, hooks) with its own stages. Stages: groups, calibrate, score, select, prune, recover."""
-    host = host or get_host()
-    registry = registry or get_registry(host)
-    run_plan = plan(config, registry)
+@dataclass(frozen=True)
+class Prepared:
+    """A run checked against the loaded model: the validated plan, the config (the default allocator may fall
+    back to ``uniform``) and the decoder layers that become groups."""
+
+    run_plan: RunPlan
+    config: RunConfig
+    layers: range
+
+
+def prepare(model: torch.nn.Module, tokenizer: Any, config: RunConfig, registry: Registry,
+            batches: list[torch.Tensor] | None = None, run_plan: RunPlan | None = None) -> Prepared:
+    """Every check that needs the model, run once before any work (the CLI runs it before its 'before'
+    evaluation): plan, offload limits, layers, context length, tokenizer and calibration text."""
+    run_plan = run_plan or plan(config, registry)
     is_offloaded = bool(offloaded(model))
     check_offloaded_allocator(config, registry, is_offloaded)
     config = default_allocator_fallback(config, registry, tokenizer, batches, is_offloaded)
+    layers = pruned_layers(config, registry.adapter_for(model).num_layers, registry)
+    calibrates = run_plan.method.needs_calibration(run_plan.options) and batches is None
+    check_context(model, config, calibrates)
+    check_offloaded_run(model, config.method, run_plan.method.needs_calibration(run_plan.options), config.recovery.method)
+    if (calibrates or run_plan.recovery) and tokenizer is None:
+        raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
+    check_calibration_text(config, registry, tokenizer, batches)
+    return Prepared(run_plan, config, layers)
+
+
+def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig, *,
+                      registry: Registry | None = None, host: PluginHost | None = None,
+                      batches: list[torch.Tensor] | None = None, context: RunContext | None = None,
+                      source: str | None = None, prepared: Prepared | None = None) -> PruneResult:
+    """:func:`prune` driven by a whole :class:`RunConfig` (the CLI's path); ``context`` lets a caller share
+    the run state (timings, hooks) with its own stages, ``prepared`` the checks it already ran (:func:`prepare`).
+    Stages: groups, calibrate, score, select, prune, recover."""
+    host = host or get_host()
+    registry = registry or get_registry(host)
+    prepared = prepared or prepare(model, tokenizer, config, registry, batches)
+    run_plan, config, layers = prepared.run_plan, prepared.config, prepared.layers
     ctx = context or RunContext(config=config, registry=registry)
     ctx.config, ctx.model, ctx.tokenizer = config, model, tokenizer
     ctx.adapter = registry.adapter_for(model)
-    layers = pruned_layers(config, ctx.adapter.num_layers, registry)
-    check_context(model, config, run_plan.method.needs_calibration(run_plan.options) and batches is None)
-    check_offloaded_run(model, config.method, run_plan.method.needs_calibration(run_plan.options), config.recovery.method)
-    needs_tokenizer = (run_plan.method.needs_calibration(run_plan.options) and batches is None) or run_plan.recovery
-    if needs_tokenizer and tokenizer is None:
-        raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
-    check_calibration_text(config, registry, tokenizer, batches)
 
     with preserved(model):
         with ctx.stage("groups"):

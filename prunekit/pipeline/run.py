@@ -14,20 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import prunekit.data.tokens as token_cache
-from prunekit.allocation.plan import check_offloaded_allocator
 from prunekit.core.config import RunConfig
-from prunekit.core.layers import resolve_layers
 from prunekit.errors import EvaluationFailed
 from prunekit.eval.suite import eval_spec, evaluate_model, plugin_evaluators
 from prunekit.io.export import check_output_dir, save_pruned
 from prunekit.io.load import load_model
-from prunekit.pipeline.checks import check_context, check_sources
+from prunekit.pipeline.checks import check_sources
 from prunekit.pipeline.context import RunContext
 from prunekit.pipeline.plan import RunPlan, plan
-from prunekit.pipeline.prune import prune_with_config
+from prunekit.pipeline.prune import prepare, prune_with_config
 from prunekit.plugin.host import PluginHost, get_host
 from prunekit.plugin.registry import Registry, get_registry
-from prunekit.runtime.devices import check_offloaded_run, offloaded
 
 
 def output_dir(config: RunConfig) -> Path:
@@ -89,18 +86,15 @@ def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, 
                                                       device_map=config.device_map, max_memory=config.max_memory,
                                                       offload_folder=config.offload_folder)
     ctx.adapter = registry.adapter_for(ctx.model)
-    resolve_layers(ctx.adapter.num_layers, config.selection.layers)  # bad layers fail before the evaluation
-    check_context(ctx.model, config, run_plan.method.needs_calibration(run_plan.options))  # windows that fit the context
-    check_offloaded_run(ctx.model, config.method, run_plan.method.needs_calibration(run_plan.options),
-                        config.recovery.method)  # offload: no gradients, before the 'before' evaluation
-    check_offloaded_allocator(config, registry, offloaded(ctx.model))  # a named measuring allocator cannot probe it
+    # layers, context length, offload limits, tokenizer: refused before the 'before' evaluation, checked once
+    prepared = prepare(ctx.model, ctx.tokenizer, config, registry, run_plan=run_plan)
     metrics: dict[str, Any] = {}
     if config.evaluation.enabled:
         with ctx.stage("evaluate_before"):
             metrics["before"] = evaluate_before(ctx, evaluate, progress)
 
     result = prune_with_config(ctx.model, ctx.tokenizer, config, registry=registry, host=host, context=ctx,
-                                   source=source)
+                               source=source, prepared=prepared)
     failure: BaseException | None = None
     if config.evaluation.enabled:
         try:
