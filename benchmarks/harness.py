@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import prunekit.runtime.atomic as atomic
 from prunekit.benchmarks import cost, peer, quality, report, robustness, sweep
 from prunekit.benchmarks.machine import describe as describe_machine
 from prunekit.benchmarks.perturb import PERTURBATIONS
@@ -71,10 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def write_json(out: Path, name: str, record: dict) -> Path:
     """Write one run record atomically as ``out/name.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    path, tmp = out / f"{name}.json", out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(out / f"{name}.json", record, sort_keys=True)
 
 
 def _skipped(suite: str, method: str, reason: str) -> dict:

@@ -150,7 +150,7 @@ class Worker:
         batches, calibration = [], None
         started = time.perf_counter()
         if plan.method.needs_calibration(plan.options):
-            batches, calibration = api.calibrate(self.tokenizer, config.calibration, seed=api.calibration_seed(config))
+            batches, calibration = api.calibrate(self.tokenizer, config.calibration, seed=config.calibration_seed)
         timings["calibrate"] = time.perf_counter() - started
         self.sync()
         started = time.perf_counter()

@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from prunekit.runtime.atomic import write_text
 from prunekit.benchmarks.metrics import iou, summary
 
 SETS = ("ptb_validation", "ptb_test", "wikitext2_test")
@@ -295,18 +296,12 @@ def write_summary(out: Path, meta: dict | None = None, with_plots: bool = False)
         if meta is None:
             meta = run.get("meta")
         else:  # the run's latest settings and elapsed time, for a later --report
-            _atomic(out / RUN, json.dumps({**run, "meta": meta}, indent=1, default=str))
+            write_text(out / RUN, json.dumps({**run, "meta": meta}, indent=1, default=str))
     record = summarize(out, meta)
     made = plots(record, out) if with_plots else []
-    _atomic(out / SUMMARY_JSON, json.dumps(record, indent=1, default=str))
-    _atomic(out / SUMMARY_MD, "\n".join(markdown(record, made)) + "\n")
+    write_text(out / SUMMARY_JSON, json.dumps(record, indent=1, default=str))
+    write_text(out / SUMMARY_MD, "\n".join(markdown(record, made)) + "\n")
     return record
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def render(out: Path) -> dict:

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import prunekit.runtime.atomic as atomic
+
 
 def write_json(path: str | os.PathLike, record: Any) -> None:
     """Write ``record`` as JSON to ``path`` atomically (a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, record)
 
 
 def run_child(module: str, spec: dict[str, Any], timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def allocate_select(ctx, scores: list[torch.Tensor],
                 raise UserError("tokenizer: this allocator measures the calibration loss and needs a tokenizer")
             return batches_sample(batches, n_samples, seq_len)
         c = config.calibration
-        seed = config.seed if c.seed is None else c.seed
+        seed = config.calibration_seed
         ids, _ = calibration_batches(ctx.tokenizer, source=c.source, n_samples=n_samples, seq_len=seq_len,
                                      seed=seed + 1)  # probe windows apart from the scoring sample
         return list(ids.split(8))

@@ -8,11 +8,9 @@ SIGTERM. SIGTERM is turned into an exception so the same cleanup runs as for Ctr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -103,18 +101,10 @@ def check_eval_args(args: argparse.Namespace) -> None:
 
 def write_json_atomically(path: Path, data: Any) -> None:
     """Write ``data`` as JSON through a temporary file in the same folder, so ``path`` is never half-written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        from prunekit.io.safety import os_error
+    from prunekit.io.safety import os_error
+    from prunekit.runtime.atomic import write_json
 
+    try:
+        write_json(path, data)
+    except OSError as exc:
         raise os_error(exc, path) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -122,6 +122,11 @@ class RunConfig(_Strict):
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
+    @property
+    def calibration_seed(self) -> int:
+        """The calibration sample's seed: ``calibration.seed`` when set, else the run's ``seed``."""
+        return self.seed if self.calibration.seed is None else self.calibration.seed
+
     @field_validator("output", "model", "offload_folder", mode="before")
     @classmethod
     def _expand_home(cls, v: Any, info: Any) -> Any:

@@ -37,8 +37,7 @@ class CalibrationSampler:
     def from_config(cls, tokenizer: Any, config: Any) -> "CalibrationSampler":
         """The sampler of a :class:`prunekit.core.config.RunConfig`'s ``calibration`` section."""
         c = config.calibration
-        seed = config.seed if c.seed is None else c.seed  # the run seed unless calibration.seed is set
-        return cls(tokenizer, c.source, c.n_samples, c.seq_len, c.batch_size, seed)
+        return cls(tokenizer, c.source, c.n_samples, c.seq_len, c.batch_size, config.calibration_seed)
 
     def __call__(self, draw: int) -> tuple[list[torch.Tensor], dict]:
         """Batches of draw ``draw`` and their provenance (seed and window starts) for run.json."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from prunekit.runtime.assets import default_cache_root
+from prunekit.runtime.atomic import write_json
 
 KEY_VERSIONS = ("prunekit", "torch", "transformers", "lm_eval")
 # Config fields that say where or when a model was saved, not how it computes.
@@ -105,17 +105,8 @@ def write(key: str, metrics: dict[str, Any], root: str | os.PathLike | None = No
     """Store ``metrics`` under ``key`` atomically (a crash leaves no half-written entry)."""
     folder = cache_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{key}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics},
-                      handle, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return write_json(folder / f"{key}.json", {"created": created, "metrics": metrics}, indent=None)
 
 
 def cached_metrics(model: torch.nn.Module, tokenizer: Any, settings: dict[str, Any],

@@ -25,7 +25,7 @@ from prunekit.io.load import DTYPES
 from prunekit.pipeline.checks import check_context, check_ratio
 from prunekit.pipeline.context import RunContext
 from prunekit.pipeline.plan import RunPlan, plan
-from prunekit.pipeline.stages import apply, build_groups, calibrate, calibration_seed
+from prunekit.pipeline.stages import apply, build_groups, calibrate
 from prunekit.plugin.host import PluginHost, get_host
 from prunekit.plugin.registry import Registry, get_registry
 from prunekit.runtime.devices import check_offloaded_run, gradient_checkpointing, offloaded
@@ -200,7 +200,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
         calibration = None
         if run_plan.method.needs_calibration(run_plan.options) and batches is None:
             with ctx.stage("calibrate"):
-                batches, calibration = calibrate(tokenizer, config.calibration, seed=calibration_seed(config))
+                batches, calibration = calibrate(tokenizer, config.calibration, seed=config.calibration_seed)
         # K = config.stability calibration resamples, consensus when K > 1
         with ctx.stage("score"), gradient_checkpointing(model, config.calibration.gradient_checkpointing):
             scores, method_info = stability.score(ctx, run_plan.method, run_plan.options, batches or [])

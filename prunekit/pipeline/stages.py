@@ -54,11 +54,6 @@ def calibrate(tokenizer: Any, calibration: CalibrationConfig | dict | None = Non
     return list(ids.split(c.batch_size)), info
 
 
-def calibration_seed(config: RunConfig) -> int:
-    """The calibration sample's seed: ``calibration.seed`` when set, else the run's ``seed``."""
-    return config.seed if config.calibration.seed is None else config.calibration.seed
-
-
 def score(model: torch.nn.Module, groups: list[PruningGroup], method: str, batches: list[torch.Tensor] = (),
           *, options: BaseModel | dict | None = None, seed: int = 42,
           compute_dtype: torch.dtype | str | None = None,

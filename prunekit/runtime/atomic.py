@@ -1,0 +1,32 @@
+"""Atomic file writes: through a temporary file in the same folder and ``os.replace``, so a reader (or a crash)
+never sees half a file, with the mode an ordinary new file gets (the umask's, not mkstemp's 0600)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """Write ``data`` as JSON (non-JSON values as ``str``) to ``path`` atomically; returns the path."""
+    return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
