@@ -79,27 +79,18 @@ ALLOCATIONS: tuple[tuple[str, str, dict, str], ...] = (
 )
 
 
-def spaced_windows(ids, window: int, n_windows: int):
-    """``n_windows`` non-overlapping windows spread evenly over the whole token stream (not its start)."""
-    import torch
-
-    total = ids.numel() // window
-    picks = torch.linspace(0, total - 1, min(n_windows, total)).round().long().unique()
-    return ids[: total * window].view(total, window)[picks]
-
-
 def spaced_ppl(wb: Workbench, model, corpus: str, split: str, n_windows: int) -> float:
     """Perplexity on evenly spaced 128-token windows of a corpus split."""
     import math
 
     from prunekit.data.sources import load_text, token_ids
-    from prunekit.eval.perplexity import window_nll
+    from prunekit.eval.perplexity import token_windows, window_nll
     from prunekit.runtime.modelstate import eval_mode
 
     key = ("spaced", corpus, split, n_windows)
     if key not in wb.cache:
-        wb.cache[key] = spaced_windows(token_ids(wb.tokenizer, load_text(corpus, split)), wb.profile.ppl_window,
-                                       n_windows)
+        wb.cache[key] = token_windows(token_ids(wb.tokenizer, load_text(corpus, split)), wb.profile.ppl_window,
+                                      n_windows)
     windows, total, count = wb.cache[key], 0.0, 0
     import torch
 

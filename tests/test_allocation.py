@@ -206,14 +206,30 @@ def test_bad_allocator_option_fails_before_any_work(tiny_model_dir, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
-def test_benchmark_windows_are_spread_over_the_whole_split():
-    from prunekit.benchmarks.quality import spaced_windows
+def test_benchmark_windows_are_the_cli_windows_spread_over_the_whole_split(monkeypatch):
+    """The benchmarks' perplexity and the CLI's are computed on the same windows (one selection)."""
+    from prunekit.benchmarks import quality
+    from prunekit.eval.perplexity import token_windows
 
     ids = torch.arange(1000)
-    windows = spaced_windows(ids, 10, 5)
+    windows = token_windows(ids, 10, 5)
     assert windows.shape == (5, 10)
-    assert windows[0, 0] == 0 and windows[-1, 0] == 990  # first and last window of the split
-    assert torch.equal(windows[2], torch.arange(500, 510))  # window 50 of 0..99
+    assert [int(w[0]) for w in windows] == [100, 300, 500, 700, 900]  # the middle of each fifth of the split
+    seen = []
+
+    def window_nll(model, batch):
+        seen.append(batch)
+        return 1.0, batch.shape[0] * 9
+
+    class Wb:  # the workbench fields spaced_ppl reads
+        tokenizer, cache = None, {}
+        profile = type("P", (), {"ppl_window": 10, "ppl_batch": 8})
+
+    monkeypatch.setattr("prunekit.data.sources.load_text", lambda corpus, split: None)
+    monkeypatch.setattr("prunekit.data.sources.token_ids", lambda tok, text: ids)
+    monkeypatch.setattr("prunekit.eval.perplexity.window_nll", window_nll)
+    quality.spaced_ppl(Wb(), torch.nn.Linear(1, 1), "ptb", "test", 5)
+    assert torch.equal(torch.cat(seen), windows)
 
 
 def test_quality_suite_compares_allocators_at_equal_parameters(tiny_model_dir, tmp_path):

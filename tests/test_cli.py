@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from prunekit import hookimpl
 from prunekit.cli import main
-from prunekit.importance.base import Importance, Options
+from prunekit.importance.base import Importance
 from prunekit.io.export import load_pruned
 from prunekit.plugin.host import get_host
 

@@ -13,7 +13,6 @@ from prunekit.adapters.grouping import GrouperOptions, build_groups
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.builtin.moreau import (
     ElementProx,
-    InPlacePerturbedGradient,
     Moreau,
     MoreauOptions,
     ReferenceRowProx,

@@ -57,15 +57,10 @@ def eval_windows(tokenizer: Any, n_windows: int | None) -> dict[str, torch.Tenso
     """Per evaluation set, its non-overlapping 128-token windows: all of them, or ``n_windows`` evenly spaced
     (the same choice as ``prunekit.eval.perplexity.perplexity(max_windows=)``)."""
     from prunekit.data.sources import load_text, token_ids
-    from prunekit.eval.perplexity import spaced_windows
+    from prunekit.eval.perplexity import token_windows
 
-    out = {}
-    for key, corpus, split in SETS:
-        ids = token_ids(tokenizer, load_text(corpus, split))
-        available = ids.numel() // WINDOW
-        chosen = torch.tensor(spaced_windows(available, n_windows))
-        out[key] = ids[: available * WINDOW].view(available, WINDOW)[chosen]
-    return out
+    return {key: token_windows(token_ids(tokenizer, load_text(corpus, split)), WINDOW, n_windows)
+            for key, corpus, split in SETS}
 
 
 @torch.no_grad()

@@ -102,7 +102,7 @@ def in_child(*args: Any) -> dict[str, Any]:
 def quality(methods: list[str], ratio: float, n_windows: int, threads: int, seed: int = 42) -> list[dict[str, Any]]:
     """Per method: bf16-model vs float32-model scoring of the default model — removed IoU and PTB perplexity."""
     from prunekit import api
-    from prunekit.benchmarks.quality import spaced_windows
+    from prunekit.eval.perplexity import token_windows
     from prunekit.core.config import CalibrationConfig
     from prunekit.data.sampling import CalibrationSampler
     from prunekit.data.sources import load_text, token_ids
@@ -117,7 +117,7 @@ def quality(methods: list[str], ratio: float, n_windows: int, threads: int, seed
     batches, calibration = api.calibrate(tokenizer, seed=seed)
     c = CalibrationConfig()  # api.calibrate's sample; the sampler serves methods that resample
     sampler = CalibrationSampler(tokenizer, c.source, c.n_samples, c.seq_len, c.batch_size, seed)
-    windows = spaced_windows(token_ids(tokenizer, load_text("ptb", "test")), 128, n_windows)
+    windows = token_windows(token_ids(tokenizer, load_text("ptb", "test")), 128, n_windows)
 
     def ppl(model: torch.nn.Module) -> float:
         total = count = 0

@@ -30,9 +30,7 @@ def feasible_counts(group: PruningGroup, round_to: int = 1) -> list[int]:
     widths stay a multiple of ``round_to`` when the width is one.
     """
     if group.partition is not None:
-        n_parts = len(group.partition.unique())
-        per_part = group.n_units // n_parts
-        return [n_parts * k for k in range(per_part)]
+        return [group.n_parts * k for k in range(group.units_per_part)]
     step = round_to if (group.unit == "channel" and round_to > 1 and group.n_units % round_to == 0) else 1
     return list(range(0, group.n_units - step + 1, step))
 
@@ -58,10 +56,9 @@ def ratio_counts(groups: list[PruningGroup], ratio: float, round_to: int = 1) ->
                 keep = max(multiple, int(round(keep / multiple)) * multiple)
             counts.append(g.n_units - max(1, min(g.n_units, keep)))
         else:
-            n_parts = len(g.partition.unique())
-            per_part = g.n_units // n_parts
+            per_part = g.units_per_part
             keep = per_part - int(math.floor(ratio * per_part + 0.5))
-            counts.append(n_parts * (per_part - max(1, min(per_part, keep))))
+            counts.append(g.n_parts * (per_part - max(1, min(per_part, keep))))
     return counts
 
 

@@ -55,6 +55,16 @@ class PruningGroup:
     followers: tuple[CoupledSlice, ...] = ()
     meta: dict = field(default_factory=dict)
 
+    @property
+    def n_parts(self) -> int:
+        """How many partitions lose units alike (KV groups under GQA); 1 when units are selected freely."""
+        return 1 if self.partition is None else len(self.partition.unique())
+
+    @property
+    def units_per_part(self) -> int:
+        """Units in each partition (query heads per KV group; every unit when there is no partition)."""
+        return self.n_units // self.n_parts
+
     def channels_of(self, units: torch.Tensor, slice_: CoupledSlice) -> torch.Tensor:
         """Flat, sorted channel indices of ``slice_`` owned by ``units``."""
         return slice_.channels[units].reshape(-1).sort().values

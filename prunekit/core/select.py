@@ -28,7 +28,7 @@ def removal(group: PruningGroup, scores: torch.Tensor, n_remove: int) -> torch.T
         removed = _lowest(scores, n_remove)
     else:
         parts = group.partition.unique()
-        per_part = min(n_remove // len(parts), int((group.partition == parts[0]).sum()) - 1)
+        per_part = min(n_remove // len(parts), group.units_per_part - 1)
         removed = torch.cat([
             torch.nonzero(group.partition == p).flatten()[_lowest(scores[group.partition == p], per_part)]
             for p in parts
@@ -79,6 +79,5 @@ def global_counts(groups: list[PruningGroup], scores: list[torch.Tensor], ratio:
             counts[i] = min(counts[i], groups[i].n_units - 1)
     for i, g in enumerate(groups):
         if g.partition is not None:
-            n_parts = len(g.partition.unique())
-            counts[i] = min(counts[i] // n_parts, g.n_units // n_parts - 1) * n_parts
+            counts[i] = min(counts[i] // g.n_parts, g.units_per_part - 1) * g.n_parts
     return counts

@@ -52,6 +52,14 @@ def spaced_windows(available: int, wanted: int | None) -> list[int]:
     return [((2 * i + 1) * available) // (2 * wanted) for i in range(wanted)]
 
 
+def token_windows(ids: torch.Tensor, window: int, max_windows: int | None = None) -> torch.Tensor:
+    """The non-overlapping ``window``-token windows of a token stream [N] as a tensor [W, window]: all of them,
+    or ``max_windows`` chosen by :func:`spaced_windows`. The CLI, the API and the benchmarks all use this cut."""
+    available = ids.numel() // window
+    chosen = torch.tensor(spaced_windows(available, max_windows), dtype=torch.long)
+    return ids[: available * window].view(available, window)[chosen]
+
+
 def mean_stderr(values: Sequence[float]) -> float | None:
     """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); None below two values."""
     n = len(values)
@@ -80,9 +88,8 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, text_or_source: str | Tex
     available = ids.numel() // window
     if available < 1:
         raise UserError(f"{text.source}: {ids.numel()} tokens is less than one window of {window}")
-    chosen = spaced_windows(available, max_windows)
-    windows = ids[: available * window].view(available, window)[torch.tensor(chosen)]
-    n_windows, per_window = len(chosen), window - 1
+    windows = token_windows(ids, window, max_windows)
+    n_windows, per_window = len(windows), window - 1
     sums: list[float] = []
     started = time.perf_counter()
     with eval_mode(model), progress_bar(progress) as bar:

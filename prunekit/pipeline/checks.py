@@ -56,30 +56,25 @@ def check_ratio(groups: list[PruningGroup], config: Any) -> list[str]:
         return []
     counts = ratio_counts(groups, ratio, config.selection.round_to)
     if not any(counts):
-        smallest = min(groups, key=lambda g: g.n_units // _parts(g))
-        need = 0.5 / (smallest.n_units // _parts(smallest))
+        smallest = min(groups, key=lambda g: g.units_per_part)
+        need = 0.5 / (smallest.units_per_part)
         raise UserError(f"ratio: {ratio} rounds to removing nothing in every pruned group (e.g. {smallest.name}: "
-                        f"{smallest.n_units // _parts(smallest)} {smallest.unit}s per partition); accepted: >= {need:.4g}")
+                        f"{smallest.units_per_part} {smallest.unit}s per partition); accepted: >= {need:.4g}")
     notes = []
     for kind in sorted({g.kind for g in groups}):
         whole = [g for g, c in zip(groups, counts) if g.kind == kind and c == 0]
         if whole:
             g = whole[0]
             notes.append(f"ratio {ratio} removes no {g.unit} from the {kind} of {len(whole)} layer(s) "
-                         f"({g.n_units // _parts(g)} per {'KV group' if _parts(g) > 1 else 'layer'} rounds to 0)")
+                         f"({g.units_per_part} per {'KV group' if g.n_parts > 1 else 'layer'} rounds to 0)")
         full = [g for g, c in zip(groups, counts) if g.kind == kind and c > 0
-                and math.floor(ratio * (g.n_units // _parts(g)) + 0.5) >= g.n_units // _parts(g)]
+                and math.floor(ratio * (g.units_per_part) + 0.5) >= g.units_per_part]
         if full:
             notes.append(f"ratio {ratio} would empty the {kind} of {len(full)} layer(s); one unit per "
-                         f"{'KV group' if _parts(full[0]) > 1 else 'layer'} is kept")
+                         f"{'KV group' if full[0].n_parts > 1 else 'layer'} is kept")
     for note in notes:
         print(f"prunekit: note: {note}", file=sys.stderr)
     return notes
-
-
-def _parts(group: PruningGroup) -> int:
-    """Partitions of a group (KV groups for query heads under GQA), 1 when unpartitioned."""
-    return 1 if group.partition is None else len(group.partition.unique())
 
 
 def check_sources(config: Any, needs_calibration: bool, recovery_options: Any = None) -> None:
