@@ -88,7 +88,7 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, text_or_source: str | Tex
     available = ids.numel() // window
     if available < 1:
         raise UserError(f"{text.source}: {ids.numel()} tokens is less than one window of {window}")
-    windows = token_windows(ids, window, max_windows)
+    windows, chosen = token_windows(ids, window, max_windows), spaced_windows(available, max_windows)
     n_windows, per_window = len(windows), window - 1
     sums: list[float] = []
     started = time.perf_counter()
