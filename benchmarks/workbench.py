@@ -18,6 +18,7 @@ from prunekit.adapters.base import Adapter
 from prunekit.adapters.grouping import GrouperOptions
 from prunekit.benchmarks.profiles import Profile
 from prunekit.core.groups import PruningGroup
+from prunekit.core.layers import resolve_layers
 from prunekit.data.sampling import CalibrationSampler
 from prunekit.data.sources import Text, load_text
 from prunekit.eval.perplexity import perplexity
@@ -41,7 +42,7 @@ class Workbench:
 
     def __post_init__(self) -> None:
         """Resolve the default layer range for this model (the one ``prunekit.prune`` uses)."""
-        self.layers = api.resolve_layers(self.adapter(self.model).num_layers, None)
+        self.layers = resolve_layers(self.adapter(self.model).num_layers, None)
 
     @classmethod
     def open(cls, model: str | None, profile: Profile, device: str = "cpu") -> "Workbench":

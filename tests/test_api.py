@@ -178,18 +178,3 @@ def test_prune_on_cuda_in_half_precision():
     assert _state(model) == state and result.reduction["params_after"] < result.reduction["params_before"]
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(12, device="cuda").view(1, 12)).logits).all()
-
-
-def test_pipeline_shims_delegate_to_the_api():
-    from prunekit import api
-    from prunekit.core.config import RunConfig
-    from prunekit.pipeline.context import RunContext
-    from prunekit.pipeline.run import score_groups
-    from prunekit.plugin.registry import get_registry
-
-    model, registry = make_tiny_llama(4, 2), get_registry()
-    groups = api.build_groups(model, (0, 4), registry=registry)
-    ctx = RunContext(config=RunConfig(method="magnitude"), registry=registry, model=model, groups=groups)
-    old, _ = score_groups(ctx, registry.method("magnitude"), None, [])
-    new, _ = api.score(model, groups, "magnitude")
-    assert all(torch.equal(a, b) for a, b in zip(old, new))

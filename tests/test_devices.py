@@ -14,6 +14,7 @@ from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from prunekit import api
 from prunekit.cli import main
+from prunekit.core.config import RunConfig
 from prunekit.errors import UserError
 from prunekit.runtime.devices import (
     check_device,
@@ -77,7 +78,7 @@ def _cpu_hooked(model):
 
 @pytest.mark.parametrize("value", ["cpu", "cuda", "cuda:0", "cuda:12"])
 def test_device_strings_accepted_by_the_config(value):
-    assert api.RunConfig(device=value).device == value
+    assert RunConfig(device=value).device == value
 
 
 @pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:-1", "CUDA", "cpu:0", "", "mps"])

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunekit.cli import main
 from prunekit.core.config import resolve_config
-from prunekit.pipeline.run import calibration_batches
+from prunekit.pipeline.stages import calibrate
 from prunekit.plugin.registry import get_registry
 from prunekit.plugin.testing import zero_removed_inputs
 
@@ -21,6 +21,11 @@ pytest.importorskip("prunekit_activation_methods", reason="scripts/setup.sh inst
 CONFIG = ("selection:\n  layers: [0, 4]\ncalibration:\n  n_samples: 4\n  seq_len: 16\n"
           "allocation:\n  name: uniform\n")  # every layer alike: uniform shapes, plain from_pretrained
 PROVIDER = "prunekit-activation-methods"
+
+
+def _calibrate(tokenizer, config):
+    """A run's calibration batches and provenance, as the pipeline draws them."""
+    return calibrate(tokenizer, config.calibration, seed=config.calibration_seed)
 
 
 def _run(tiny_model_dir, tmp_path, method, *options):
@@ -61,7 +66,7 @@ def test_flap_bias_is_the_removed_channels_mean_contribution(tiny_model_dir, tmp
     out, manifest = _run(tiny_model_dir, tmp_path, "flap")
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    batches, _ = calibration_batches(tokenizer, resolve_config({"calibration": {"n_samples": 4, "seq_len": 16}}, {}))
+    batches, _ = _calibrate(tokenizer, resolve_config({"calibration": {"n_samples": 4, "seq_len": 16}}, {}))
     groups = build_groups(original, LlamaAdapter(original), range(4), GrouperOptions())
     stats = ScoringContext(original, groups, batches).activation_stats()
     kept = [torch.tensor(manifest["mask"][g.name]["kept"]) for g in groups]

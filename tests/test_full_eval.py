@@ -16,6 +16,7 @@ import yaml
 from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from prunekit.benchmarks.studies import full_eval, full_grid, full_report
+from prunekit.pipeline.plan import plan
 
 CALIB = {"n_samples": 4, "seq_len": 32}
 MLP = {"options": {"prune_attention": False}}
@@ -179,13 +180,12 @@ def test_composed_stages_equal_prune_with_config(tiny_dir, tmp_path, one_thread)
 
 
 def test_grid_cells_are_valid_run_configs():
-    from prunekit import api
     from prunekit.plugin.registry import get_registry
 
     cells = full_grid.cells(["issue13", "issue14"])
     assert len(cells) == 9 + 5 * 2 * 2 and len({c["id"] for c in cells}) == len(cells)  # 9 sweep points; 5 allocators x 2 methods x 2 budgets
     for cell in cells:
-        api.plan(full_grid.run_config(cell, 0, "cpu"), get_registry())
+        plan(full_grid.run_config(cell, 0, "cpu"), get_registry())
     tasks = full_eval.plan_tasks(cells, [0, 1, 2], set(), False, "cpu")
     assert tasks[0]["kind"] == "dense"
     first_tier1 = next(i for i, t in enumerate(tasks) if t["kind"] == "cells" and t["cells"][0]["tier"] == 1)

@@ -16,7 +16,12 @@ from prunekit.errors import UserError
 from prunekit.importance.base import ScoringContext, accumulate_gradients
 from prunekit.importance.finite import check_weights_finite
 from prunekit.io.export import atomic_directory
-from prunekit.pipeline.run import calibration_batches
+from prunekit.pipeline.stages import calibrate
+
+
+def _calibrate(tokenizer, config):
+    """A run's calibration batches and provenance, as the pipeline draws them."""
+    return calibrate(tokenizer, config.calibration, seed=config.calibration_seed)
 
 
 def _prunekit_dir(path, files=("model.safetensors",)):
@@ -141,10 +146,10 @@ class _Tok:
 
 def test_run_seed_drives_calibration_unless_calibration_seed_is_set():
     tok = _Tok()
-    a = calibration_batches(tok, resolve_config({"seed": 1}, {}))[1]
-    b = calibration_batches(tok, resolve_config({"seed": 2}, {}))[1]
+    a = _calibrate(tok, resolve_config({"seed": 1}, {}))[1]
+    b = _calibrate(tok, resolve_config({"seed": 2}, {}))[1]
     assert (a["seed"], b["seed"]) == (1, 2) and a["starts"] != b["starts"]
-    pinned = [calibration_batches(tok, resolve_config({"seed": s, "calibration": {"seed": 5}}, {}))[1] for s in (1, 2)]
+    pinned = [_calibrate(tok, resolve_config({"seed": s, "calibration": {"seed": 5}}, {}))[1] for s in (1, 2)]
     assert pinned[0]["starts"] == pinned[1]["starts"] and pinned[0]["seed"] == 5
 
 
@@ -217,3 +222,16 @@ def test_eval_json_is_written_whole_with_plain_permissions(tmp_path):
     assert json.loads(target.read_text()) == {"ppl": 1.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
     assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_saved_model_files_have_the_permissions_of_the_other_files(tmp_path):
+    """safetensors writes 0600; every saved file must get what a plain open() gives (colleagues can read it)."""
+    from prunekit.io.export import save_pruned
+
+    out = tmp_path / "out"
+    save_pruned(make_tiny_llama(4, 2), None, out, {"config": {}})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and len(set(modes.values())) == 1, modes
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes["run.json"] == 0o666 & ~umask and (out.stat().st_mode & 0o777) == 0o777 & ~umask

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from prunekit.pipeline.plan import plan
 from prunekit.benchmarks.studies import full_grid
 
 # Everything a run writes into DIR: few flat files, so a results folder travels whole (e.g. back from a
@@ -166,7 +167,7 @@ class Worker:
         from prunekit.pipeline.context import RunContext
 
         first = full_grid.run_config(cells[0], seed, self.args["device"])
-        plan = api.plan(first, self.registry)
+        plan = plan(first, self.registry)
         ctx = RunContext(config=first, registry=self.registry, model=self.model, tokenizer=self.tokenizer,
                          adapter=self.registry.adapter_for(self.model))
         started = time.perf_counter()
@@ -309,7 +310,7 @@ def validate(cells: list[dict], device: str) -> None:
     registry = get_registry()
     for cell in cells:
         try:
-            api.plan(full_grid.run_config(cell, 0, device), registry)
+            plan(full_grid.run_config(cell, 0, device), registry)
         except UserError as exc:
             raise UserError(f"cell {cell['id']}: {exc}" if not str(exc).startswith("cell ") else str(exc)) from None
 

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ratio", type=float, help="fraction of attention units and MLP channels removed per pruned layer")
     run.add_argument("--params-removed", type=float, metavar="F",
                      help="fraction of ALL parameters to remove (met from below; overrides --ratio as the budget)")
-    run.add_argument("--allocator", help="where the removal goes: uniform (default), global, measured "
+    run.add_argument("--allocator", help="where the removal goes: measured (default), uniform, global "
                                          "(see docs/allocation.md)")
     run.add_argument("--output", type=Path, help="output directory (default ./pruned-METHOD)")
     run.add_argument("--config", type=Path, help="YAML or TOML run config; flags override it")

@@ -69,6 +69,7 @@ def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
                 raise EnvironmentFault(f"output: writing {output} failed (no space left on device); "
                                        f"nothing was saved") from None
             raise
+        safety.fix_mode(scratch)  # the files written into it, with ordinary permissions
         safety.pause_point("save:publish")
         old = safety.publish(scratch, output)
         safety.pause_point("save:published")

@@ -247,10 +247,13 @@ def publish(scratch: Path, output: Path) -> Path | None:
 
 
 def fix_mode(scratch: Path) -> None:
-    """``mkdtemp`` makes 0700 folders; give the output the permissions a plain ``mkdir`` would."""
+    """``mkdtemp`` makes 0700 folders and some writers (safetensors) 0600 files; give the folder and every file
+    in it the permissions a plain ``mkdir`` and ``open`` would, so colleagues can read a shared output."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(scratch, 0o777 & ~umask)
+    for path in scratch.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # ------------------------------------------------------------------------------------------ disk space
