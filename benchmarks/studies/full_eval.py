@@ -167,14 +167,14 @@ class Worker:
         from prunekit.pipeline.context import RunContext
 
         first = full_grid.run_config(cells[0], seed, self.args["device"])
-        plan = plan(first, self.registry)
+        run_plan = plan(first, self.registry)
         ctx = RunContext(config=first, registry=self.registry, model=self.model, tokenizer=self.tokenizer,
                          adapter=self.registry.adapter_for(self.model))
         started = time.perf_counter()
         layers = pruned_layers(first, ctx.adapter.num_layers)
-        ctx.groups = api.build_groups(self.model, layers, plan.grouper, self.registry)
+        ctx.groups = api.build_groups(self.model, layers, run_plan.grouper, self.registry)
         groups_seconds = time.perf_counter() - started
-        scores, info, score_timings = self.scores(ctx, plan, first)
+        scores, info, score_timings = self.scores(ctx, run_plan, first)
         for i, cell in enumerate(cells):
             if i and deadline is not None and time.time() > deadline:
                 self.emit("log", f"deadline: {cell['id']} seed {seed} not run")

@@ -120,6 +120,7 @@ def run_one(spec: dict[str, Any], path: str | None) -> dict[str, Any]:
     import torch
 
     from prunekit import api
+    from prunekit.io.load import DTYPES
     from prunekit.benchmarks.studies.probes import DtypeProbe
     from prunekit.benchmarks.studies.shapes import build, model_bytes, shape
     from prunekit.data.sampling import RandomTokenSampler
@@ -136,7 +137,7 @@ def run_one(spec: dict[str, Any], path: str | None) -> dict[str, Any]:
         record["environment"] = environment(device)
         s = shape(spec["shape"])
         record["shape_numbers"] = s.describe()
-        dtype = api.DTYPES[spec["dtype"]]
+        dtype = DTYPES[spec["dtype"]]
         with stage("startup"):  # lazy imports and the CUDA context, so "build" times only the model
             from transformers import LlamaForCausalLM  # noqa: F401
             torch.ones(1, device=device).add_(1)

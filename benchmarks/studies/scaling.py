@@ -44,6 +44,7 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     from prunekit import api
+    from prunekit.io.load import DTYPES
     from prunekit.benchmarks.studies.isolated import write_json
     from prunekit.benchmarks.memory import PeakRSS
     from prunekit.benchmarks.studies.probes import DtypeProbe
@@ -52,7 +53,7 @@ def measure(spec: dict[str, Any], record_path: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {"spec": spec, "pid": os.getpid(), "loadavg_before": os.getloadavg()[0]}
     s = shape(spec["shape"])
-    dtype = api.DTYPES[spec["dtype"]]
+    dtype = DTYPES[spec["dtype"]]
     start = time.perf_counter()
     model = build(s, "cpu", dtype, seed=spec["seed"])
     out["build_seconds"] = round(time.perf_counter() - start, 3)
