@@ -195,7 +195,7 @@ class ThrowAwayEvaluator:
 def test_evaluator_options_are_validated_and_recorded(live_plugin):
     from conftest import make_tiny_llama, make_tiny_tokenizer
 
-    from prunekit.eval.spec import EvalSpec
+    from prunekit.core.evaluation import EvalSpec
     from prunekit.eval.suite import evaluate_model
 
     live_plugin(ThrowAwayEvaluator(), "throwaway-evaluator")

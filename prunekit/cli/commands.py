@@ -109,8 +109,8 @@ def _parse_options(pairs: list[str]) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     from prunekit.core.config import read_config_file, resolve_config
     from prunekit.eval.report import print_run_summary
-    from prunekit.io.safety import expand_path
     from prunekit.pipeline.run import run
+    from prunekit.runtime.paths import expand_path
 
     file_values = read_config_file(expand_path(args.config, "--config")) if args.config else {}
     overrides = {"method": args.method, "model": args.model, "ratio": args.ratio, "output": args.output,
@@ -195,8 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from prunekit.core.config import read_config_file, resolve_config
-    from prunekit.io.safety import expand_path
     from prunekit.pipeline.recover import finish_distributed, recover_checkpoint
+    from prunekit.runtime.paths import expand_path
 
     file_values = read_config_file(expand_path(args.config, "--config")) if args.config else {}
     recovery = dict(file_values.get("recovery", {}))

@@ -77,7 +77,7 @@ def guarded(command: Callable[[], int]) -> int:
 
 def check_eval_args(args: argparse.Namespace) -> None:
     """``prunekit eval`` flags that can be refused before a model is loaded (``~`` expanded in place)."""
-    from prunekit.io.safety import expand_path
+    from prunekit.runtime.paths import expand_path
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit: {args.limit} is not a number of examples; accepted: an integer >= 1 "

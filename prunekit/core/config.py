@@ -10,9 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prunekit.core.component_config import GrouperConfig
+from prunekit.core.evaluation import EvalSpec
 from prunekit.data.sources import SOURCES
 from prunekit.errors import UserError
-from prunekit.eval.spec import EvalSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,7 +132,7 @@ class RunConfig(_Strict):
     def _expand_home(cls, v: Any, info: Any) -> Any:
         """``~/x`` means the home folder here too (YAML/TOML values and quoted flags are not shell-expanded)."""
         if isinstance(v, (str, Path)) and str(v).startswith("~"):
-            from prunekit.io.safety import expand_path
+            from prunekit.runtime.paths import expand_path
 
             try:
                 return type(v)(expand_path(v, info.field_name))

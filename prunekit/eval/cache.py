@@ -27,7 +27,7 @@ KEY_VERSIONS = ("prunekit", "torch", "transformers", "lm_eval")
 # Config fields that say where or when a model was saved, not how it computes.
 VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype")
 # what computes the metrics (perplexity, zero-shot, the suite) and the text they read
-CODE_FILES = ("eval/perplexity.py", "eval/zero_shot.py", "eval/spec.py", "eval/suite.py", "data/sources.py",
+CODE_FILES = ("eval/perplexity.py", "eval/zero_shot.py", "core/evaluation.py", "eval/suite.py", "data/sources.py",
               "data/text.py", "data/tokens.py")
 CHUNK = 1 << 26  # hash big tensors 64 MiB at a time
 

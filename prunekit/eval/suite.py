@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ValidationError
 
+from prunekit.core.evaluation import EvalSpec
 from prunekit.core.validation import format_validation_error
 from prunekit.errors import UserError
 from prunekit.eval.perplexity import perplexity
-from prunekit.eval.spec import EvalSpec
 from prunekit.eval.zero_shot import zero_shot
 from prunekit.runtime.modelstate import eval_mode
 
@@ -62,7 +62,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None
 
 
 def eval_spec(spec: EvalSpec | dict | None = None, **fields: Any) -> EvalSpec:
-    """An :class:`prunekit.eval.spec.EvalSpec` from a spec, a dict and/or keywords, validated (UserError)."""
+    """An :class:`prunekit.core.evaluation.EvalSpec` from a spec, a dict and/or keywords, validated (UserError)."""
     if isinstance(spec, EvalSpec) and not fields:
         return spec
     values = {**(spec.model_dump() if isinstance(spec, BaseModel) else dict(spec or {})), **fields}

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 import prunekit.runtime.assets as assets
+from prunekit.core.evaluation import ZERO_SHOT_TASKS
 from prunekit.data.sources import hub_offline
 from prunekit.errors import UserError
-from prunekit.eval.spec import ZERO_SHOT_TASKS
 from prunekit.runtime.devices import input_device
 from prunekit.runtime.modelstate import eval_mode
 

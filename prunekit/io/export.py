@@ -23,6 +23,7 @@ import torch
 import prunekit.io.safety as safety
 from prunekit.errors import EnvironmentFault, UserError
 from prunekit.io.remote_code import write_remote_code
+from prunekit.runtime.paths import expand_path
 
 
 def check_output_dir(output: Path, overwrite: bool, model_source: str | None = None) -> None:
@@ -33,7 +34,7 @@ def check_output_dir(output: Path, overwrite: bool, model_source: str | None = N
 
         model_source = str(default_cache_root())
     safety.check_output(output, overwrite, model_source)
-    safety.claim(safety.expand_path(output, "output"))
+    safety.claim(expand_path(output, "output"))
 
 
 @contextmanager
@@ -44,7 +45,7 @@ def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
     output; the swap is atomic (the path always names a complete directory). The lock on ``output`` is
     released at the end, success or not.
     """
-    output = safety.expand_path(output, "output")
+    output = expand_path(output, "output")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -88,7 +89,7 @@ def save_pruned(model, tokenizer, output: Path, manifest: dict[str, Any], overwr
     """
     if overwrite is None:
         overwrite = bool(manifest.get("config", {}).get("overwrite", False))
-    output = safety.expand_path(output, "output")
+    output = expand_path(output, "output")
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     safety.check_space(output, int(weights * 1.05) + 2**20, "the pruned model")
     with quiet_transformers(), atomic_directory(output, overwrite=overwrite) as scratch:

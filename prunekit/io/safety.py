@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from prunekit.errors import EnvironmentFault, UserError
+from prunekit.runtime.paths import expand_path
 
 MANIFEST = "run.json"
 SCRATCH_TAGS = ("partial", "old")
@@ -39,17 +40,6 @@ _held: dict[Path, int] = {}  # output -> fd of its lock file, while this process
 # ---------------------------------------------------------------------------------------------- paths
 
 
-def expand_path(value: str | os.PathLike, field: str) -> Path:
-    """``~`` and ``~user`` expanded as a shell would; an unknown user is a one-line error naming the field."""
-    text = os.fspath(value)
-    if not text.strip():
-        raise UserError(f"{field}: empty path; give a directory")
-    if "\x00" in text:
-        raise UserError(f"{field}: path contains a NUL byte")
-    path = Path(os.path.expanduser(text)) if text.startswith("~") else Path(text)
-    if str(path).startswith("~"):
-        raise UserError(f"{field}: cannot expand {text!r} (no such user); write the full path")
-    return path
 
 
 def _absolute(path: Path) -> Path:

@@ -55,8 +55,9 @@ def recover_checkpoint(source: str, output: Path, config: RunConfig, registry: A
     from prunekit.core.versions import package_versions
     from prunekit.io.export import save_pruned
     from prunekit.io.load import load_model
-    from prunekit.io.safety import check_output, claim, expand_path
+    from prunekit.io.safety import check_output, claim
     from prunekit.plugin.registry import get_registry
+    from prunekit.runtime.paths import expand_path
 
     if not str(source).strip() or not Path(source).is_dir():
         raise UserError(f"recover: {source!r} is not a directory; give a pruned checkpoint folder")
