@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from prunekit.builtin.lora_unshard import ModuleTree
+from prunekit.builtin.lora.unshard import ModuleTree
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ def test_wheel_installs_nothing_but_prunekit(wheel_site):
     names = zipfile.ZipFile(wheel).namelist()
     name, version = wheel.name.split("-")[:2]
     assert {n.split("/")[0] for n in names} == {"prunekit", f"{name}-{version}.dist-info"}
-    for packaged in ("prunekit/builtin/moreau.py", "prunekit/benchmarks/harness.py",
+    for packaged in ("prunekit/builtin/moreau/__init__.py", "prunekit/benchmarks/harness.py",
                      "prunekit/templates/modeling_prunekit.py", "prunekit/templates/configuration_prunekit.py"):
         assert packaged in names
 

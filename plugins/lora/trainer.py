@@ -135,7 +135,7 @@ def train(peft_model: torch.nn.Module, args: Any, examples: list[list[int]],
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from prunekit.builtin.lora_unshard import ModuleTree
+    from prunekit.builtin.lora.unshard import ModuleTree
 
     EpochLosses, RichBar = _callbacks()
     losses = EpochLosses()

@@ -293,14 +293,14 @@ class LoraRecovery:
 
     def arguments(self, output_dir: str, seed: int, dtype: torch.dtype, device: torch.device) -> Any:
         """The ``TrainingArguments`` of the recipe: options passed through, precision from the model's dtype."""
-        from prunekit.builtin.lora_trainer import recipe_arguments
+        from prunekit.builtin.lora.trainer import recipe_arguments
 
         return recipe_arguments(self.options, output_dir, seed, dtype, use_cpu=self.trains_on_cpu(device))
 
     def _train(self, peft_model: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int,
                dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        """Run the Trainer (see :func:`prunekit.builtin.lora_trainer.train` for what it returns)."""
-        from prunekit.builtin.lora_trainer import train
+        """Run the Trainer (see :func:`prunekit.builtin.lora.trainer.train` for what it returns)."""
+        from prunekit.builtin.lora.trainer import train
 
         with tempfile.TemporaryDirectory(prefix="prunekit-lora-") as scratch:  # the Trainer wants one; nothing is saved
             args = self.arguments(scratch, seed, dtype, device)
