@@ -75,9 +75,12 @@ def test_wheel_installs_nothing_but_prunekit(wheel_site):
     names = zipfile.ZipFile(wheel).namelist()
     name, version = wheel.name.split("-")[:2]
     assert {n.split("/")[0] for n in names} == {"prunekit", f"{name}-{version}.dist-info"}
-    for packaged in ("prunekit/builtin/moreau/__init__.py", "prunekit/benchmarks/harness.py",
-                     "prunekit/templates/modeling_prunekit.py", "prunekit/templates/configuration_prunekit.py"):
+    for packaged in ("prunekit/builtin/moreau/__init__.py", "prunekit/builtin/lora/trainer.py",
+                     "prunekit/benchmarks/harness.py", "prunekit/io/templates/modeling_prunekit.py",
+                     "prunekit/io/templates/configuration_prunekit.py", "prunekit/data/corpora/wikitext-2-v1/test.txt",
+                     "prunekit/core/config.py", "prunekit/cli/__main__.py"):
         assert packaged in names
+    assert not [n for n in names if "/studies/" in n or "/results/" in n]  # studies and raw results stay out
 
 
 def test_wheel_sees_every_builtin_method_beside_a_local_plugins_package(wheel_site, tmp_path):
