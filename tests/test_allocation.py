@@ -295,6 +295,7 @@ def test_measured_without_tokenizer_fails_early_or_uses_the_given_batches():
     assert result.allocation["allocator"] == "measured" and 0 < result.allocation["params_removed_fraction"] <= 0.2
 
 
+@pytest.mark.study
 def test_allocation_study_tunes_and_measures_throughput_per_allocation(tiny_model_dir, tmp_path):
     from prunekit.benchmarks.studies import allocation_study
 
@@ -370,6 +371,7 @@ def test_the_allocation_bench_allocates_measured_as_a_run_would(tiny_model_dir, 
     assert differs_uncapped  # the cap is in force (the bench once dropped it)
 
 
+@pytest.mark.study
 def test_allocation_study_test_phase_takes_other_budgets_and_global(tiny_model_dir, tmp_path, one_thread):
     from prunekit.benchmarks.studies import allocation_study
 

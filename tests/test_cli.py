@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -20,8 +22,21 @@ RUN = ["run", "--no-eval", "--ratio", "0.34"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prunekit.cli", *args], capture_output=True, text=True,
+    """``prunekit ARGS`` in this process (``main(argv)``), its exit code and output as a finished process's."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["prunekit", *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.mark.subprocess
+def test_the_installed_entry_point_reports_bad_input_in_one_line(tiny_model_dir, tmp_path):
+    """The real process: ``python -m prunekit.cli`` exits 2 with one line on stderr and no traceback."""
+    done = subprocess.run([sys.executable, "-m", "prunekit.cli", *RUN, "--model", str(tiny_model_dir), "--output",
+                           str(tmp_path / "o"), "--ratio", "2"], capture_output=True, text=True,
                           env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "ratio" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random", "taylor"])

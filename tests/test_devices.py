@@ -296,6 +296,7 @@ def test_cli_run_and_eval_with_disk_offload(model_dir, tmp_path, capsys):
     assert results[1] == pytest.approx(results[0], rel=1e-6)
 
 
+@pytest.mark.study
 def test_device_check_script_passes_on_cpu(capsys):
     """The GPU check (benchmarks/studies/devices_check.py) runs the same code path here with --device cpu."""
     from prunekit.benchmarks.studies.devices_check import main as check

@@ -18,6 +18,8 @@ from conftest import make_tiny_llama, make_tiny_tokenizer
 from prunekit.benchmarks.studies import full_eval, full_grid, full_report
 from prunekit.pipeline.plan import plan
 
+pytestmark = [pytest.mark.study]
+
 CALIB = {"n_samples": 4, "seq_len": 32}
 MLP = {"options": {"prune_attention": False}}
 TINY_GRID = [

@@ -14,6 +14,8 @@ import torch
 from prunekit.benchmarks.studies import gpu_check, scaling
 from prunekit.benchmarks.studies.shapes import SHAPES, build, model_bytes
 
+pytestmark = [pytest.mark.study]
+
 STAGES = ["startup", "build", "groups", "calibrate", "score", "select", "prune", "perplexity"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 

@@ -19,6 +19,8 @@ import torch
 from prunekit.cli import main
 from prunekit.io.export import load_pruned
 
+pytestmark = [pytest.mark.subprocess]
+
 RUN = ["run", "--no-eval", "--ratio", "0.34", "--method", "magnitude"]
 
 

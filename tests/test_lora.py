@@ -207,6 +207,7 @@ def test_fsdp_and_deepspeed_are_exclusive(tmp_path):
     assert LoraOptions(fsdp=True, fsdp_config={"version": 2}).fsdp is True and LoraOptions(fsdp="").fsdp is False
 
 
+@pytest.mark.distributed
 def test_module_tree_undoes_fsdp2_sharding(tmp_path):
     """FSDP2 (torch's fully_shard) on two gloo CPU processes: after gathering, ModuleTree gives back plain
     classes and full parameters whose logits equal the sharded model's; peft then merges as usual."""

@@ -237,6 +237,7 @@ def _cli(tmp_path, *args, **env):
                                "PYTHONPATH": str(tmp_path), **env})
 
 
+@pytest.mark.subprocess
 def test_cli_warning_is_one_line_and_debug_shows_the_traceback(install, tmp_path):
     module = install("broken-pkg", "imp", "raise ImportError('needs libfoo')")
     result = _cli(tmp_path, "methods")

@@ -158,6 +158,7 @@ def test_prune_records_compute_dtype(one_thread):
     assert all(p.dtype == torch.bfloat16 for p in wide.parameters())
 
 
+@pytest.mark.study
 @pytest.mark.parametrize("method", ["taylor", "moreau-gs"])
 def test_memory_benchmark_runs_on_a_tiny_shape(one_thread, method):
     """The precision benchmark's memory probe (the code path the GPU run takes, here with --device cpu)."""

@@ -85,6 +85,7 @@ def test_recover_never_writes_into_its_input(pruned_dir, tmp_path, capsys):
     assert "output:" in capsys.readouterr().err and _digest(pruned_dir) == before
 
 
+@pytest.mark.distributed
 def test_recover_data_parallel_under_accelerate_launch(pruned_dir, tmp_path):
     """Two gloo processes on the CPU: both train, the main process alone writes the output."""
     out = tmp_path / "ddp"

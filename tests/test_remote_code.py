@@ -208,6 +208,7 @@ def checkpoints(tmp_path_factory):
     return root, models, load_without_prunekit(root, jobs)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_per_layer_checkpoint_loads_without_prunekit(checkpoints, name):
     root, models, loaded = checkpoints
@@ -227,6 +228,7 @@ def test_per_layer_checkpoint_loads_without_prunekit(checkpoints, name):
     assert (result["logits"] - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_remote_code_loads_in_bfloat16(checkpoints, name):
     root, models, loaded = checkpoints
@@ -240,6 +242,7 @@ def test_remote_code_loads_in_bfloat16(checkpoints, name):
     assert (result["logits"].float() - full).abs().max().item() <= 0.05 * full.abs().max().item()
 
 
+@pytest.mark.subprocess
 def test_exporter_names_no_architecture(checkpoints):
     root, models, loaded = checkpoints
     config = json.loads((root / "qwen3-by-hand" / "config.json").read_text())

@@ -29,6 +29,8 @@ from prunekit.plugin.registry import get_registry
 
 registry = get_registry()
 import prunekit.benchmarks
+
+pytestmark = [pytest.mark.subprocess]
 skipped = {}
 for info in pkgutil.iter_modules(prunekit.benchmarks.__path__):
     if info.name.startswith("_"):  # __main__ runs the harness
