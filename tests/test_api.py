@@ -163,11 +163,11 @@ def test_evaluate_cache_hits_for_the_same_model_and_misses_after_a_change(tmp_pa
     assert prunekit.evaluate(model, tokenizer, spec, cache=True, refresh=True, cache_dir=tmp_path)["cache"]["hit"] is False
 
 
-def test_evaluate_is_callable_and_still_the_module():
-    import prunekit.eval.suite as evaluate
-    import prunekit.eval.suite as module
+def test_evaluate_is_the_api_function():
+    """``prunekit.evaluate`` is a plain function (no module trick); the evaluation code lives in ``prunekit.eval``."""
+    from prunekit.eval.suite import evaluate
 
-    assert evaluate is module is prunekit.eval.suite and callable(evaluate) and evaluate.EvalSpec
+    assert prunekit.evaluate is evaluate and prunekit.api.evaluate is evaluate
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

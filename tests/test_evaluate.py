@@ -10,7 +10,10 @@ import yaml
 from pydantic import ValidationError
 from test_data import tiny_tokenizer
 
+import prunekit.core.evaluation as spec_mod
+import prunekit.eval.perplexity as ppl_mod
 import prunekit.eval.suite as evaluate
+import prunekit.eval.zero_shot as zs_mod
 import prunekit.runtime.assets as assets
 from prunekit.data.sources import Text
 from prunekit.errors import UserError
@@ -65,58 +68,58 @@ def test_perplexity_matches_a_hand_computation(model, tok):
     text = sentence * 3
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     assert 2 * window <= ids.numel() < 3 * window  # two windows plus a dropped remainder
-    result = evaluate.perplexity(model, tok, text, window=window, batch_size=1, progress=False)
+    result = ppl_mod.perplexity(model, tok, text, window=window, batch_size=1, progress=False)
     assert (result["n_windows"], result["n_tokens"], result["n_predicted"]) == (2, 100, 98)
     assert result["ppl"] == pytest.approx(hand_ppl(model, ids, window), rel=1e-5)
-    batched = evaluate.perplexity(model, tok, text, window=window, batch_size=8, progress=True)
+    batched = ppl_mod.perplexity(model, tok, text, window=window, batch_size=8, progress=True)
     assert batched["ppl"] == pytest.approx(result["ppl"], rel=1e-5)
 
 
 def test_perplexity_on_a_named_source_with_a_window_cap(model, tok):
-    result = evaluate.perplexity(model, tok, "ptb", window=32, max_windows=3, progress=False)
+    result = ppl_mod.perplexity(model, tok, "ptb", window=32, max_windows=3, progress=False)
     assert result["n_windows"] == 3 and result["data"]["source"] == "ptb" and result["data"]["split"] == "test"
     assert result["tokens_in_split"] > 3 * 32 and 1 < result["ppl"] < 10 * len(tok)
 
 
 def test_perplexity_restores_training_mode_and_rejects_short_text(model, tok):
     model.train()
-    evaluate.perplexity(model, tok, Text("a b c " * 20, "custom", "-", "x", "y"), window=8, progress=False)
+    ppl_mod.perplexity(model, tok, Text("a b c " * 20, "custom", "-", "x", "y"), window=8, progress=False)
     assert model.training
     model.eval()
     with pytest.raises(UserError, match="less than one window"):
-        evaluate.perplexity(model, tok, "too short", window=128, progress=False)
+        ppl_mod.perplexity(model, tok, "too short", window=128, progress=False)
     with pytest.raises(UserError, match="is not a source"):
-        evaluate.perplexity(model, tok, "wikitext", progress=False)
+        ppl_mod.perplexity(model, tok, "wikitext", progress=False)
 
 
 def test_eval_spec_defaults_validation_and_full():
-    spec = evaluate.EvalSpec()
+    spec = spec_mod.EvalSpec()
     assert spec.perplexity == ["wikitext2", "ptb"] and spec.ppl_window == 128
     assert spec.ppl_max_windows == 40 and spec.zero_shot_limit == 50
-    assert spec.zero_shot == list(evaluate.ZERO_SHOT_TASKS)
-    full = evaluate.EvalSpec.full(zero_shot=["piqa"])
+    assert spec.zero_shot == list(spec_mod.ZERO_SHOT_TASKS)
+    full = spec_mod.EvalSpec.full(zero_shot=["piqa"])
     assert full.ppl_max_windows is None and full.zero_shot_limit is None and full.zero_shot == ["piqa"]
     with pytest.raises(ValidationError, match="extra"):
-        evaluate.EvalSpec(ppl_windw=64)
+        spec_mod.EvalSpec(ppl_windw=64)
     with pytest.raises(ValidationError, match="choose from"):
-        evaluate.EvalSpec(zero_shot=["mmlu"])
+        spec_mod.EvalSpec(zero_shot=["mmlu"])
     with pytest.raises(ValidationError, match="choose from"):
-        evaluate.EvalSpec(perplexity=["c5"])
+        spec_mod.EvalSpec(perplexity=["c5"])
 
 
 def test_unknown_zero_shot_task_is_a_user_error(model, tok):
     with pytest.raises(UserError, match="choose from"):
-        evaluate.zero_shot(model, tok, tasks=["mmlu"])
+        zs_mod.zero_shot(model, tok, tasks=["mmlu"])
 
 
 @needs_zero_shot_data
 def test_local_task_yamls_include_lm_eval_and_read_local_parquet(tmp_path, zero_shot_cache):
     from lm_eval.tasks import TaskManager
 
-    files = evaluate.write_local_tasks(list(evaluate.ZERO_SHOT_TASKS), tmp_path, zero_shot_cache)
-    for name in evaluate.ZERO_SHOT_TASKS:
+    files = zs_mod.write_local_tasks(list(spec_mod.ZERO_SHOT_TASKS), tmp_path, zero_shot_cache)
+    for name in spec_mod.ZERO_SHOT_TASKS:
         config = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
-        assert config["include"].endswith(evaluate.ZERO_SHOT_TASKS[name].lm_eval_yaml)
+        assert config["include"].endswith(spec_mod.ZERO_SHOT_TASKS[name].lm_eval_yaml)
         assert config["dataset_path"] == "parquet"
         assert config["dataset_kwargs"]["data_files"]["validation"] == str(files[name]["path"])
     loaded = TaskManager(include_path=str(tmp_path), include_defaults=False).load(["boolq", "hellaswag"])["tasks"]
@@ -132,7 +135,7 @@ def test_local_task_yamls_include_lm_eval_and_read_local_parquet(tmp_path, zero_
 def test_zero_shot_runs_lm_eval_offline_on_a_tiny_model(model, tok, zero_shot_cache, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(zero_shot_cache))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    result = evaluate.zero_shot(model, tok, tasks=["arc_easy", "winogrande"], limit=2, batch_size=2)
+    result = zs_mod.zero_shot(model, tok, tasks=["arc_easy", "winogrande"], limit=2, batch_size=2)
     assert set(result["tasks"]) == {"arc_easy", "winogrande"}
     arc = result["tasks"]["arc_easy"]
     assert arc["metric"] == "acc" and arc["n"] == 2 and arc["split"] == "validation" and arc["version"] is not None
@@ -144,7 +147,7 @@ def test_zero_shot_runs_lm_eval_offline_on_a_tiny_model(model, tok, zero_shot_ca
 @needs_zero_shot_data
 def test_evaluate_model_runs_a_small_spec(model, tok, zero_shot_cache, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(zero_shot_cache))
-    spec = evaluate.EvalSpec(perplexity=["ptb"], ppl_window=32, ppl_max_windows=2, zero_shot=["piqa"],
+    spec = spec_mod.EvalSpec(perplexity=["ptb"], ppl_window=32, ppl_max_windows=2, zero_shot=["piqa"],
                              zero_shot_limit=2, batch_size=2)
     result = evaluate.evaluate_model(model, tok, spec, progress=False)
     assert result["perplexity"]["ptb"]["n_windows"] == 2
@@ -167,7 +170,7 @@ def test_plugin_evaluators_run_with_their_options(model, tok):
     host = build_host()
     host.pm.register(CountsParameters())
     registry = Registry.from_host(host)
-    spec = evaluate.EvalSpec(perplexity=[], zero_shot=[], evaluators={"param-count": {"scale": 2}})
+    spec = spec_mod.EvalSpec(perplexity=[], zero_shot=[], evaluators={"param-count": {"scale": 2}})
     model.train()
     result = evaluate.evaluate_model(model, tok, spec, progress=False, registry=registry)
     assert result["evaluators"]["param-count"] == {"params": 2 * model.num_parameters(), "grad_enabled": 0.0}
@@ -179,13 +182,13 @@ def test_plugin_evaluators_run_with_their_options(model, tok):
 
 
 def test_capped_perplexity_uses_evenly_spaced_windows_with_a_standard_error(model, tok):
-    assert evaluate.spaced_windows(10, 3) == [1, 5, 8] and evaluate.spaced_windows(4, None) == [0, 1, 2, 3]
-    assert evaluate.spaced_windows(4, 9) == [0, 1, 2, 3] and evaluate.spaced_windows(100, 4) == [12, 37, 62, 87]
+    assert ppl_mod.spaced_windows(10, 3) == [1, 5, 8] and ppl_mod.spaced_windows(4, None) == [0, 1, 2, 3]
+    assert ppl_mod.spaced_windows(4, 9) == [0, 1, 2, 3] and ppl_mod.spaced_windows(100, 4) == [12, 37, 62, 87]
     window = 16
-    result = evaluate.perplexity(model, tok, "ptb", window=window, max_windows=5, batch_size=2, progress=False)
-    ids = evaluate.token_ids(tok, evaluate.load_text("ptb", "test"))
+    result = ppl_mod.perplexity(model, tok, "ptb", window=window, max_windows=5, batch_size=2, progress=False)
+    ids = ppl_mod.token_ids(tok, ppl_mod.load_text("ptb", "test"))
     available = ids.numel() // window
-    chosen = evaluate.spaced_windows(available, 5)
+    chosen = ppl_mod.spaced_windows(available, 5)
     assert result["window_selection"] == {"method": "evenly spaced", "available": available, "indices": chosen}
     per_window = []
     with torch.no_grad():

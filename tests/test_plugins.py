@@ -18,7 +18,14 @@ from prunekit.cli import main
 from prunekit.errors import UserError
 from prunekit.importance.base import Importance
 from prunekit.plugin.host import build_host, get_host
-from prunekit.plugin.registry import EVALUATOR_CALL, GROUPER_CALL, TABLES, Registry, register_signature
+from prunekit.plugin.registry import (
+    EVALUATOR_CALL,
+    GROUPER_CALL,
+    TABLES,
+    Registry,
+    describe_plugins,
+    register_signature,
+)
 
 
 @pytest.fixture
@@ -45,7 +52,7 @@ def test_builtins_load_through_entry_points():
 def test_broken_plugin_is_reported_and_others_work(broken_distribution):
     host = build_host()
     assert "ModuleNotFoundError" in host.failed[broken_distribution].reason
-    [row] = [r for r in host.describe() if r["name"] == "broken"]
+    [row] = [r for r in describe_plugins(host) if r["name"] == "broken"]
     assert row["package"] == "broken-prunekit-plugin" and row["fix"] == "PRUNEKIT_DISABLE_PLUGINS=broken"
     registry = Registry.from_host(host)
     assert "taylor" in registry.methods
@@ -59,7 +66,7 @@ def test_disable_and_load_lists(monkeypatch):
     monkeypatch.delenv("PRUNEKIT_DISABLE_PLUGINS")
     monkeypatch.setenv("PRUNEKIT_LOAD_PLUGINS", "magnitude")
     host = build_host()
-    names = {p["name"] for p in host.describe()}
+    names = {p["name"] for p in describe_plugins(host)}
     assert {"blocks", "llama", "qwen3", "magnitude"} <= names and not names & {"taylor", "random", "moreau"}
     assert all(n == "magnitude" or not n.startswith(("taylor", "moreau", "lora")) for n in names)  # the core's stay
 

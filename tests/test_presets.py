@@ -94,7 +94,8 @@ def test_run_json_records_the_override_that_ran(tiny_model_dir, tmp_path, capsys
 def test_benchmark_cells_keep_their_meaning():
     """The sweep's and the full grid's "reference settings" cells still run the paper's settings, the
     gradient-salience cells say so, and the sweep's cost count reads the registered preset."""
-    from prunekit.benchmarks.studies import full_grid, sweep
+    from prunekit.benchmarks import sweep
+    from prunekit.benchmarks.studies import full_grid
 
     registry = get_registry()
     paper = registry.method("moreau-gs-paper").options({}).model_dump()

@@ -16,6 +16,8 @@ import pytest
 from prunekit.plugin.host import build_host
 from prunekit.plugin.registry import Registry
 
+pytestmark = [pytest.mark.subprocess]
+
 REPO = Path(__file__).resolve().parents[1]
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".tox", "build", "dist", "*.egg-info", "__pycache__",
                                     ".pytest_cache", ".cache", "runs", "out")
@@ -29,8 +31,6 @@ from prunekit.plugin.registry import get_registry
 
 registry = get_registry()
 import prunekit.benchmarks
-
-pytestmark = [pytest.mark.subprocess]
 skipped = {}
 for info in pkgutil.iter_modules(prunekit.benchmarks.__path__):
     if info.name.startswith("_"):  # __main__ runs the harness
