@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="fraction of ALL parameters to remove (met from below; overrides --ratio as the budget)")
     run.add_argument("--allocator", help="where the removal goes: measured (default), uniform, global "
                                          "(see docs/allocation.md)")
+    run.add_argument("--repair", help="repair the kept weights after pruning: none (default), bias, refit "
+                                      "(see docs/repair.md)")
     run.add_argument("--output", type=Path, help="output directory (default ./pruned-METHOD)")
     run.add_argument("--config", type=Path, help="YAML or TOML run config; flags override it")
     run.add_argument("--seed", type=int)
@@ -124,6 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["allocation"] = {**file_values.get("allocation", {}),
                                    **({"params_removed": args.params_removed} if args.params_removed is not None else {}),
                                    **({"name": args.allocator} if args.allocator else {})}
+    if args.repair:
+        overrides["repair"] = {**file_values.get("repair", {}), "name": args.repair}
     if args.no_eval:
         overrides["evaluation"] = {**file_values.get("evaluation", {}), "enabled": False}
     if args.no_eval_cache:

@@ -84,6 +84,13 @@ class RecoveryConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class RepairConfig(_Strict):
+    """Weight repair after pruning, before recovery (``none`` or a registered repair such as ``bias``, ``refit``)."""
+
+    name: str = "none"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class EvaluationConfig(EvalSpec):
     """What to measure before and after pruning (the quick default); ``enabled: false`` skips it."""
 
@@ -119,6 +126,7 @@ class RunConfig(_Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    repair: RepairConfig = Field(default_factory=RepairConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 

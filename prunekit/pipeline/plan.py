@@ -21,6 +21,8 @@ class RunPlan:
     grouper: Resolved
     recovery: NamedEntry | None
     recovery_options: BaseModel | None
+    repair: NamedEntry | None = None
+    repair_options: BaseModel | None = None
 
 
 def plan(config: RunConfig, registry: Registry | None = None) -> RunPlan:
@@ -33,4 +35,7 @@ def plan(config: RunConfig, registry: Registry | None = None) -> RunPlan:
     recovery = None if config.recovery.method == "none" else registry.named("recovery", config.recovery.method)
     recovery_options = (validate_options(recovery.impl.Options, config.recovery.options, "recovery.options.")
                         if recovery else None)
-    return RunPlan(entry, options, grouper, recovery, recovery_options)
+    repair = None if config.repair.name == "none" else registry.named("repairers", config.repair.name)
+    repair_options = (validate_options(repair.impl.Options, config.repair.options, "repair.options.")
+                      if repair else None)
+    return RunPlan(entry, options, grouper, recovery, recovery_options, repair, repair_options)

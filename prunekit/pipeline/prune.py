@@ -1,4 +1,4 @@
-"""The straight line of one run on a model in memory: groups, calibrate, score, select, prune, recover."""
+"""The straight line of one run on a model in memory: groups, calibrate, score, select, prune, repair, recover."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from prunekit.io.load import DTYPES
 from prunekit.pipeline.checks import check_context, check_ratio
 from prunekit.pipeline.context import RunContext
 from prunekit.pipeline.plan import RunPlan, plan
+from prunekit.pipeline.repair import RepairContext, dense_copy, needs_dense, repair_sampler, run_repair
 from prunekit.pipeline.stages import apply, build_groups, calibrate
 from prunekit.plugin.host import PluginHost, get_host
 from prunekit.plugin.registry import Registry, get_registry
@@ -60,6 +61,7 @@ class PruneResult:
     uniform_shapes: bool
     calibration: dict[str, Any] | None = None
     allocation: dict[str, Any] = field(default_factory=dict)
+    repair: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     grouper: dict[str, Any] = field(default_factory=dict)
     recovery: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
@@ -81,6 +83,7 @@ class PruneResult:
             "layers_pruned": [self.layers.start, self.layers.stop],
             "grouper": self.grouper,
             "allocation": self.allocation,
+            "repair": self.repair,
             "recovery": self.recovery,
             "reduction": self.reduction,
             "layer_shapes": self.layer_shapes,
@@ -119,15 +122,16 @@ def _dtype_name(model: torch.nn.Module) -> str:
 
 def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-gs", ratio: float = 0.25, *,
           seed: int = 42, layers: tuple[int, int] | None = None, selection: dict | None = None,
-          grouper: dict | None = None, calibration: dict | None = None, recovery: dict | None = None,
-          allocation: dict | None = None, batches: list[torch.Tensor] | None = None, registry: Registry | None = None,
+          grouper: dict | None = None, calibration: dict | None = None, repair: dict | None = None,
+          recovery: dict | None = None, allocation: dict | None = None, batches: list[torch.Tensor] | None = None, registry: Registry | None = None,
           host: PluginHost | None = None, compute_dtype: str = "model", **options: Any) -> PruneResult:
     """Prune ``model`` in place with ``method`` at ``ratio`` and return a :class:`PruneResult`.
 
     ``**options`` are the method's options (``prunekit methods``). The other knobs are the run config's
     sections, validated by the same pydantic models as a config file: ``selection`` (scope, layers,
     round_to; ``layers`` is a shortcut), ``allocation`` (name, options, params_removed, layers), ``grouper``,
-    ``calibration`` (source, n_samples, seq_len, batch_size, seed), ``recovery`` (method, options).
+    ``calibration`` (source, n_samples, seq_len, batch_size, seed), ``repair`` (name, options),
+    ``recovery`` (method, options).
     ``compute_dtype`` is the scoring precision (``model`` or ``float32``, docs/precision.md). ``batches``
     replaces the calibration sample with your own token-id batches. ``tokenizer`` is needed for calibration
     and recovery. Bad values raise :class:`prunekit.errors.UserError` before the model is touched.
@@ -135,7 +139,7 @@ def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-g
     values: dict[str, Any] = {"method": method, "method_options": options, "ratio": ratio, "seed": seed,
                               "selection": {**(selection or {}), **({"layers": layers} if layers is not None else {})},
                               "grouper": grouper or {}, "calibration": calibration or {},
-                              "recovery": recovery or {}, "evaluation": {"enabled": False},
+                              "repair": repair or {}, "recovery": recovery or {}, "evaluation": {"enabled": False},
                               **({"allocation": allocation} if allocation is not None else {}),
                               "dtype": _dtype_name(model), "compute_dtype": compute_dtype}
     device = next(model.parameters()).device.type
@@ -166,6 +170,9 @@ def prepare(model: torch.nn.Module, tokenizer: Any, config: RunConfig, registry:
     run_plan = run_plan or plan(config, registry)
     is_offloaded = bool(offloaded(model))
     check_offloaded_allocator(config, registry, is_offloaded)
+    if is_offloaded and needs_dense(run_plan.repair):
+        raise UserError(f"repair.name: {config.repair.name!r} compares against a dense copy of the model, which "
+                        "offloaded (meta) weights do not allow; use a device_map without cpu/disk offload")
     config = default_allocator_fallback(config, registry, tokenizer, batches, is_offloaded)
     layers = pruned_layers(config, registry.adapter_for(model).num_layers, registry)
     calibrates = run_plan.method.needs_calibration(run_plan.options) and batches is None
@@ -183,7 +190,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
                       source: str | None = None, prepared: Prepared | None = None) -> PruneResult:
     """:func:`prune` driven by a whole :class:`RunConfig` (the CLI's path); ``context`` lets a caller share
     the run state (timings, hooks) with its own stages, ``prepared`` the checks it already ran (:func:`prepare`).
-    Stages: groups, calibrate, score, select, prune, recover."""
+    Stages: groups, calibrate, score, select, prune, repair, recover."""
     host = host or get_host()
     registry = registry or get_registry(host)
     prepared = prepared or prepare(model, tokenizer, config, registry, batches)
@@ -207,9 +214,18 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
         host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
         with ctx.stage("select"):  # budget -> units each group loses (the allocator plugin) -> kept units
             ctx.kept, allocation = allocate_select(ctx, scores, batches)
+        dense = dense_copy(model) if needs_dense(run_plan.repair) else None
         with ctx.stage("prune"):
             shapes = apply(model, ctx.groups, ctx.kept, registry)
         host.pm.hook.prunekit_after_pruning(context=ctx, model=model)
+        repair_record = {"name": "none"}
+        if run_plan.repair is not None:
+            with ctx.stage("repair"):
+                repair_ctx = RepairContext(model=model, adapter=registry.adapter_for(model), groups=ctx.groups,
+                                           kept=ctx.kept, config=config, dense=dense,
+                                           calibration=repair_sampler(tokenizer, config, batches))
+                repair_record = run_repair(run_plan.repair, run_plan.repair_options, repair_ctx)
+            del dense, repair_ctx
         recovery_info = None
         if run_plan.recovery is not None:
             with ctx.stage("recover"):
@@ -222,6 +238,6 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
                           run_plan.options.model_dump(mode="json"), method_info),
         config=config, groups=ctx.groups, kept=ctx.kept, layers=layers, layer_shapes=[s.as_dict() for s in shapes],
         uniform_shapes=not getattr(model.config, "prunekit_layer_shapes", None), calibration=calibration,
-        grouper=run_plan.grouper.describe(), allocation=allocation,
+        grouper=run_plan.grouper.describe(), allocation=allocation, repair=repair_record,
         recovery={"method": config.recovery.method, "info": recovery_info}, source=source, timings=ctx.timings,
     )

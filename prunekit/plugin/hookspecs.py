@@ -57,6 +57,18 @@ def prunekit_register_recovery(register: Register) -> None:
 
 
 @hookspec
+def prunekit_register_repairers(register: Register) -> None:
+    """Register repair steps: ``register(name, cls, description=None)``.
+
+    ``cls`` has a nested pydantic ``Options`` model; the core calls ``cls(options).repair(ctx)`` with a
+    :class:`prunekit.pipeline.repair.RepairContext` after pruning and before recovery. A repair updates the kept
+    weights of ``ctx.model`` in place without training and returns a dict for run.json. A class attribute
+    ``needs_dense = True`` asks the core to keep an untouched copy of the model from before pruning
+    (``ctx.dense``); ``ctx.calibration(n_samples, seq_len)`` draws seeded token batches of the repair text.
+    """
+
+
+@hookspec
 def prunekit_register_adapters(register: Register) -> None:
     """Register architecture adapters: ``register(cls)``.
 

@@ -1,4 +1,4 @@
-"""What the plugins registered: methods, adapters, groupers, recovery trainers, evaluators.
+"""What the plugins registered: methods, adapters, groupers, repairs, recovery trainers, evaluators.
 
 The host owns the names. Each ``prunekit_register_*`` hook fills one *table*; a table is one line in
 :data:`TABLES` (the hook, and the function that checks a ``register(...)`` call and builds the entry),
@@ -188,6 +188,17 @@ def register_recovery(name: str, cls: type, description: str | None = None) -> N
     return NamedEntry(name, cls, "", options_model=cls.Options, description=description or _first_doc_line(cls))
 
 
+def register_repairer(name: str, cls: type, description: str | None = None) -> NamedEntry:
+    """``prunekit_register_repairers``: ``cls(options).repair(ctx) -> dict`` (kept weights updated in place)."""
+    _check_name(name)
+    if name == "none":
+        raise PluginError("repair name 'none' is reserved (it means: no repair)")
+    if not isinstance(cls, type) or not callable(getattr(cls, "repair", None)):
+        raise PluginError(f"repair {name!r}: {cls!r} is not a class with a repair(ctx) method")
+    check_options_model(getattr(cls, "Options", None), None, f"repair {name!r} Options")
+    return NamedEntry(name, cls, "", options_model=cls.Options, description=description or _first_doc_line(cls))
+
+
 def register_allocator(name: str, cls: type, description: str | None = None) -> NamedEntry:
     """``prunekit_register_allocators``: ``cls(options).allocate(ctx) -> list[int]`` (units each group loses)."""
     _check_name(name)
@@ -232,11 +243,13 @@ TABLES: dict[str, Table] = {
     "methods": Table("prunekit_register_importances", register_importance),
     "groupers": Table("prunekit_register_groupers", register_grouper),
     "recovery": Table("prunekit_register_recovery", register_recovery),
+    "repairers": Table("prunekit_register_repairers", register_repairer),
     "evaluators": Table("prunekit_register_evaluators", register_evaluator),
     "allocators": Table("prunekit_register_allocators", register_allocator),
     "adapters": Table("prunekit_register_adapters", register_adapter, lambda e: list(e.impl.model_types)),
 }
-SINGULAR = {"methods": "method", "groupers": "grouper", "recovery": "recovery", "evaluators": "evaluator",
+SINGULAR = {"methods": "method", "groupers": "grouper", "recovery": "recovery", "repairers": "repair",
+            "evaluators": "evaluator",
             "allocators": "allocator", "adapters": "model type"}
 
 
