@@ -47,7 +47,8 @@ def measure(model: str | None, method: str, ratio: float, seed: int, profile: Pr
            "memory_probe": mem.source, "model_float32_bytes": model_bytes,
            "peak_delta_over_model": mem.delta / model_bytes,
            "params_dense": wb.model.num_parameters(), "params_pruned": pruned.num_parameters(),
-           "throughput": tput, "speedup": speed.ratios(tput, "pruned"), "calibration_tokens": sum(b.numel() for b in batches),
+           "throughput": tput, "speedup": speed.ratios(tput, "pruned"),
+           "calibration_tokens": sum(b.numel() for b in batches),
            "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
     if device == "cuda":
         out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()

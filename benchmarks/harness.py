@@ -118,7 +118,8 @@ def run_suites(args: argparse.Namespace) -> list[Path]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wb = Workbench.open(args.model, profile_of(args), args.device)
-    common = {"machine": describe_machine(), "workbench": wb.describe(), "command": "python -m prunekit.benchmarks " + shlex.join(args.argv)}
+    common = {"machine": describe_machine(), "workbench": wb.describe(),
+              "command": "python -m prunekit.benchmarks " + shlex.join(args.argv)}
     written = []
     for suite in suites:
         if suite == "sweep":

@@ -74,7 +74,7 @@ def kept_mlp_channels(dense: torch.nn.Module, pruned: torch.nn.Module, wb: Workb
 
 def _mask_iou(a: dict[int, set[int]], b: dict[int, set[int]]) -> float:
     """IoU of kept (layer, channel) pairs."""
-    return iou({(l, c) for l, cs in a.items() for c in cs}, {(l, c) for l, cs in b.items() for c in cs})
+    return iou({(layer, c) for layer, cs in a.items() for c in cs}, {(layer, c) for layer, cs in b.items() for c in cs})
 
 
 def run(wb: Workbench, ratio: float, seeds: list[int]) -> dict:

@@ -39,7 +39,8 @@ def iou_vs_noise(records: list[dict], path: Path) -> Path:
 
 def ppl_vs_ratio(records: list[dict], path: Path) -> Path:
     """Pruned perplexity against pruning ratio per method, one panel per corpus, dense as a dashed line."""
-    corpora = sorted({k[4:] for rec in records for row in rec["by_ratio"].values() for k in row if k.startswith("ppl_")})
+    corpora = sorted({k[4:] for rec in records for row in rec["by_ratio"].values() for k in row
+                      if k.startswith("ppl_")})
     fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
         for rec in records:

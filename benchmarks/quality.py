@@ -151,8 +151,8 @@ class AllocationBench:
         from pathlib import Path
 
         folder = self.wb.cache.get("curves_dir")
-        path = Path(folder) / f"curves-{self.method}-{self.seed}-{json.dumps(self.probe_options, sort_keys=True)}.json" \
-            if folder else None
+        path = (Path(folder) / f"curves-{self.method}-{self.seed}-{json.dumps(self.probe_options, sort_keys=True)}.json"
+                if folder else None)
         if self._curves is None and path is not None and path.exists():
             self._curves = [[tuple(p) for p in c] for c in json.loads(path.read_text())]
         if self._curves is None:

@@ -162,7 +162,8 @@ def run(wb: Workbench, methods: list[str], seeds: list[int], ratio: float = 0.25
     windows = {"ptb_validation": evenly_spaced(wb.tokenizer, "ptb", "validation", val_windows),
                "ptb_test": evenly_spaced(wb.tokenizer, "ptb", "test", test_windows),
                "wikitext2_test": evenly_spaced(wb.tokenizer, "wikitext2", "test", test_windows)}
-    record: dict[str, Any] = {"suite": "sweep", "ratio": ratio, "seeds": seeds, "layers": [wb.layers.start, wb.layers.stop],
+    record: dict[str, Any] = {"suite": "sweep", "ratio": ratio, "seeds": seeds,
+                              "layers": [wb.layers.start, wb.layers.stop],
                               "blocks": "mlp", "windows": {k: len(v) for k, v in windows.items()}, "window": 128,
                               "max_cost_taylor_passes": max_cost, "points": [], "loadavg_start": os.getloadavg(),
                               "torch_threads": torch.get_num_threads(),
@@ -262,15 +263,18 @@ def report_lines(records: list[dict], out: Path) -> list[str]:
         if "points" not in record:
             continue
         w = record["windows"]
-        lines += [f"Grid `{record.get('grid', 'main')}`. Ratio {record['ratio']} of MLP channels, layers {record['layers'][0]}–{record['layers'][1] - 1}; "
+        lines += [f"Grid `{record.get('grid', 'main')}`. Ratio {record['ratio']} of MLP channels, "
+                  f"layers {record['layers'][0]}–{record['layers'][1] - 1}; "
                   f"seeds {record['seeds']}; evenly spaced 128-token windows: PTB validation {w['ptb_validation']}, "
                   f"PTB test {w['ptb_test']}, WikiText-2 test {w['wikitext2_test']}; torch threads "
-                  f"{record.get('torch_threads')}, load average {record.get('loadavg_start')} → {record.get('loadavg_end')}. "
+                  f"{record.get('torch_threads')}, load average {record.get('loadavg_start')} → "
+                  f"{record.get('loadavg_end')}. "
                   "Perplexity: mean (min–max) over seeds. Cost: calibration sequences back-propagated over the "
                   "default taylor's 10; scoring seconds (and their ratio to the default taylor's) measured on the "
                   "shared machine, so they move with its load.", ""]
         d = record["dense"]
-        rows = [["dense", "–", "–", "–", f"{d['ptb_validation']:.1f}", f"{d['ptb_test']:.1f}", f"{d['wikitext2_test']:.1f}"]]
+        rows = [["dense", "–", "–", "–", f"{d['ptb_validation']:.1f}", f"{d['ptb_test']:.1f}",
+                 f"{d['wikitext2_test']:.1f}"]]
         chosen = set(record.get("chosen", {}).values())
         for p in record["points"]:
             name = f"**{p['name']}**" if p["name"] in chosen else p["name"]
@@ -280,10 +284,12 @@ def report_lines(records: list[dict], out: Path) -> list[str]:
                          f"{cost:g}" if cost else "—",
                          f"{p['removed_iou']:.3f}" if p["removed_iou"] is not None else "—",
                          _pm(p["ppl_ptb_validation"]), _pm(p.get("ppl_ptb_test")), _pm(p.get("ppl_wikitext2_test"))])
-        lines += ["| point | scoring s (busy machine) | cost (taylor passes) | removed IoU | PTB val ppl | PTB test ppl | WikiText-2 test ppl |",
+        lines += ["| point | scoring s (busy machine) | cost (taylor passes) | removed IoU | PTB val ppl "
+                  "| PTB test ppl | WikiText-2 test ppl |",
                   "|---|---|---|---|---|---|---|", *("| " + " | ".join(r) + " |" for r in rows), ""]
         lines += [f"Chosen on PTB validation (bold), at most {record['max_cost_taylor_passes']:g} taylor passes "
-                  "(calibration sequences back-propagated / 10): " + ", ".join(f"{m}: {n}" for m, n in record.get("chosen", {}).items()), ""]
+                  "(calibration sequences back-propagated / 10): "
+                  + ", ".join(f"{m}: {n}" for m, n in record.get("chosen", {}).items()), ""]
         for path in pareto_plots(record, out):
             lines += [f"![{path.stem}]({path.name})", ""]
     return lines

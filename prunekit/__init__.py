@@ -22,7 +22,8 @@ __all__ = ["hookimpl", "prune", "evaluate", "save", "load_model", "load_pruned",
 
 _LAZY = {
     "prune": "prunekit.api", "save": "prunekit.api", "load_model": "prunekit.api", "PruneResult": "prunekit.api",
-    "MethodInfo": "prunekit.api", "evaluate": "prunekit.api", "UserError": "prunekit.errors", "EvaluationFailed": "prunekit.errors",
+    "MethodInfo": "prunekit.api", "evaluate": "prunekit.api", "UserError": "prunekit.errors",
+    "EvaluationFailed": "prunekit.errors",
 }
 
 

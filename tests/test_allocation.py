@@ -25,7 +25,8 @@ from prunekit.plugin.registry import get_registry
 
 ALLOCATORS = [("uniform", {}), ("uniform", {"kinds": ["mlp"]}), ("global", {}), ("global", {"standardize": True}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12}),
-              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6], "max_excess": None}),
+              ("measured", {"probe_samples": 2, "probe_seq_len": 12, "kinds": "mlp", "fractions": [0.2, 0.6],
+                            "max_excess": None}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12, "max_excess": 0.1}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12, "search_steps": 6}),
               ("measured", {"probe_samples": 2, "probe_seq_len": 12, "search_steps": 6, "kinds": "mlp",
@@ -144,7 +145,8 @@ def test_measured_knapsack_matches_brute_force_on_its_curves():
         xs, ys = zip(*curves[i])
         return float(torch.tensor(ys)[torch.tensor(xs) == c][0]) if c in xs else None
 
-    best = min((sum(loss(i, c) for i, c in enumerate(cs)) for cs in itertools.product(*[[p[0] for p in cv] for cv in curves])
+    best = min((sum(loss(i, c) for i, c in enumerate(cs))
+                for cs in itertools.product(*[[p[0] for p in cv] for cv in curves])
                 if ctx.removed_params(list(cs)) <= ctx.budget.params
                 and ctx.removed_params(list(cs)) >= ctx.removed_params(counts)), default=None)
     ours = sum((1 + i) * (c / g.n_units) ** 2 for i, (g, c) in enumerate(zip(groups, counts)))
@@ -325,7 +327,8 @@ def test_layers_follow_the_allocator_and_an_unnamed_measured_default_falls_back_
     assert layers_mode(RunConfig(allocation={"name": "uniform"})) == "default"  # uniform: LLM-Pruner's range
     assert layers_mode(RunConfig(allocation={"name": "measured"})) == "all"
     assert layers_mode(RunConfig(allocation={"name": "measured", "layers": "default"})) == "default"
-    unnamed = RunConfig(method="magnitude", allocation=AllocationConfig.model_construct(_fields_set=set(), name="measured"))
+    unnamed = RunConfig(method="magnitude",
+                        allocation=AllocationConfig.model_construct(_fields_set=set(), name="measured"))
     assert default_allocator_fallback(unnamed, get_registry(), None, None).allocation.name == "uniform"
     named = RunConfig(method="magnitude", allocation={"name": "measured"})
     assert default_allocator_fallback(named, get_registry(), None, None) is named

@@ -160,7 +160,8 @@ def test_evaluate_cache_hits_for_the_same_model_and_misses_after_a_change(tmp_pa
         model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
     changed = prunekit.evaluate(model, tokenizer, spec, cache=True, cache_dir=tmp_path)
     assert not changed["cache"]["hit"] and changed["perplexity"]["ptb"]["ppl"] != first["perplexity"]["ptb"]["ppl"]
-    assert prunekit.evaluate(model, tokenizer, spec, cache=True, refresh=True, cache_dir=tmp_path)["cache"]["hit"] is False
+    assert prunekit.evaluate(model, tokenizer, spec, cache=True, refresh=True,
+                             cache_dir=tmp_path)["cache"]["hit"] is False
 
 
 def test_evaluate_is_the_api_function():

@@ -164,8 +164,8 @@ def test_fisher_runs_in_the_quality_and_robustness_suites(tiny_model_dir, tmp_pa
     out = tmp_path / "bench"
     for suite in ("quality", "robustness"):
         assert harness.main(["--model", str(tiny_model_dir), "--suite", suite, "--methods", "fisher", "--seeds", "0",
-                             "--threads", "1", "--ppl-windows", "2", "--ratios", "0.25", "--perturbations", "calibration-resample",
-                             "--quiet", "--out", str(out)]) == 0
+                             "--threads", "1", "--ppl-windows", "2", "--ratios", "0.25", "--perturbations",
+                             "calibration-resample", "--quiet", "--out", str(out)]) == 0
     quality = json.loads((out / "quality-fisher.json").read_text())
     assert "error" not in quality and quality["rows"]
     assert all(p > 1 for r in quality["rows"] for p in r["ppl"].values())

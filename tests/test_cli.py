@@ -44,7 +44,8 @@ def test_run_writes_loadable_model_and_manifest(tiny_model_dir, tmp_path, method
     out = tmp_path / "out"
     before = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()}
     args = [*RUN, "--method", method, "--model", str(tiny_model_dir), "--output", str(out), "--config", str(
-        _write(tmp_path / "c.yaml", "selection:\n  layers: [0, 4]\ncalibration:\n  n_samples: 4\n  seq_len: 16\nallocation:\n  name: uniform\n"))]
+        _write(tmp_path / "c.yaml", "selection:\n  layers: [0, 4]\ncalibration:\n  n_samples: 4\n  seq_len: 16\n"
+                                    "allocation:\n  name: uniform\n"))]
     assert main(args) == 0
     manifest = json.loads((out / "run.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)  # uniform shapes: plain from_pretrained

@@ -1,4 +1,5 @@
-"""The ``fisher`` method (½·w²·F from per-sample gradients) and ``taylor -o variant=second``, against autograd by hand."""
+"""The ``fisher`` method (½·w²·F from per-sample gradients) and ``taylor -o variant=second``, against autograd by
+hand."""
 
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ def test_driver_runs_the_grid_without_lm_eval_or_datasets(finished):
     assert set(cells) == {(c["id"], s) for c in TINY_GRID for s in (0, 1)}
     for r in cells.values():
         assert {k: v["n_windows"] for k, v in r["eval"].items()} == {s: 2 for s, *_ in full_eval.SETS}
-        assert all(v["ppl"] > 1 and v["ppl"] == pytest.approx(torch.tensor(v["nll"]).exp().item()) for v in r["eval"].values())
+        assert all(v["ppl"] > 1 and v["ppl"] == pytest.approx(torch.tensor(v["nll"]).exp().item())
+                   for v in r["eval"].values())
     for seed in (0, 1):  # a budget is met from below; the measured allocator touches every layer
         for cid in ("i14/taylor/uniform/0.2", "i14/taylor/measured/0.2", "i14/taylor/global/0.2"):
             assert 0 < cells[(cid, seed)]["params_removed_fraction"] <= 0.2
@@ -106,7 +107,8 @@ def test_driver_runs_the_grid_without_lm_eval_or_datasets(finished):
     assert "done:" in proc.stdout and "dense:" in proc.stdout
     masks = full_report.read_masks(out)
     assert set(masks) == set(cells)
-    assert {f"layers.{i}.{k}" for i in range(4) for k in ("attention", "mlp")} == set(masks[("i14/taylor/measured/0.2", 0)])
+    assert ({f"layers.{i}.{k}" for i in range(4) for k in ("attention", "mlp")}
+            == set(masks[("i14/taylor/measured/0.2", 0)]))
     # few flat files: a results folder travels whole (the device machine returns at most 8)
     assert sorted(p.name for p in out.iterdir()) == sorted([full_eval.RUN, full_eval.ROWS, full_eval.MASKS,
                                                             full_eval.SUMMARY_JSON, full_eval.SUMMARY_MD])
@@ -138,7 +140,8 @@ def test_summary_tables_choices_and_report(finished):
     assert full_eval.main(["--report", str(out)]) == 0
     assert {"full_eval_alloc_taylor.png", "full_eval_ppl_vs_cost.png"} <= {p.name for p in out.iterdir()}
     md = (out / "summary.md").read_text()
-    assert "### Issue 13" in md and "### Issue 14" in md and "![full_eval_alloc_taylor](full_eval_alloc_taylor.png)" in md
+    assert ("### Issue 13" in md and "### Issue 14" in md
+            and "![full_eval_alloc_taylor](full_eval_alloc_taylor.png)" in md)
 
 
 def test_a_second_run_resumes_and_a_spent_budget_still_writes_a_summary(finished, tiny_dir, grid_file, blocker):
@@ -185,7 +188,8 @@ def test_grid_cells_are_valid_run_configs():
     from prunekit.plugin.registry import get_registry
 
     cells = full_grid.cells(["issue13", "issue14"])
-    assert len(cells) == 9 + 5 * 2 * 2 and len({c["id"] for c in cells}) == len(cells)  # 9 sweep points; 5 allocators x 2 methods x 2 budgets
+    # 9 sweep points; 5 allocators x 2 methods x 2 budgets
+    assert len(cells) == 9 + 5 * 2 * 2 and len({c["id"] for c in cells}) == len(cells)
     for cell in cells:
         plan(full_grid.run_config(cell, 0, "cpu"), get_registry())
     tasks = full_eval.plan_tasks(cells, [0, 1, 2], set(), False, "cpu")

@@ -32,7 +32,8 @@ def test_shapes_build_what_they_describe(name):
     q = model.model.layers[0].self_attn.q_proj.weight.float()
     assert 0.015 < q.std().item() < 0.025 and torch.equal(model.model.norm.weight.float(), torch.ones(spec.hidden))
     assert model.model.layers[0].self_attn.k_proj.weight.shape[0] == spec.kv_heads * spec.head_dim
-    assert torch.equal(build(name, "cpu", torch.bfloat16, seed=1).model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert torch.equal(build(name, "cpu", torch.bfloat16, seed=1).model.embed_tokens.weight,
+                       model.model.embed_tokens.weight)
 
 
 def test_gpu_check_on_cpu_tiny(tmp_path):

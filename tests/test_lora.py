@@ -112,7 +112,8 @@ def test_prunekit_run_with_lora_recovery(lora_plugin, tiny_model_dir, tmp_path):
     plain, tuned = load_pruned(tmp_path / "plain").state_dict(), load_pruned(tmp_path / "lora").state_dict()
     assert {n: t.shape for n, t in plain.items()} == {n: t.shape for n, t in tuned.items()}
     assert torch.equal(plain["model.norm.weight"], tuned["model.norm.weight"])
-    assert not torch.equal(plain["model.layers.2.self_attn.o_proj.weight"], tuned["model.layers.2.self_attn.o_proj.weight"])
+    assert not torch.equal(plain["model.layers.2.self_attn.o_proj.weight"],
+                           tuned["model.layers.2.self_attn.o_proj.weight"])
 
 
 def test_bad_recovery_option_exits_2(lora_plugin, tiny_model_dir, tmp_path, capsys):
@@ -135,7 +136,8 @@ def _dtype_probe():
         def on_step_end(self, args, state, control, model=None, **kwargs):
             base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
             adapters = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
-            float32 = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and p.dtype == torch.float32)
+            float32 = sum(p.numel() for n, p in model.named_parameters()
+                          if "lora_" not in n and p.dtype == torch.float32)
             self.seen.append((base, adapters, float32))
 
     return Probe()
@@ -158,7 +160,8 @@ def test_bf16_model_trains_without_a_float32_copy():
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]  # caller's RNG untouched
 
     assert len(probe.seen) == info["steps"] == 4
-    assert all(base == {torch.bfloat16} and adapters == {torch.float32} and f32 == 0 for base, adapters, f32 in probe.seen)
+    assert all(base == {torch.bfloat16} and adapters == {torch.float32} and f32 == 0
+               for base, adapters, f32 in probe.seen)
     assert outputs and set(outputs) == {torch.bfloat16}  # the base matmuls ran in bf16
     assert info["mixed_precision"] == "bf16" and info["loss_last_epoch"] < info["loss_first_epoch"]
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == weights  # merged in place, never re-allocated
@@ -228,7 +231,8 @@ def test_module_tree_undoes_fsdp2_sharding(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
     assert result["fsdp_classes"]  # really sharded: FSDP2 swapped the module classes
-    assert result["classes_restored"] and result["merged_in_place"] and result["dtensors_left"] == 0 and result["lora_left"] == 0
+    assert (result["classes_restored"] and result["merged_in_place"] and result["dtensors_left"] == 0
+            and result["lora_left"] == 0)
     assert result["merged_class"] == "LlamaForCausalLM" and result["dtype"] == "torch.bfloat16"
     assert result["restored_vs_sharded"] == 0.0
     assert result["merged_vs_sharded"] < 0.1  # the merge rounds W + BA to bf16 once

@@ -162,7 +162,8 @@ def _hold_lock(tmp: Path, _monkeypatch, _world: Path):
 def _tiny_disk(_tmp: Path, monkeypatch, _world: Path):
     import prunekit.io.safety
 
-    monkeypatch.setattr(prunekit.io.safety.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    monkeypatch.setattr(prunekit.io.safety.shutil, "disk_usage",
+                        lambda _p: shutil._ntuple_diskusage(10**9, 10**9, 4096))
 
 
 def _enospc_mid_save(_tmp: Path, monkeypatch, _world: Path):
@@ -208,8 +209,10 @@ CASES: list[Case] = [
     Case("device-cuda-index-absent", run_args("--device", "cuda:7"), 2, "device: cuda:7 requested",
          skip_if_cuda=True),
     Case("device-map-unknown-name", run_args("--device-map", "everywhere"), 2, "device_map: Value error, 'everywhere'"),
-    Case("device-map-bad-json", run_args("--device-map", "{{model.layers.0: cpu"), 2, "device_map: Value error, not valid JSON"),
-    Case("device-map-bad-device", run_args("--device-map", '{{"model": "tpu"}}'), 2, "module 'model': 'tpu' is not a device"),
+    Case("device-map-bad-json", run_args("--device-map", "{{model.layers.0: cpu"), 2,
+         "device_map: Value error, not valid JSON"),
+    Case("device-map-bad-device", run_args("--device-map", '{{"model": "tpu"}}'), 2,
+         "module 'model': 'tpu' is not a device"),
     Case("device-map-empty", run_args("--device-map", "{{}}"), 2, "device_map: Value error, must be"),
     Case("device-map-disk-no-folder", run_args("--device-map", '{{"model": "cpu", "lm_head": "disk"}}'), 2,
          "offload_folder: the device map puts modules on 'disk'"),
@@ -221,11 +224,14 @@ CASES: list[Case] = [
          "max_memory: Value error, cpu: 'lots' is not a size"),
     Case("max-memory-bad-key", run_args("--device-map", "auto", "--max-memory", "gpu0=1GiB"), 2,
          "max_memory: Value error, 'gpu0' is not a device"),
-    Case("max-memory-without-map", run_args("--max-memory", "cpu=1GiB"), 2, "device_map: --max-memory and --offload-folder"),
-    Case("offload-folder-without-map", run_args("--offload-folder", "{tmp}/off"), 2, "device_map: --max-memory and --offload-folder"),
-    Case("device-map-gradients-offloaded", run_args("--device-map", '{{"model.embed_tokens": "cpu", "model.rotary_emb": '
-         '"cpu", "model.layers": "disk", "model.norm": "cpu", "lm_head": "cpu"}}', "--offload-folder", "{tmp}/off",
-         method="taylor"), 2, "device_map: method 'taylor' needs gradients", {"off/.keep": ""}),
+    Case("max-memory-without-map", run_args("--max-memory", "cpu=1GiB"), 2,
+         "device_map: --max-memory and --offload-folder"),
+    Case("offload-folder-without-map", run_args("--offload-folder", "{tmp}/off"), 2,
+         "device_map: --max-memory and --offload-folder"),
+    Case("device-map-gradients-offloaded", run_args("--device-map", '{{"model.embed_tokens": "cpu", '
+         '"model.rotary_emb": "cpu", "model.layers": "disk", "model.norm": "cpu", "lm_head": "cpu"}}',
+         "--offload-folder", "{tmp}/off", method="taylor"), 2, "device_map: method 'taylor' needs gradients",
+         {"off/.keep": ""}),
     Case("dtype-unknown", run_args("--dtype", "float8"), 2, "invalid choice"),
     Case("compute-dtype-unknown", run_args("--compute-dtype", "bfloat16"), 2, "invalid choice"),
     Case("flag-unknown", run_args("--ratoi", "0.2"), 2, "unrecognized arguments"),
@@ -300,15 +306,18 @@ CASES: list[Case] = [
               "recovery.options.fsdp"),
     yaml_case("yaml-lora-fsdp-config-alone", "recovery:\n  method: lora\n  options: {fsdp_config: {version: 2}}\n",
               "fsdp_config needs fsdp: true"),
-    yaml_case("yaml-lora-fsdp-config-missing", "recovery:\n  method: lora\n  options: {fsdp: true, fsdp_config: /no/f.json}\n",
+    yaml_case("yaml-lora-fsdp-config-missing",
+              "recovery:\n  method: lora\n  options: {fsdp: true, fsdp_config: /no/f.json}\n",
               "recovery.options.fsdp_config"),
-    yaml_case("yaml-lora-deepspeed-missing", "recovery:\n  method: lora\n  options: {deepspeed: /nonexistent/z3.json}\n",
+    yaml_case("yaml-lora-deepspeed-missing",
+              "recovery:\n  method: lora\n  options: {deepspeed: /nonexistent/z3.json}\n",
               "recovery.options.deepspeed"),
     yaml_case("yaml-lora-per-device-0", "recovery:\n  method: lora\n  options: {per_device_batch_size: 0}\n",
               "recovery.options.per_device_batch_size"),
     yaml_case("yaml-lora-accumulation-0", "recovery:\n  method: lora\n  options: {gradient_accumulation_steps: 0}\n",
               "recovery.options.gradient_accumulation_steps"),
-    yaml_case("yaml-lora-checkpointing-text", "recovery:\n  method: lora\n  options: {gradient_checkpointing: sometimes}\n",
+    yaml_case("yaml-lora-checkpointing-text",
+              "recovery:\n  method: lora\n  options: {gradient_checkpointing: sometimes}\n",
               "recovery.options.gradient_checkpointing"),
     # ---- `recover` (a pruned checkpoint; every case fails before loading it)
     Case("recover-no-output", ["recover", "{model}"], 2, "--output"),
@@ -334,7 +343,8 @@ CASES: list[Case] = [
          "{out}", "--config", "{tmp}/c.yaml"], 2, "evaluation.ppl_window: 4096 is longer",
          {"c.yaml": "evaluation:\n  ppl_window: 4096\n  zero_shot: []\n"}),
     Case("yaml-eval-unknown-evaluator", ["run", "--method", "magnitude", "--model", "{model}", "--output", "{out}",
-         "--config", "{tmp}/c.yaml"], 2, "evaluators: unknown name 'nope'", {"c.yaml": "evaluation:\n  evaluators:\n    nope: {}\n"}),
+         "--config", "{tmp}/c.yaml"], 2, "evaluators: unknown name 'nope'",
+         {"c.yaml": "evaluation:\n  evaluators:\n    nope: {}\n"}),
     Case("yaml-eval-data-dir-missing", ["run", "--method", "magnitude", "--model", "{model}", "--output", "{out}",
          "--config", "{tmp}/c.yaml"], 2, "does not exist",
          {"c.yaml": "evaluation:\n  perplexity: [wikitext2]\n  zero_shot: []\n  data_dir: /nonexistent/wt2\n"}),
@@ -423,7 +433,8 @@ CASES: list[Case] = [
          {"c.yaml": "evaluation:\n  ppl_window: 1\n"}),
     Case("eval-model-missing", ["eval", "--model", "{world}/does-not-exist"], 2, "cannot load"),
     Case("eval-model-nan", ["eval", "--model", "{world}/nan"], 2, "NaN"),
-    Case("eval-device-unknown", ["eval", "--model", "{model}", "--device", "npu"], 2, "device: Value error, 'npu' is not a device"),
+    Case("eval-device-unknown", ["eval", "--model", "{model}", "--device", "npu"], 2,
+         "device: Value error, 'npu' is not a device"),
     Case("eval-device-map-bad", ["eval", "--model", "{model}", "--device-map", "[1]"], 2, "device_map: Value error"),
     Case("eval-disk-no-folder", ["eval", "--model", "{model}", "--device-map", '{{"model": "disk", "lm_head": "cpu"}}'],
          2, "offload_folder: the device map puts modules on 'disk'"),

@@ -76,7 +76,8 @@ def test_registers_presets_of_one_class():
 
 def test_reference_defaults():
     o = MoreauOptions()
-    assert (o.iterations, o.averaged, o.step, o.rho, o.sigma, o.eta, o.noise_samples) == (10, 5, 2e-4, 0.2, 0.05, 5e-6, 1)
+    assert ((o.iterations, o.averaged, o.step, o.rho, o.sigma, o.eta, o.noise_samples)
+            == (10, 5, 2e-4, 0.2, 0.05, 5e-6, 1))
     assert o.mode == "math" and o.seed is None and o.eta_relative is None
 
 

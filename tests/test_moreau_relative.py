@@ -32,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 def quadratic():
     """Weights w and per-element curvatures a of L(w) = ½·Σ a·w²."""
     gen = torch.Generator().manual_seed(0)
-    w = {"x": torch.randn(5, 3, generator=gen, dtype=torch.float64), "y": torch.randn(7, generator=gen, dtype=torch.float64)}
+    w = {"x": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+         "y": torch.randn(7, generator=gen, dtype=torch.float64)}
     a = {n: torch.rand(t.shape, generator=gen, dtype=torch.float64) * 3 + 0.1 for n, t in w.items()}
     return w, a
 

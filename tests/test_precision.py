@@ -50,7 +50,8 @@ def test_low_precision_scores_track_float32_scoring(one_thread, method, dtype):
     groups = api.build_groups(model, (0, 3))
     batches = tiny_batches()
     before = _state(model)
-    reference, _ = api.score(model, groups, method, batches, options=METHODS[method], compute_dtype="float32", sampler=tiny_sampler(batches))
+    reference, _ = api.score(model, groups, method, batches, options=METHODS[method], compute_dtype="float32",
+                             sampler=tiny_sampler(batches))
     _assert_same_state(model, before)
     scores, info = api.score(model, groups, method, batches, options=METHODS[method], sampler=tiny_sampler(batches))
     _assert_same_state(model, before)

@@ -95,8 +95,9 @@ def test_recover_data_parallel_under_accelerate_launch(pruned_dir, tmp_path):
     started = time.perf_counter()
     # `python -m accelerate.commands.launch` is `accelerate launch` with this interpreter (a copied venv's
     # `accelerate` script may name another one)
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", "0",
                            "-m", "prunekit.cli", "recover", str(pruned_dir), "--output", str(out), *_options()],
                           env=env, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - started

@@ -187,7 +187,8 @@ def test_non_finite_loss_names_the_batch_and_the_layer():
 
     model = make_tiny_llama(4, 4, layers=3)
     registry = get_registry()
-    groups = registry.named("groupers", "blocks").impl(model, registry.adapter_for(model), range(0, 3), GrouperOptions())
+    groups = registry.named("groupers", "blocks").impl(model, registry.adapter_for(model), range(0, 3),
+                                                       GrouperOptions())
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.fill_(3e38)  # finite weights whose products overflow
     batches = [torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]

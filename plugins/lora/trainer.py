@@ -37,7 +37,8 @@ def recipe_arguments(options: Any, output_dir: str, seed: int, dtype: torch.dtyp
         extra["deepspeed"] = options.deepspeed
     cls = _arguments_class()
     if options.gradient_checkpointing:  # transformers 5.x renamed it "activation" checkpointing
-        name = "activation_checkpointing" if "activation_checkpointing" in cls.__dataclass_fields__ else "gradient_checkpointing"
+        name = ("activation_checkpointing" if "activation_checkpointing" in cls.__dataclass_fields__
+                else "gradient_checkpointing")
         extra[name] = True
         extra[f"{name}_kwargs"] = {"use_reentrant": False}  # frozen embeddings: no input grads needed
     return cls(

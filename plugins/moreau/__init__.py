@@ -161,7 +161,8 @@ class Moreau(Importance):
             "scope_elements": elements,
             # fused: δ + running mean + W', float32; in place: δ + running mean + gradient sums, float32,
             # and a copy of the originals in the model's dtype
-            "state_bytes": 12 * elements + (sum(p.numel() * p.element_size() for p in params.values()) if in_place else 0),
+            "state_bytes": 12 * elements + (sum(p.numel() * p.element_size() for p in params.values())
+                                            if in_place else 0),
         }
 
 

@@ -1,4 +1,5 @@
-"""Gradients at randomly perturbed weights without a perturbed copy of the model: seeded noise, a perturbed-linear autograd function, and the in-place variant."""
+"""Gradients at randomly perturbed weights without a perturbed copy of the model: seeded noise, a perturbed-linear
+autograd function, and the in-place variant."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The proximal operators of the descent: element-wise (l1) and group (l2,1) soft-thresholding, and the authors' row variant."""
+"""The proximal operators of the descent: element-wise (l1) and group (l2,1) soft-thresholding, and the authors'
+row variant."""
 
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ def build_dependency_graph(model: torch.nn.Module, adapter: Adapter) -> tp.Depen
         p.requires_grad_(True)
     try:
         with adapter.tracing(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # norms: hidden size is never pruned
+            # norms: hidden size is never pruned
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=adapter.example_inputs(), forward_fn=adapter.forward_for_trace
             )

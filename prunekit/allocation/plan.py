@@ -1,4 +1,5 @@
-"""The run config's allocation plumbing: which layers become groups, which allocator runs, and the one call the pipeline makes (budget → counts → kept units)."""
+"""The run config's allocation plumbing: which layers become groups, which allocator runs, and the one call the
+pipeline makes (budget → counts → kept units)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import torch
 
 from prunekit.allocation.base import AllocationContext, allocate
 from prunekit.core.budget import make_budget, unit_cost
-
-log = logging.getLogger("prunekit.allocation")
-
 from prunekit.core.select import keep_from_counts
 from prunekit.errors import UserError
+
+log = logging.getLogger("prunekit.allocation")
 
 
 def layers_mode(config, registry=None) -> str:

@@ -1,4 +1,5 @@
-"""The ``prunekit`` command line (``commands``) and how it turns failures into one line and an exit code (``failures``)."""
+"""The ``prunekit`` command line (``commands``) and how it turns failures into one line and an exit code
+(``failures``)."""
 
 from prunekit.cli.commands import main
 

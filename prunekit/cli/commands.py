@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="prune a model, evaluate it before and after, save it")
     run.add_argument("--method", help="importance method (see `prunekit methods`); default moreau-gs")
     run.add_argument("--model", help="hub id or local path; default: the embedded SmolLM2-135M-Instruct")
-    run.add_argument("--ratio", type=float, help="fraction of attention units and MLP channels removed per pruned layer")
+    run.add_argument("--ratio", type=float,
+                     help="fraction of attention units and MLP channels removed per pruned layer")
     run.add_argument("--params-removed", type=float, metavar="F",
                      help="fraction of ALL parameters to remove (met from below; overrides --ratio as the budget)")
     run.add_argument("--allocator", help="where the removal goes: measured (default), uniform, global "
@@ -50,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-eval-cache", action="store_true",
                      help="evaluate the dense model again instead of reusing its cached 'before' metrics")
     run.add_argument("--stability", type=int, metavar="K",
-                     help="score K calibration resamples, report per-layer overlap and undecided units, prune with the consensus")
+                     help="score K calibration resamples, report per-layer overlap and undecided units, "
+                          "prune with the consensus")
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                      help="method option, e.g. -o variant=second (repeatable; value parsed as JSON if it can be)")
 
@@ -124,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
     if args.params_removed is not None or args.allocator:
         overrides["allocation"] = {**file_values.get("allocation", {}),
-                                   **({"params_removed": args.params_removed} if args.params_removed is not None else {}),
+                                   **({"params_removed": args.params_removed}
+                                      if args.params_removed is not None else {}),
                                    **({"name": args.allocator} if args.allocator else {})}
     if args.repair:
         overrides["repair"] = {**file_values.get("repair", {}), "name": args.repair}

@@ -1,8 +1,9 @@
 """How a command ends when something goes wrong: one line on stderr, an exit code, no traceback.
 
 Exit codes: 2 bad input (:class:`UserError`, a broken model), 1 environment faults (full disk, memory),
-a failed evaluation after the pruned model was saved (130 when it was interrupted) and unexpected errors (with a hint to set ``PRUNEKIT_DEBUG=1`` for the traceback), 130 Ctrl-C, 143
-SIGTERM. SIGTERM is turned into an exception so the same cleanup runs as for Ctrl-C.
+a failed evaluation after the pruned model was saved (130 when it was interrupted) and unexpected errors (with a
+hint to set ``PRUNEKIT_DEBUG=1`` for the traceback), 130 Ctrl-C, 143 SIGTERM. SIGTERM is turned into an exception
+so the same cleanup runs as for Ctrl-C.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Budget maths: per-unit parameter costs, the feasible counts of every group (GQA partitions, ``round_to``), the per-layer ratio as counts and as a parameter target."""
+"""Budget maths: per-unit parameter costs, the feasible counts of every group (GQA partitions, ``round_to``), the
+per-layer ratio as counts and as a parameter target."""
 
 from __future__ import annotations
 

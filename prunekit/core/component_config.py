@@ -24,7 +24,8 @@ class GrouperConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _legacy_flat_keys(cls, data: Any) -> Any:
-        """Older configs wrote the ``blocks`` options flat (``grouper: {prune_mlp: false}``): move them under options."""
+        """Older configs wrote the ``blocks`` options flat (``grouper: {prune_mlp: false}``): move them under
+        options."""
         if isinstance(data, dict) and data and not {"name", "options"} & set(data) \
                 and set(data) <= set(LEGACY_BLOCKS_KEYS):
             return {"name": "blocks", "options": dict(data)}

@@ -32,7 +32,8 @@ class SelectionConfig(_Strict):
 
     scope: Literal["local", "global"] = "local"
     layers: tuple[int, int] | None = Field(
-        default=None, description="[start, end) decoder layers to prune; default keeps the first 4/32 and last 2/32 of the depth")
+        default=None,
+        description="[start, end) decoder layers to prune; default keeps the first 4/32 and last 2/32 of the depth")
     round_to: int = Field(default=1, ge=1, description="keep MLP widths a multiple of this")
 
 
@@ -96,7 +97,8 @@ class EvaluationConfig(EvalSpec):
 
     enabled: bool = True
     cache: bool = Field(default=True, description="reuse the dense model's 'before' metrics from prunekit's cache "
-                                                  "when this model was evaluated alike before (--no-eval-cache: recompute)")
+                                                  "when this model was evaluated alike before "
+                                                  "(--no-eval-cache: recompute)")
 
 
 class RunConfig(_Strict):

@@ -1,4 +1,5 @@
-"""What to evaluate: the perplexity corpora and zero-shot tasks prunekit supports, and the settings of one evaluation."""
+"""What to evaluate: the perplexity corpora and zero-shot tasks prunekit supports, and the settings of one
+evaluation."""
 
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ def unit_scores(
             if signed:
                 channel_score = channel_score.abs()
             per_slice.append(channel_score[s.channels].sum(dim=1))
-        stacked = torch.stack([t.to(per_slice[0].device) for t in per_slice])  # coupled weights may sit on several devices
+        # coupled weights may sit on several devices
+        stacked = torch.stack([t.to(per_slice[0].device) for t in per_slice])
         if reduction == "sum":
             scores.append(stacked.sum(0))
         elif reduction == "mean":

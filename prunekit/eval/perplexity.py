@@ -1,4 +1,5 @@
-"""Windowed perplexity: a split tokenized once, cut into non-overlapping windows, evenly spaced when capped, with a standard error."""
+"""Windowed perplexity: a split tokenized once, cut into non-overlapping windows, evenly spaced when capped, with a
+standard error."""
 
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ def flatten_stderr(tree: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def within_noise(a: float, se_a: float | None, b: float, se_b: float | None, sigmas: float = NOISE_SIGMAS) -> bool | None:
+def within_noise(a: float, se_a: float | None, b: float, se_b: float | None,
+                 sigmas: float = NOISE_SIGMAS) -> bool | None:
     """Whether ``b - a`` is smaller than ``sigmas`` standard errors of the difference (None: no error known)."""
     if se_a is None or se_b is None:
         return None

@@ -59,7 +59,8 @@ class ScoringContext:
 
         batch = batch.to(input_device(self.model))  # accelerate's first device when the model is dispatched
         out = self.model(input_ids=batch, labels=batch, use_cache=False)
-        if out.loss.dtype != torch.float32:  # Hugging Face upcasts the logits itself; a model that does not gets it here
+        # Hugging Face upcasts the logits itself; a model that does not gets it here
+        if out.loss.dtype != torch.float32:
             logits = out.logits[:, :-1].float()
             return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         return out.loss
@@ -125,7 +126,8 @@ def accumulate_gradients(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     while True:
         with GradAccumulator(params, scale) as acc:
             try:
-                for index, loss in enumerate(ctx.iter_losses()):  # drive the generator to its end (observers count batches)
+                # drive the generator to its end (observers count batches)
+                for index, loss in enumerate(ctx.iter_losses()):
                     if not torch.isfinite(loss):
                         from prunekit.importance.finite import nonfinite_loss
 
@@ -145,7 +147,8 @@ def accumulate_gradients(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     return grads
 
 
-def fisher_diagonal(ctx: ScoringContext, with_mean: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def fisher_diagonal(ctx: ScoringContext,
+                    with_mean: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Mean gradient (empty unless ``with_mean``) and empirical Fisher diagonal (mean of squared per-sample
     gradients), both float32 per prunable weight, on the weight's device.
 

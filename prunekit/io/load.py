@@ -38,6 +38,7 @@ def load_model(source: str | None = None, dtype: str = "float32", device: str = 
         raise
     except Exception as exc:  # corrupt/truncated weights, bad JSON, unknown type: all "cannot load"
         hint = " (offline: pass a local directory)" if not Path(source).exists() else ""
-        raise UserError(f"model: cannot load {source!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}{hint}") from None
+        raise UserError(f"model: cannot load {source!r}: "
+                        f"{(str(exc).splitlines() or [type(exc).__name__])[0]}{hint}") from None
     check_weights_finite(model, source)  # NaN/Inf weights: named now, not as a NaN model later
     return model.eval(), tokenizer, source

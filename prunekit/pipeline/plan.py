@@ -26,7 +26,8 @@ class RunPlan:
 
 
 def plan(config: RunConfig, registry: Registry | None = None) -> RunPlan:
-    """Validate a config's method, method options, grouper and recovery (UserError naming the field) without touching a model."""
+    """Validate a config's method, method options, grouper and recovery (UserError naming the field) without
+    touching a model."""
     registry = (registry or get_registry())
     entry = registry.method(config.method)
     options = entry.options(config.method_options)

@@ -35,7 +35,8 @@ def output_dir(config: RunConfig) -> Path:
 def preflight(config: RunConfig, registry: Registry) -> RunPlan:
     """Everything that can be refused before loading a model: method, options, recovery, evaluators, output folder."""
     run_plan = plan(config, registry)
-    check_sources(config, run_plan.method.needs_calibration(run_plan.options), run_plan.recovery_options)  # offline data
+    # offline data
+    check_sources(config, run_plan.method.needs_calibration(run_plan.options), run_plan.recovery_options)
     if config.evaluation.enabled:
         plugin_evaluators(config.evaluation, registry)  # an unknown evaluator fails before any work
     check_output_dir(output_dir(config), config.overwrite, config.model)
@@ -55,8 +56,9 @@ def evaluate_before(ctx: RunContext, evaluate, progress: bool) -> dict[str, Any]
     if progress and metrics["cache"]["hit"]:
         from rich.console import Console
 
-        Console(stderr=True, soft_wrap=True).print(f"dense model: metrics read from the cache ({metrics['cache']['file']}; "
-                                   "--no-eval-cache evaluates it again)")
+        Console(stderr=True, soft_wrap=True).print("dense model: metrics read from the cache "
+                                                   f"({metrics['cache']['file']}; "
+                                                   "--no-eval-cache evaluates it again)")
     return metrics
 
 

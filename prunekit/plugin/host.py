@@ -107,7 +107,8 @@ class PluginHost:
         return failure
 
     def register(self, plugin: object, name: str, package: str | None = None) -> bool:
-        """Register ``plugin`` under ``name``; disable it (and return False) when pluggy or the hook check refuses it."""
+        """Register ``plugin`` under ``name``; disable it (and return False) when pluggy or the hook check
+        refuses it."""
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # pluggy.PluginValidationError: an implementation with arguments no spec has

@@ -153,7 +153,8 @@ class Resolved:
 
 def register_importance(name: str, cls: type, defaults: dict | None = None,
                         description: str | None = None) -> MethodEntry:
-    """``prunekit_register_importances``: an :class:`~prunekit.importance.base.Importance` subclass under a method name."""
+    """``prunekit_register_importances``: an :class:`~prunekit.importance.base.Importance` subclass under a
+    method name."""
     from prunekit.importance.base import Importance
 
     _check_name(name)

@@ -130,7 +130,8 @@ def check_method(name: str, registry: Registry | None = None, *, n_q: int = 9, n
     scores, info = _score(entry, opts, model, groups, batches, seed)
     if not isinstance(scores, (list, tuple)) or len(scores) != len(groups):
         raise ConformanceError(f"{name}: expected a list of {len(groups)} score tensors (one per group), "
-                               f"got {type(scores).__name__} of length {len(scores) if hasattr(scores, '__len__') else '?'}")
+                               f"got {type(scores).__name__} of length "
+                               f"{len(scores) if hasattr(scores, '__len__') else '?'}")
     for g, s in zip(groups, scores):
         if not isinstance(s, torch.Tensor) or tuple(s.shape) != (g.n_units,) or not s.is_floating_point():
             raise ConformanceError(f"{name}: group {g.name} needs a float tensor of shape ({g.n_units},), got "
@@ -154,7 +155,8 @@ def check_method(name: str, registry: Registry | None = None, *, n_q: int = 9, n
     for g, k in zip(groups, kept):
         for s in g.slices:
             width = pruned.get_submodule(s.module_name).weight.shape[s.dim]
-            expected = model.get_submodule(s.module_name).weight.shape[s.dim] - (g.n_units - len(k)) * s.channels.shape[1]
+            expected = (model.get_submodule(s.module_name).weight.shape[s.dim]
+                        - (g.n_units - len(k)) * s.channels.shape[1])
             if width != expected:
                 raise ConformanceError(f"{name}: {s.module_name} has {width} channels along dim {s.dim} after "
                                        f"pruning, expected {expected}")

@@ -36,5 +36,5 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 def progress_bar(show: bool = True) -> Progress:
     """A rich progress display on stderr (stdout stays clean for JSON); a no-op unless ``show`` and :func:`enabled`."""
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), 
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                     disable=not (show and enabled()))
