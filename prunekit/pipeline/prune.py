@@ -123,8 +123,9 @@ def _dtype_name(model: torch.nn.Module) -> str:
 def prune(model: torch.nn.Module, tokenizer: Any = None, method: str = "moreau-gs", ratio: float = 0.25, *,
           seed: int = 42, layers: tuple[int, int] | None = None, selection: dict | None = None,
           grouper: dict | None = None, calibration: dict | None = None, repair: dict | None = None,
-          recovery: dict | None = None, allocation: dict | None = None, batches: list[torch.Tensor] | None = None, registry: Registry | None = None,
-          host: PluginHost | None = None, compute_dtype: str = "model", **options: Any) -> PruneResult:
+          recovery: dict | None = None, allocation: dict | None = None, batches: list[torch.Tensor] | None = None,
+          registry: Registry | None = None, host: PluginHost | None = None, compute_dtype: str = "model",
+          **options: Any) -> PruneResult:
     """Prune ``model`` in place with ``method`` at ``ratio`` and return a :class:`PruneResult`.
 
     ``**options`` are the method's options (``prunekit methods``). The other knobs are the run config's
