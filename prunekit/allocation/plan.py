@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from prunekit.allocation.base import AllocationContext, allocate
+import prunekit.allocation.cache as allocation_cache
+from prunekit.allocation.base import AllocationContext, allocate, check_counts
 from prunekit.core.budget import make_budget, unit_cost
 from prunekit.core.select import keep_from_counts
 from prunekit.errors import UserError
@@ -148,6 +149,23 @@ def allocate_select(ctx, scores: list[torch.Tensor],
 
     actx = AllocationContext(model=ctx.model, groups=groups, scores=scores, costs=costs, budget=budget,
                              round_to=round_to, seed=config.seed, layers=ctx.adapter.layers(), sample=sample)
-    counts, info = allocate(actx, name, entry.impl(options))
+    key = None
+    if allocation_cache.active() and config.allocation.cache and needs_calibration(config, ctx.registry):
+        probe_text = ({"source": config.calibration.source, "seed": config.calibration_seed + 1}
+                      if ctx.tokenizer is not None else {"batches": [b.tolist() for b in batches or []]})
+        settings = {"allocator": name, "options": options.model_dump(mode="json"), "budget": budget.params,
+                    "total": budget.total, "ratio": budget.ratio, "round_to": round_to, "seed": config.seed,
+                    "probe_text": probe_text}
+        key = allocation_cache.cache_key(ctx.model, ctx.tokenizer, scores, groups, costs, settings)
+    hit = allocation_cache.read(key) if key else None
+    if hit is not None:  # the probe is skipped; the counts are checked like a fresh result
+        counts, info = hit
+        check_counts(actx, counts, name)
+    else:
+        counts, info = allocate(actx, name, entry.impl(options))
+        if key:
+            allocation_cache.write(key, counts, info)
     info["provider"] = entry.provider
+    if key:
+        info["cache"] = {"hit": hit is not None, "key": key}
     return keep_from_counts(groups, scores, counts), info

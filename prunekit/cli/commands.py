@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-eval", action="store_true", help="skip evaluation before and after pruning")
     run.add_argument("--no-eval-cache", action="store_true",
                      help="evaluate the dense model again instead of reusing its cached 'before' metrics")
+    run.add_argument("--no-allocation-cache", action="store_true",
+                     help="probe again instead of reusing a cached measured allocation of the same model and scores")
     run.add_argument("--stability", type=int, metavar="K",
                      help="score K calibration resamples, report per-layer overlap and undecided units, "
                           "prune with the consensus")
@@ -124,11 +126,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["calibration"] = {**file_values.get("calibration", {}), "gradient_checkpointing": True}
     if args.option:
         overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
-    if args.params_removed is not None or args.allocator:
+    if args.params_removed is not None or args.allocator or args.no_allocation_cache:
         overrides["allocation"] = {**file_values.get("allocation", {}),
                                    **({"params_removed": args.params_removed}
                                       if args.params_removed is not None else {}),
-                                   **({"name": args.allocator} if args.allocator else {})}
+                                   **({"name": args.allocator} if args.allocator else {}),
+                                   **({"cache": False} if args.no_allocation_cache else {})}
     if args.repair:
         overrides["repair"] = {**file_values.get("repair", {}), "name": args.repair}
     if args.no_eval:

@@ -73,6 +73,9 @@ class AllocationConfig(_Strict):
     params_removed: float | None = Field(
         default=None, gt=0, lt=1, description="fraction of ALL model parameters to remove (met from below); "
                                               "default: what `ratio` removes per layer")
+    cache: bool = Field(default=True, description="reuse a measuring allocator's result from prunekit's cache when "
+                                                  "the same model, scores and budget were allocated before "
+                                                  "(prunekit run only; --no-allocation-cache: probe again)")
     layers: Literal["default", "all"] | None = Field(
         default=None, description="all: every layer becomes a group and the allocator decides which to touch; "
                                   "default: LLM-Pruner's range; unset: the allocator's own choice")

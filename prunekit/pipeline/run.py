@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import prunekit.allocation.cache as allocation_cache
 import prunekit.data.tokens as token_cache
 from prunekit.core.config import RunConfig
 from prunekit.errors import EvaluationFailed
@@ -71,7 +72,8 @@ def error_record(stage: str, exc: BaseException) -> dict[str, str]:
 def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | None = None,
         evaluate_fn=None, progress: bool = True) -> RunContext:
     """Prune one model as ``config`` says and save it with its manifest; returns the run's state."""
-    with token_cache.on_disk():  # a run writes files anyway: tokenized corpora are kept across runs
+    # a run writes files anyway: tokenized corpora and measured allocations are kept across runs
+    with token_cache.on_disk(), allocation_cache.on_disk():
         return _run(config, registry, host, evaluate_fn, progress)
 
 
