@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=(*SUITES, "sweep", "all", "report"), default="all",
                     help="'report' only rebuilds the markdown and plots from the JSON files in --out; "
-                         "'sweep' (not part of 'all') is the quality-per-cost grid of issue 13")
+                         "'sweep' (not part of 'all') is the quality-per-cost grid (docs/benchmarks.md)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
     ap.add_argument("--model", default=None, help="local path or hub id; default: the embedded SmolLM2-135M")
     ap.add_argument("--ratio", type=float, default=0.25, help="fraction of units removed per pruned layer")

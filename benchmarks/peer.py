@@ -1,7 +1,7 @@
 """Peer row: torch-pruning's own MetaPruner (group magnitude / group Taylor) next to prunekit on the same model.
 
-Only MLP channels are pruned on both sides: torch-pruning's GQA head pruning is unreliable (FIELD-NOTES;
-it crashes on SmolLM2's 9q/3kv layout, issue #516), so the comparison is on the block both can prune.
+Only MLP channels are pruned on both sides: torch-pruning's GQA head pruning is unreliable (it
+crashes on SmolLM2's 9q/3kv layout, torch-pruning issue #516), so the comparison is on the block both can prune.
 """
 
 from __future__ import annotations

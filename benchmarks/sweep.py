@@ -1,4 +1,4 @@
-"""Sweep suite: quality per unit of compute (issue 13) for taylor, fisher, moreau and moreau-gs.
+"""Sweep suite: quality per unit of compute for taylor, fisher, moreau and moreau-gs.
 
 Every grid point (method, options, calibration size) is scored on 3 calibration seeds; each point
 records the scoring wall time, the pruned model's perplexity on evenly spaced PTB *validation* windows
@@ -73,7 +73,7 @@ class Point:
 # ρ·‖∇L‖ = 1e-4·‖w‖: on SmolLM2 ρ ≈ 0.06 and the proximal point lowers the calibration loss by ≈ 0.23
 # nats in 4 steps (docs/moreau.md); 2e-2 diverged (loss 4.9 -> 8.8).
 RELATIVE = {"rho_relative": 1e-4, "step_fraction": 0.5}
-# moreau-gs's defaults before issue 13 (the paper's; registered as moreau-gs-paper), spelled out so the points
+# moreau-gs's defaults before this sweep (the paper's; registered as moreau-gs-paper), spelled out so the points
 # keep their meaning under today's moreau-gs preset (a user-set rho/step replaces its relative counterparts)
 PAPER_GS = {**PAPER, "resample": False, "salience": "gradient"}
 # Ordered cheap first and kept small: on the shared 2-core CPU one moreau step costs ~1 taylor pass.

@@ -187,12 +187,6 @@ def fisher_at(ctx: ScoringContext, mean_delta: Tensors) -> Tensors:
     return {n: fisher.pop(n).mul_(originals.pop(n).float().square()).mul_(0.5) for n in params}
 
 
-# The registered presets (method name -> option defaults); the sweep's cost count reads them too.
-# moreau-gs: the issue-13 sweep's choice on PTB validation at <= 10 taylor passes (6: five steps on fresh
-# calibration text plus one Fisher pass at the smoothed point; docs/moreau.md, "The moreau-gs preset").
-# moreau-gs-paper: the authors' LLaMA-7B settings, moreau-gs's defaults before that choice.
-
-
 @hookimpl
 def prunekit_register_importances(register) -> None:
     register("moreau", Moreau, defaults=PRESETS["moreau"],
@@ -204,7 +198,7 @@ def prunekit_register_importances(register) -> None:
                          "at the smoothed point (about 6 taylor passes; the paper's settings: moreau-gs-paper)")
     register("moreau-gs-paper", Moreau, defaults=PRESETS["moreau-gs-paper"],
              description="moreau-gs with the paper's settings (T=10, gamma=2e-4, rho=0.2, gradient salience; "
-                         "moreau-gs's defaults before issue 13), about 10 taylor passes")
+                         "moreau-gs's defaults before the quality-per-compute sweep), about 10 taylor passes")
     # The authors' released behaviour under its own names, so benchmarks compare both modes side by side.
     register("moreau-reference", Moreau, defaults=PRESETS["moreau-reference"],
              description="moreau as the authors' released code computes it (no pull-back, every parameter)")

@@ -3,8 +3,8 @@
 A group is one block of one decoder layer (its attention or its MLP). It holds ``n_units`` prunable
 units (a head, a KV group or an MLP channel) and, for every coupled weight, which channels along
 which dimension belong to each unit. MLP coupling is discovered by torch-pruning's DependencyGraph;
-attention coupling comes from the adapter's head geometry (see FIELD-NOTES: the graph's GQA head path
-is unreliable), and both are pruned with torch-pruning's functions.
+attention coupling comes from the adapter's head geometry (the graph's GQA head path is unreliable:
+it prunes nothing or crashes for some query/KV ratios), and both are pruned with torch-pruning's functions.
 """
 
 from __future__ import annotations
