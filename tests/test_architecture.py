@@ -6,6 +6,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+import prunekit
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -124,3 +130,131 @@ def test_no_study_is_installed():
     harness = [p for p in (ROOT / "benchmarks").glob("*.py")]
     for path in harness:
         assert "benchmarks.studies" not in path.read_text(), f"{path.name} (installed) imports a study"
+
+
+# ----------------------------------------------------------------------------- recipes (docs/architecture.md)
+
+
+@pytest.fixture
+def registered():
+    """Register plugin objects on the process-wide host for one test, then remove them."""
+    from prunekit.plugin.host import get_host
+
+    host, names = get_host(), []
+
+    def register(plugin, name):
+        host.pm.register(plugin, name=name)
+        names.append(name)
+
+    yield register
+    for name in names:
+        host.pm.unregister(name=name)
+
+
+def test_recipe_add_a_method(registered):
+    from prunekit import hookimpl
+    from prunekit.importance import Importance, ScoringContext
+
+    class Reverse(Importance):
+        """Keeps the last units of every group (no options: the base class's empty ``Options``)."""
+
+        def scores(self, ctx: ScoringContext):
+            return [torch.arange(g.n_units, dtype=torch.float32) for g in ctx.groups]
+
+    class Plugin:
+        @hookimpl
+        def prunekit_register_importances(self, register):
+            register("reverse", Reverse)
+
+    registered(Plugin(), "recipe-method")
+    result = prunekit.prune(make_tiny_llama(4, 4), None, method="reverse", ratio=0.5, allocation={"name": "uniform"})
+    mlp = [k for g, k in zip(result.groups, result.kept) if g.kind == "mlp"]
+    assert all(k.tolist() == list(range(24, 48)) for k in mlp)  # the last half of the 48 channels
+
+
+def test_recipe_add_an_allocator(registered):
+    from pydantic import BaseModel
+
+    from prunekit import hookimpl
+
+    class Front:
+        """Everything from the first groups, as far as the budget goes."""
+
+        class Options(BaseModel):
+            pass
+
+        def __init__(self, options):
+            self.options = options
+
+        def allocate(self, ctx):
+            counts = [0] * len(ctx.groups)
+            for i in range(len(ctx.groups)):
+                for c in ctx.feasible(i):
+                    if ctx.removed_params(counts[:i] + [c] + counts[i + 1:]) <= ctx.budget.params:
+                        counts[i] = c
+            return counts
+
+    class Plugin:
+        @hookimpl
+        def prunekit_register_allocators(self, register):
+            register("front", Front)
+
+    registered(Plugin(), "recipe-allocator")
+    result = prunekit.prune(make_tiny_llama(4, 4), None, method="magnitude", ratio=0.25, allocation={"name": "front"})
+    removed = [g.n_units - len(k) for g, k in zip(result.groups, result.kept)]
+    assert result.allocation["allocator"] == "front" and removed[0] > 0 and removed[-1] == 0
+
+
+def test_recipe_add_an_adapter(registered):
+    from prunekit import hookimpl
+    from prunekit.adapters.llama import LlamaAdapter
+
+    class MyAdapter(LlamaAdapter):
+        """A LLaMA-shaped family under its own model type."""
+
+        model_types = ("my-llama",)
+
+    class Plugin:
+        @hookimpl
+        def prunekit_register_adapters(self, register):
+            register(MyAdapter)
+
+    registered(Plugin(), "recipe-adapter")
+    model = make_tiny_llama(4, 2)
+    model.config.model_type = "my-llama"
+    prunekit.prune(model, None, method="magnitude", ratio=0.5, allocation={"name": "uniform"}, layers=(0, 4))
+    assert model.model.layers[0].mlp.gate_proj.out_features == 24
+
+
+def test_recipe_add_a_repair_step(registered):
+    from pydantic import BaseModel
+
+    from prunekit import hookimpl
+
+    class ZeroLastDown:
+        """Zeroes the last layer's down projection (a visible change, not a useful one)."""
+
+        needs_dense = True
+
+        class Options(BaseModel):
+            pass
+
+        def __init__(self, options):
+            self.options = options
+
+        def repair(self, ctx):
+            with torch.no_grad():
+                ctx.model.model.layers[-1].mlp.down_proj.weight.zero_()
+            return {"dense_layers": len(ctx.dense.model.layers)}
+
+    class Plugin:
+        @hookimpl
+        def prunekit_register_repairers(self, register):
+            register("zero-last-down", ZeroLastDown)
+
+    registered(Plugin(), "recipe-repair")
+    model = make_tiny_llama(4, 2)
+    result = prunekit.prune(model, None, method="magnitude", allocation={"name": "uniform"},
+                            repair={"name": "zero-last-down"})
+    assert not model.model.layers[-1].mlp.down_proj.weight.any()
+    assert result.manifest()["repair"]["info"] == {"dense_layers": 4}
