@@ -38,13 +38,10 @@ TYPES: dict[str, tuple[str, str, int]] = {
     "q8_0": ("Q8_0", "MOSTLY_Q8_0", 32),
 }
 
-#: Pre-tokenizer names llama.cpp (src/llama-vocab.cpp) knows, for the byte-level BPE layouts we can recognise.
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+#: The Split regex of LLaMA 3's tokenizer.json → the pre-tokenizer name llama.cpp (src/llama-vocab.cpp) knows it by.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLIT_REGEX_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+SPLIT_REGEX_PRE = {LLAMA3_REGEX: "llama-bpe"}
 
 
 @dataclass(frozen=True)
@@ -280,7 +277,7 @@ def _token_types(tokenizer: Any, n_tokens: int) -> list[int]:
 
 
 def tokenizer_fields(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
-    """What the GGUF needs of a fast byte-level BPE tokenizer (GPT-2 style: SmolLM2, LLaMA 3, Qwen2).
+    """What the GGUF needs of a fast byte-level BPE tokenizer (GPT-2 style: SmolLM2, LLaMA 3).
 
     Tokens padded with unused entries to the embedding's row count; SentencePiece-style tokenizers
     (byte fallback: LLaMA 2, Mistral 7B) and others are refused.
@@ -297,7 +294,7 @@ def tokenizer_fields(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
                         "is not supported; the exporter writes byte-level BPE (GPT-2 style) tokenizers")
     pre = _pre_tokenizer_name(spec)
     normalizer = (spec.get("normalizer") or {}).get("type")
-    if normalizer is not None and not (pre == "qwen2" and normalizer == "NFC"):
+    if normalizer is not None:
         raise UserError(f"gguf: tokenizer: normalizer {normalizer!r} has no llama.cpp equivalent")
     vocab = tokenizer.get_vocab()
     if len(vocab) > n_vocab or max(vocab.values()) >= n_vocab:
