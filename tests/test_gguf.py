@@ -9,6 +9,7 @@ runtime fails instead of skipping.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from contextlib import closing
 
@@ -17,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
+from prunekit.cli import main
 from prunekit.errors import UserError
-from prunekit.io.gguf import LLAMA3_REGEX, export_checkpoint, export_gguf, main
+from prunekit.io.gguf import LLAMA3_REGEX, export_checkpoint, export_gguf
 
 if os.environ.get("CI"):
     import llama_cpp  # CI must run these tests: a missing runtime is a failure there
@@ -252,7 +254,7 @@ def test_pruned_checkpoint_through_prunekit(tmp_path):
     path = export_checkpoint(tmp_path / "pruned", tmp_path / "m.gguf", type="f32")
     assert max_delta(prunekit.load_pruned(tmp_path / "pruned"), path) <= 1e-3
     cli = ["--format", "gguf", "--output", str(tmp_path / "cli.gguf")]
-    assert main([str(tmp_path / "pruned"), *cli, "--type", "f16"]) == 0 and (tmp_path / "cli.gguf").is_file()
+    assert main(["export", str(tmp_path / "pruned"), *cli, "--type", "f16"]) == 0 and (tmp_path / "cli.gguf").is_file()
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------
@@ -335,3 +337,23 @@ def test_pruned_smollm2_in_llama_cpp(tmp_path):
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text).input_ids, text
         agree = llama_logits(llm, ids).argmax(-1) == hf_logits(model, ids).argmax(-1)
     assert agree.mean() >= 0.9
+
+
+def test_run_exports_gguf_into_its_output_and_q8_0_keeps_widths_a_multiple_of_32(tmp_path):
+    """``prunekit run --export gguf --export-type q8_0``: the GGUF is in the same all-or-nothing save (listed in
+    run.json) and every pruned MLP width is a multiple of q8_0's block (round_to follows unless set)."""
+    model = tiny_llama(n_q=8, n_kv=2, hidden=64, head_dim=16, ff=128, layers=4)
+    model.save_pretrained(tmp_path / "dense")
+    byte_bpe().save_pretrained(tmp_path / "dense")
+    out = tmp_path / "out"
+    assert main(["run", "--no-eval", "--method", "magnitude", "--allocator", "global", "--ratio", "0.3",
+                 "--model", str(tmp_path / "dense"), "--output", str(out), "--export", "gguf",
+                 "--export-type", "q8_0"]) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert "model-q8_0.gguf" in manifest["files"] and manifest["config"]["selection"]["round_to"] == 32
+    widths = [s["intermediate_size"] for s in manifest["layer_shapes"]]
+    assert all(w % 32 == 0 for w in widths) and min(widths) < 128
+    from prunekit import load_pruned
+
+    pruned = load_pruned(out)
+    assert top1_agreement(pruned, out / "model-q8_0.gguf") >= 0.9  # q8_0 rounding, not a wrong layout

@@ -70,8 +70,8 @@ class Global:
         if self.options.standardize:
             scores = [(s.double() - s.double().mean()) / (s.double().std() + 1e-12) for s in scores]
         kinds = self.options.kinds
-        return search_ratio(lambda r: global_counts(ctx.groups, scores, r, kinds), ctx.removed_params,
-                            ctx.budget.params)
+        return search_ratio(lambda r: global_counts(ctx.groups, scores, r, kinds, ctx.round_to),
+                            ctx.removed_params, ctx.budget.params)
 
 
 class MeasuredOptions(KindsOptions):

@@ -1,4 +1,5 @@
-"""``prunekit`` command line: run | methods | plugins | eval. Bad input: one line on stderr, exit code 2."""
+"""``prunekit`` command line: run | methods | plugins | eval | recover | export. Bad input: one line on stderr,
+exit code 2."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                                          "(see docs/allocation.md)")
     run.add_argument("--repair", help="repair the kept weights after pruning: none (default), bias, refit "
                                       "(see docs/repair.md)")
+    run.add_argument("--export", choices=["gguf"], help="also write the pruned model for a serving engine: gguf "
+                                                         "(llama.cpp; model-TYPE.gguf in the output, docs/gguf.md)")
+    run.add_argument("--export-type", choices=["f32", "f16", "q8_0"], help="GGUF tensor type (default f16)")
     run.add_argument("--output", type=Path, help="output directory (default ./pruned-METHOD)")
     run.add_argument("--config", type=Path, help="YAML or TOML run config; flags override it")
     run.add_argument("--seed", type=int)
@@ -69,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="zero-shot examples per task (default from config)")
     ev.add_argument("--full", action="store_true", help="full evaluation sets (no window or example limits)")
     ev.add_argument("--json", type=Path, help="also write the metrics to this file")
+    ex = sub.add_parser("export", help="write a pruned checkpoint in a serving engine's format (GGUF for llama.cpp)")
+    ex.add_argument("pruned", metavar="PRUNED_DIR", help="a checkpoint `prunekit run` saved (any LLaMA-family folder)")
+    ex.add_argument("--format", choices=["gguf"], default="gguf")
+    ex.add_argument("--type", choices=["f32", "f16", "q8_0"], default="f16", help="tensor type of the weights")
+    ex.add_argument("--output", type=Path, required=True, help="the .gguf file to write")
     rec = sub.add_parser("recover", help="recovery fine-tuning of a pruned checkpoint (also under accelerate launch)")
     rec.add_argument("pruned", metavar="PRUNED_DIR", help="a checkpoint `prunekit run` saved")
     rec.add_argument("--output", type=Path, required=True, help="output directory (written by the main process only)")
@@ -132,6 +141,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                       if args.params_removed is not None else {}),
                                    **({"name": args.allocator} if args.allocator else {}),
                                    **({"cache": False} if args.no_allocation_cache else {})}
+    if args.export or args.export_type:
+        if not args.export:
+            raise UserError("--export-type: give --export gguf too")
+        overrides["export"] = {**file_values.get("export", {}), "gguf": args.export_type or "f16"}
     if args.repair:
         overrides["repair"] = {**file_values.get("repair", {}), "name": args.repair}
     if args.no_eval:
@@ -238,7 +251,18 @@ def cmd_bench(bench_args: list[str]) -> int:
     return bench_main(bench_args)
 
 
-COMMANDS = {"run": cmd_run, "methods": cmd_methods, "plugins": cmd_plugins, "eval": cmd_eval, "recover": cmd_recover}
+def cmd_export(args: argparse.Namespace) -> int:
+    from prunekit.io.gguf import export_checkpoint
+    from prunekit.runtime.paths import expand_path
+
+    path = export_checkpoint(expand_path(args.pruned, "PRUNED_DIR"), expand_path(args.output, "--output"),
+                             type=args.type)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "methods": cmd_methods, "plugins": cmd_plugins, "eval": cmd_eval, "recover": cmd_recover,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunekit.core.component_config import GrouperConfig
 from prunekit.core.evaluation import EvalSpec
@@ -95,6 +95,18 @@ class RepairConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+#: GGUF tensor types prunekit writes (docs/gguf.md) -> the block width every quantized row must be a multiple of.
+GGUF_BLOCKS = {"f32": 1, "f16": 1, "q8_0": 32}
+
+
+class ExportConfig(_Strict):
+    """Serving formats written into the output folder beside the checkpoint."""
+
+    gguf: Literal["f32", "f16", "q8_0"] | None = Field(
+        default=None, description="also write model-TYPE.gguf for llama.cpp (docs/gguf.md); q8_0 keeps MLP widths a "
+                                  "multiple of 32 (selection.round_to) unless round_to is set")
+
+
 class EvaluationConfig(EvalSpec):
     """What to measure before and after pruning (the quick default); ``enabled: false`` skips it."""
 
@@ -132,8 +144,17 @@ class RunConfig(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
     repair: RepairConfig = Field(default_factory=RepairConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _engine_widths(self) -> RunConfig:
+        """A quantized GGUF export needs MLP widths its block divides: round_to follows unless the user set it."""
+        block = GGUF_BLOCKS.get(self.export.gguf or "", 1)
+        if block > 1 and "round_to" not in self.selection.model_fields_set:
+            self.selection = self.selection.model_copy(update={"round_to": block})
+        return self
 
     @property
     def calibration_seed(self) -> int:

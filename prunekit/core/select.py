@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from prunekit.core.budget import floor_feasible, ratio_counts
 from prunekit.core.groups import PruningGroup
 
 
@@ -55,16 +56,15 @@ def select(
     round_to: int = 1,
 ) -> list[torch.Tensor]:
     """Sorted indices of the units every group keeps (the per-layer ratio, local or global ranking)."""
-    from prunekit.core.budget import ratio_counts
-
-    counts = ratio_counts(groups, ratio, round_to) if scope == "local" else global_counts(groups, scores, ratio)
+    counts = (ratio_counts(groups, ratio, round_to) if scope == "local"
+              else global_counts(groups, scores, ratio, round_to=round_to))
     return keep_from_counts(groups, scores, counts)
 
 
 def global_counts(groups: list[PruningGroup], scores: list[torch.Tensor], ratio: float,
-                  kinds: tuple[str, ...] | None = None) -> list[int]:
+                  kinds: tuple[str, ...] | None = None, round_to: int = 1) -> list[int]:
     """Per group, how many of its units fall in the lowest ``ratio`` of its block kind across layers
-    (floored to what the group's partitions allow; every group keeps a unit)."""
+    (floored to what the group's partitions and ``round_to`` allow; every group keeps a unit)."""
     counts = [0] * len(groups)
     for kind in sorted({g.kind for g in groups}):
         if kinds is not None and kind not in kinds:
@@ -75,9 +75,4 @@ def global_counts(groups: list[PruningGroup], scores: list[torch.Tensor], ratio:
         k = int(math.floor(ratio * flat.numel() + 0.5))
         for i in owner[_lowest(flat, k)].tolist():
             counts[i] += 1
-        for i in idx:  # never empty a layer
-            counts[i] = min(counts[i], groups[i].n_units - 1)
-    for i, g in enumerate(groups):
-        if g.partition is not None:
-            counts[i] = min(counts[i] // g.n_parts, g.units_per_part - 1) * g.n_parts
-    return counts
+    return [floor_feasible(g, c, round_to) for g, c in zip(groups, counts)]

@@ -5,18 +5,13 @@ Where a run may write, the lock, stale-scratch removal and the atomic swap live 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from prunekit.pipeline.prune import PruneResult
-
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -24,6 +19,9 @@ import prunekit.io.safety as safety
 from prunekit.errors import EnvironmentFault, UserError
 from prunekit.io.remote_code import write_remote_code
 from prunekit.runtime.paths import expand_path
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from prunekit.pipeline.prune import PruneResult
 
 
 def check_output_dir(output: Path, overwrite: bool, model_source: str | None = None) -> None:
@@ -82,7 +80,8 @@ def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
         safety.release(output)
 
 
-def save_pruned(model, tokenizer, output: Path, manifest: dict[str, Any], overwrite: bool | None = None) -> None:
+def save_pruned(model, tokenizer, output: Path, manifest: dict[str, Any], overwrite: bool | None = None,
+                extras: Callable[[Path], None] | None = None) -> None:
     """``save_pretrained`` + tokenizer + ``run.json`` (which lists every file written), all-or-nothing.
 
     ``overwrite`` defaults to the run config's ``overwrite`` in ``manifest``.
@@ -98,6 +97,8 @@ def save_pruned(model, tokenizer, output: Path, manifest: dict[str, Any], overwr
         safety.pause_point("save:mid")
         if tokenizer is not None:
             tokenizer.save_pretrained(scratch)
+        if extras is not None:  # more files in the same all-or-nothing folder (a GGUF export)
+            extras(scratch)
         files = sorted(p.name for p in scratch.iterdir())
         (scratch / "run.json").write_text(json.dumps({**manifest, "files": files}, indent=2, default=str) + "\n")
 

@@ -6,17 +6,15 @@ shapes give ``deci``, the architecture llama.cpp reads per-layer head counts and
 builds ``llama`` layers from layer 0's values). What llama.cpp cannot represent is refused with a
 one-line :class:`~prunekit.errors.UserError` naming the layer (see docs/gguf.md).
 
-    prunekit.io.gguf.export_checkpoint("pruned/", "pruned.gguf", type="f16")
-    python -m prunekit.io.gguf pruned/ --format gguf --type q8_0 --output pruned-q8_0.gguf
+    prunekit.export_gguf(model, tokenizer, "pruned.gguf", type="f16")
+    prunekit export pruned/ --format gguf --type q8_0 --output pruned-q8_0.gguf
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.core.config import GGUF_BLOCKS
 from prunekit.errors import UserError
 
 #: Model types whose decoder is LLaMA's (RMSNorm, rotary attention, gated SiLU MLP, no biases).
@@ -33,9 +32,8 @@ LLAMA_FAMILY = ("llama", "mistral")
 
 #: --type → (tensor type of 2-D weights, file type recorded in general.file_type, block width).
 TYPES: dict[str, tuple[str, str, int]] = {
-    "f32": ("F32", "ALL_F32", 1),
-    "f16": ("F16", "MOSTLY_F16", 1),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0", 32),
+    name: (name.upper(), file_type, GGUF_BLOCKS[name])
+    for name, file_type in (("f32", "ALL_F32"), ("f16", "MOSTLY_F16"), ("q8_0", "MOSTLY_Q8_0"))
 }
 
 #: The Split regex of LLaMA 3's tokenizer.json → the pre-tokenizer name llama.cpp (src/llama-vocab.cpp) knows it by.
@@ -363,6 +361,22 @@ def write_hparams(writer: Any, model: nn.Module, plans: Sequence[LayerPlan], fil
     writer.add_file_type(int(gguf.LlamaFileType[file_type]))
 
 
+def check_exportable(model: nn.Module, type: str = "f16") -> list[LayerPlan]:
+    """The per-layer plan of ``model`` as ``type``, or a one-line UserError naming what llama.cpp cannot take."""
+    if type not in TYPES:
+        raise UserError(f"gguf: --type {type!r} is not one of {', '.join(TYPES)}")
+    check_config(model.config)
+    block = TYPES[type][2]
+    plans = plan_model(model, block)
+    check_blocks(plans, int(model.config.hidden_size), head_dim(model), type, block)
+    return plans
+
+
+def gguf_name(type: str) -> str:
+    """The file a run writes into its output folder for ``--export gguf``."""
+    return f"model-{type}.gguf"
+
+
 def export_gguf(model: nn.Module, tokenizer: Any, output: str | os.PathLike, *, type: str = "f16") -> Path:
     """Write ``model`` (a LLaMA-family causal LM, pruned or not) and its tokenizer as one GGUF file.
 
@@ -372,11 +386,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, output: str | os.PathLike, *, 
     """
     import gguf
 
-    if type not in TYPES:
-        raise UserError(f"gguf: --type {type!r} is not one of {', '.join(TYPES)}")
-    tensor_type, file_type, block = TYPES[type]
-    plans = plan_model(model, block)
-    check_blocks(plans, int(model.config.hidden_size), head_dim(model), type, block)
+    plans = check_exportable(model, type)
+    tensor_type, file_type, _ = TYPES[type]
     fields = tokenizer_fields(tokenizer, int(model.get_input_embeddings().weight.shape[0]))
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -404,32 +415,11 @@ def export_checkpoint(pruned_dir: str | os.PathLike, output: str | os.PathLike, 
     """Load a prunekit checkpoint (any per-layer shapes) with :func:`prunekit.load_pruned` and export it."""
     from transformers import AutoTokenizer
 
-    import prunekit
+    from prunekit.io.export import load_pruned
 
-    model = prunekit.load_pruned(pruned_dir, dtype=torch.float32)
+    model = load_pruned(pruned_dir, dtype=torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
     except (OSError, ValueError) as exc:
         raise UserError(f"gguf: {pruned_dir}: no loadable tokenizer ({str(exc).splitlines()[0][:160]})") from None
     return export_gguf(model, tokenizer, output, type=type)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``prunekit export PRUNED_DIR --format gguf [--type f32|f16|q8_0] --output model.gguf``."""
-    parser = argparse.ArgumentParser(prog="prunekit export", description="export a pruned checkpoint")
-    parser.add_argument("pruned", metavar="PRUNED_DIR")
-    parser.add_argument("--format", choices=["gguf"], default="gguf")
-    parser.add_argument("--type", choices=sorted(TYPES), default="f16")
-    parser.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args(argv)
-    try:
-        path = export_checkpoint(args.pruned, args.output, type=args.type)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

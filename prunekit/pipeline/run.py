@@ -19,6 +19,7 @@ from prunekit.core.config import RunConfig
 from prunekit.errors import EvaluationFailed
 from prunekit.eval.suite import eval_spec, evaluate_model, plugin_evaluators
 from prunekit.io.export import check_output_dir, save_pruned
+from prunekit.io.gguf import check_config, check_exportable, export_gguf, gguf_name
 from prunekit.io.load import load_model
 from prunekit.pipeline.checks import check_sources
 from prunekit.pipeline.context import RunContext
@@ -92,6 +93,8 @@ def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, 
     ctx.adapter = registry.adapter_for(ctx.model)
     # layers, context length, offload limits, tokenizer: refused before the 'before' evaluation, checked once
     prepared = prepare(ctx.model, ctx.tokenizer, config, registry, run_plan=run_plan)
+    if config.export.gguf:
+        check_config(ctx.model.config)  # an architecture llama.cpp cannot take is refused before any work
     metrics: dict[str, Any] = {}
     if config.evaluation.enabled:
         with ctx.stage("evaluate_before"):
@@ -110,7 +113,14 @@ def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, 
 
     result.metrics = metrics
     ctx.manifest = result.manifest()
-    save_pruned(ctx.model, ctx.tokenizer, output_dir(config), ctx.manifest)  # timings cover every stage before export
+    extras = None
+    if config.export.gguf:
+        check_exportable(ctx.model, config.export.gguf)  # refused before anything is written
+
+        def extras(folder):
+            export_gguf(ctx.model, ctx.tokenizer, folder / gguf_name(config.export.gguf), type=config.export.gguf)
+    # timings cover every stage before the save
+    save_pruned(ctx.model, ctx.tokenizer, output_dir(config), ctx.manifest, extras=extras)
     if failure is not None:
         raise EvaluationFailed(output_dir(config), ctx.manifest, failure) from failure
     return ctx
