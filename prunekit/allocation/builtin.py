@@ -75,7 +75,7 @@ class Global:
 
 
 class MeasuredOptions(KindsOptions):
-    # defaults chosen on PTB validation (docs/benchmarks.md, allocation study)
+    # defaults chosen on PTB validation (docs/results/allocators.md, allocation tuning)
     fractions: tuple[float, ...] = Field(default=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75), min_length=1,
                                          description="fractions of each group's units whose removal is measured")
     probe_samples: int = Field(default=4, ge=1, description="calibration windows of the loss probe")
