@@ -39,13 +39,24 @@ def moved(counts: dict[str, int], reference: dict[str, int], groups: dict[str, i
 def run(seeds: list[int], names: list[str], windows: int, method: str, ratio: float) -> list[dict]:
     """One row per (setting, seed): allocation seconds, counts and PTB validation perplexity."""
     import prunekit
+    from prunekit.allocation.probe import LossProbe
     from prunekit.eval.perplexity import perplexity
 
+    probed = {"calls": 0, "tokens": 0}  # the probe's work, a load-independent companion of its seconds
+    original = LossProbe.loss
+
+    def counted(self, *args, **kwargs):
+        probed["calls"] += 1
+        probed["tokens"] += sum(b.numel() for b in self.batches)
+        return original(self, *args, **kwargs)
+
+    LossProbe.loss = counted
     dense, tokenizer, _ = prunekit.load_model()
     rows = []
     for seed in seeds:  # settings interleaved within a seed, so machine load drifts evenly over them
         for name in names:
             model = copy.deepcopy(dense)
+            probed.update(calls=0, tokens=0)
             started = time.perf_counter()
             result = prunekit.prune(model, tokenizer, method=method, ratio=ratio, calibration={"seed": seed},
                                     allocation={"name": "measured", "options": CONFIGS[name]})
@@ -54,6 +65,7 @@ def run(seeds: list[int], names: list[str], windows: int, method: str, ratio: fl
             rows.append({"setting": name, "seed": seed, "select_s": result.timings["select"], "prune_s": wall,
                          "counts": result.allocation["counts"], "units": {g.name: g.n_units for g in result.groups},
                          "removed_fraction": result.reduction["params_removed_fraction"], "ppl_ptb_val": ppl,
+                         "probe_calls": probed["calls"], "probe_tokens": probed["tokens"],
                          "loadavg": os.getloadavg()[0]})
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("counts", "units")}), flush=True)
             del model
@@ -63,13 +75,15 @@ def run(seeds: list[int], names: list[str], windows: int, method: str, ratio: fl
 def table(rows: list[dict]) -> list[str]:
     """Markdown: per setting, median allocation seconds, units moved vs default, PTB validation perplexity."""
     default = {r["seed"]: r["counts"] for r in rows if r["setting"] == "default"}
-    out = ["| probe setting | allocation s (median) | units moved vs default | PTB val ppl mean | range |",
-           "|---|---|---|---|---|"]
+    out = ["| probe setting | probe calls × tokens | allocation s (median) | units moved vs default "
+           "| PTB val ppl mean | range |", "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == name]
         ppl = [r["ppl_ptb_val"] for r in mine]
         move = [moved(r["counts"], default[r["seed"]], r["units"]) for r in mine if r["seed"] in default]
-        out.append(f"| {name} `{json.dumps(CONFIGS.get(name, {}))}` | {statistics.median(r['select_s'] for r in mine):.1f} "
+        work = f"{mine[0]['probe_calls']} × {mine[0]['probe_tokens'] // max(mine[0]['probe_calls'], 1)}"
+        out.append(f"| {name} `{json.dumps(CONFIGS.get(name, {}))}` | {work} "
+                   f"| {statistics.median(r['select_s'] for r in mine):.1f} "
                    f"| {statistics.mean(move) * 100:.1f} % | {statistics.mean(ppl):.2f} | {min(ppl):.2f}–{max(ppl):.2f} |")
     return out
 
