@@ -25,27 +25,18 @@ import traceback
 from importlib import metadata
 from typing import Any, Iterator
 
+from prunekit.core.versions import package_versions
+
 MODULE = "prunekit.benchmarks.studies.gpu_check"
 HEAVY = ("lm_eval", "datasets")  # absent on the GPU machine: the check must never import them
 VERSIONS = ("torch", "transformers", "torch-pruning", "accelerate", "pydantic", "pluggy", "prunekit")
-
-
-def versions() -> dict[str, str | None]:
-    """Installed versions of the packages the check depends on (no imports)."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONS:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def environment(device: Any) -> dict[str, Any]:
     """Versions, CUDA build and the accelerator's name and memory (when ``device`` is CUDA)."""
     import torch
 
-    env: dict[str, Any] = {"versions": versions(), "torch_cuda": torch.version.cuda, "platform": platform.platform(),
+    env: dict[str, Any] = {"versions": package_versions(VERSIONS), "torch_cuda": torch.version.cuda, "platform": platform.platform(),
                            "cpu_count": os.cpu_count(), "device": str(device), "torch_threads": torch.get_num_threads(),
                            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     if device.type == "cuda":

@@ -10,12 +10,11 @@ checked against the budget like a fresh result. Only runs that write files anywa
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -23,26 +22,18 @@ from prunekit.core.versions import package_versions
 from prunekit.runtime.assets import default_cache_root
 from prunekit.runtime.atomic import write_json
 from prunekit.runtime.fingerprint import _hash_tensor, code_fingerprint, model_fingerprint
+from prunekit.runtime.switch import Switch
 
 CODE_FILES = ("allocation/base.py", "allocation/builtin.py", "allocation/probe.py", "allocation/search.py",
               "allocation/plan.py", "core/budget.py", "core/select.py", "data/sources.py")
 KEY_VERSIONS = ("prunekit", "torch", "transformers")
-_ACTIVE = [0]
 
 
-@contextlib.contextmanager
-def on_disk() -> Iterator[None]:
-    """Within this block, measuring allocators read and write the disk cache."""
-    _ACTIVE[0] += 1
-    try:
-        yield
-    finally:
-        _ACTIVE[0] -= 1
-
-
-def active() -> bool:
-    """Whether the disk cache is in use (inside :func:`on_disk`)."""
-    return _ACTIVE[0] > 0
+_DISK = Switch()
+#: ``with on_disk():`` — within this block the disk cache of measured allocations is read and written.
+on_disk = _DISK.on
+#: Whether the disk cache is in use (inside :func:`on_disk`).
+active = _DISK.active
 
 
 def cache_key(model: torch.nn.Module, tokenizer: Any, scores: list[torch.Tensor], groups: list[Any],

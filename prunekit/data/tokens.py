@@ -9,35 +9,26 @@ files anyway use it (``prunekit run``: :func:`on_disk`); the Python API writes n
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from prunekit.runtime.assets import default_cache_root
+from prunekit.runtime.switch import Switch
 
 _FINGERPRINTS: dict[int, tuple[Any, str | None]] = {}
-_ACTIVE = [0]
 
 
-@contextlib.contextmanager
-def on_disk() -> Iterator[None]:
-    """Within this block, :func:`prunekit.data.sources.token_ids` reads and writes the disk cache."""
-    _ACTIVE[0] += 1
-    try:
-        yield
-    finally:
-        _ACTIVE[0] -= 1
-
-
-def active() -> bool:
-    """Whether the disk cache is in use (inside :func:`on_disk`)."""
-    return _ACTIVE[0] > 0
+_DISK = Switch()
+#: ``with on_disk():`` — within this block the disk cache of tokenized corpora is read and written.
+on_disk = _DISK.on
+#: Whether the disk cache is in use (inside :func:`on_disk`).
+active = _DISK.active
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:
