@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="prune a model, evaluate it before and after, save it")
     run.add_argument("--method", help="importance method (see `prunekit methods`); default moreau-gs")
     run.add_argument("--model", help="hub id or local path; default: the embedded SmolLM2-135M-Instruct")
-    run.add_argument("--ratio", type=float, help="fraction of attention units and MLP channels removed per pruned layer")
+    run.add_argument("--ratio", type=float,
+                     help="fraction of attention units and MLP channels removed per pruned layer")
     run.add_argument("--params-removed", type=float, metavar="F",
                      help="fraction of ALL parameters to remove (met from below; overrides --ratio as the budget)")
     run.add_argument("--allocator", help="where the removal goes: measured (default), uniform, global "
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-eval-cache", action="store_true",
                      help="evaluate the dense model again instead of reusing its cached 'before' metrics")
     run.add_argument("--stability", type=int, metavar="K",
-                     help="score K calibration resamples, report per-layer overlap and undecided units, prune with the consensus")
+                     help="score K calibration resamples, report per-layer overlap and undecided units, "
+                          "prune with the consensus")
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                      help="method option, e.g. -o variant=second (repeatable; value parsed as JSON if it can be)")
 
@@ -121,8 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.option:
         overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
     if args.params_removed is not None or args.allocator:
-        overrides["allocation"] = {**file_values.get("allocation", {}),
-                                   **({"params_removed": args.params_removed} if args.params_removed is not None else {}),
+        budget = {"params_removed": args.params_removed} if args.params_removed is not None else {}
+        overrides["allocation"] = {**file_values.get("allocation", {}), **budget,
                                    **({"name": args.allocator} if args.allocator else {})}
     if args.no_eval:
         overrides["evaluation"] = {**file_values.get("evaluation", {}), "enabled": False}
@@ -139,7 +141,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         from prunekit.allocation.base import describe
 
         print(describe(ctx.manifest["allocation"]))
+        shortfall = budget_shortfall(ctx.manifest["allocation"])
+        if shortfall:
+            print(f"prunekit: warning: {shortfall}", file=sys.stderr)
     return 0
+
+
+def print_stage(name: str, seconds: float) -> None:
+    """One line per completed stage, so a log (``prunekit run > log.txt 2>&1``) shows where the time went."""
+    print(f"stage {name:<15} {seconds:8.1f} s", flush=True)
+
+
+SHORTFALL = 0.9  # below this share of the budget, the achieved removal is said loudly
+
+
+def budget_shortfall(allocation: dict) -> str | None:
+    """A sentence when the allocator removed clearly less than the budget asked (None otherwise)."""
+    budget = (allocation.get("budget") or {}).get("fraction")
+    achieved = allocation.get("params_removed_fraction")
+    if not isinstance(budget, (int, float)) or not isinstance(achieved, (int, float)) or budget <= 0:
+        return None
+    if achieved >= SHORTFALL * budget:
+        return None
+    return (f"the budget asked for {100 * budget:.2f} % of the parameters and allocator "
+            f"{allocation.get('allocator')!r} removed only {100 * achieved:.2f} %; the model is saved, but it is "
+            f"not the model the budget describes (try --allocator uniform, or a smaller budget)")
 
 
 def cmd_methods(_: argparse.Namespace) -> int:
@@ -169,13 +195,18 @@ def cmd_plugins(_: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.cli.failures import check_eval_args, write_json_atomically
-    from prunekit.core.config import read_config_file, resolve_config
+    from prunekit.core.config import read_config_file, resolve_config, unknown_keys
     from prunekit.eval.report import print_metrics
-    from prunekit.eval.suite import evaluate_model
+    from prunekit.eval.suite import eval_spec, evaluate_model
     from prunekit.io.load import load_model
 
     check_eval_args(args)  # --limit, --json location, `~`: before loading anything
     file_values = read_config_file(args.config) if args.config else {}
+    unknown = unknown_keys(file_values)
+    if unknown:  # a typo anywhere in the file is refused; a run config's other settings are ignored here
+        raise UserError(f"config: {args.config}: unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(repr(k) for k in unknown)} (prunekit eval reads the evaluation section and the "
+                        f"device settings of a run config)")
     run_config = resolve_config({"evaluation": file_values.get("evaluation", {}),
                                  **{k: file_values[k] for k in _device_overrides(args) if k in file_values}},
                                 _device_overrides(args))

@@ -1,13 +1,16 @@
-"""What to evaluate: the perplexity corpora and zero-shot tasks prunekit supports, and the settings of one evaluation."""
+"""What to evaluate: the perplexity corpora and zero-shot tasks prunekit supports, and one evaluation's settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+
+from prunekit.core.validation import StrictNumbers
 
 PPL_SOURCES = ("wikitext2", "ptb")
+QUICK_ZERO_SHOT_EXAMPLES = 200  # per task in a quick evaluation (docs/evaluation.md, "The quick evaluation")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ ZERO_SHOT_TASKS: dict[str, ZeroShotTask] = {
 }
 
 
-class EvalSpec(BaseModel):
+class EvalSpec(StrictNumbers):
     """What to evaluate. The defaults are the quick setting (minutes on 2 CPU cores for a 135M model);
     ``EvalSpec.full()`` uses every window and example."""
 

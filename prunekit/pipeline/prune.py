@@ -170,7 +170,8 @@ def prepare(model: torch.nn.Module, tokenizer: Any, config: RunConfig, registry:
     layers = pruned_layers(config, registry.adapter_for(model).num_layers, registry)
     calibrates = run_plan.method.needs_calibration(run_plan.options) and batches is None
     check_context(model, config, calibrates)
-    check_offloaded_run(model, config.method, run_plan.method.needs_calibration(run_plan.options), config.recovery.method)
+    check_offloaded_run(model, config.method, run_plan.method.needs_calibration(run_plan.options),
+                        config.recovery.method)
     if (calibrates or run_plan.recovery) and tokenizer is None:
         raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
     check_calibration_text(config, registry, tokenizer, batches)
@@ -195,7 +196,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     with preserved(model):
         with ctx.stage("groups"):
             ctx.groups = build_groups(model, layers, run_plan.grouper, registry)
-        check_ratio(ctx.groups, config)  # a ratio that rounds to removing nothing fails before scoring
+        check_ratio(ctx.groups, config, model)  # a ratio that removes nothing, a budget beyond reach: before scoring
         params_before = model.num_parameters()
         calibration = None
         if run_plan.method.needs_calibration(run_plan.options) and batches is None:
