@@ -210,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_config = resolve_config({"evaluation": file_values.get("evaluation", {}),
                                  **{k: file_values[k] for k in _device_overrides(args) if k in file_values}},
                                 _device_overrides(args))
-    spec = run_config.evaluation
+    spec = eval_spec(file_values.get("evaluation", {}))  # eval's defaults: zero-shot on a fair quick sample
     if args.full:
         spec = spec.model_copy(update={"ppl_max_windows": None, "zero_shot_limit": None})
     if args.limit is not None:
@@ -218,7 +218,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer, source = load_model(args.model, args.dtype, run_config.device, device_map=run_config.device_map,
                                           max_memory=run_config.max_memory, offload_folder=run_config.offload_folder)
     metrics = evaluate_model(model, tokenizer, spec)
-    print_metrics({"model": metrics}, title=f"evaluation of {source}")
+    print(f"model: {source}")
+    print_metrics({"model": metrics}, title="evaluation", model_hint=args.model)
     if args.json:
         write_json_atomically(args.json, {"model": source, "metrics": metrics})
     return 0

@@ -89,11 +89,18 @@ class RecoveryConfig(_Strict):
 
 
 class EvaluationConfig(EvalSpec):
-    """What to measure before and after pruning (the quick default); ``enabled: false`` skips it."""
+    """What to measure before and after pruning (the quick default); ``enabled: false`` skips it.
 
+    A run's quick evaluation is perplexity only: zero-shot accuracy on a sample fair enough to mean something
+    costs minutes per model on CPU, twice per run (docs/evaluation.md); name the tasks to have it.
+    """
+
+    zero_shot: list[str] = Field(default_factory=list, description="zero-shot tasks to run before and after "
+                                                                    "pruning (none by default: docs/evaluation.md)")
     enabled: bool = True
-    cache: bool = Field(default=True, description="reuse the dense model's 'before' metrics from prunekit's cache "
-                                                  "when this model was evaluated alike before (--no-eval-cache: recompute)")
+    cache: bool = Field(default=True,
+                        description="reuse the dense model's 'before' metrics from prunekit's cache when this model "
+                                    "was evaluated alike before (--no-eval-cache: recompute)")
 
 
 class RunConfig(_Strict):
