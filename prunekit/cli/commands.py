@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prunekit.cli.failures import guarded
+from prunekit.cli.failures import DEBUG_ENV, guarded
 from prunekit.errors import EvaluationFailed, UserError
 
 
@@ -22,8 +22,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prunekit", description=__doc__)
-    parser.add_argument("--verbose", action="store_true", help="full tracebacks of plugins that fail to load "
-                                                                 "(same as PRUNEKIT_DEBUG=1)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show lm-eval's, datasets' and transformers' warnings and log lines as they come (a run "
+                             "records them in run.json), and full tracebacks of plugins that fail to load "
+                             "(PRUNEKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="prune a model, evaluate it before and after, save it")
@@ -132,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["evaluation"] = {**overrides.get("evaluation", file_values.get("evaluation", {})), "cache": False}
     config = resolve_config(file_values, overrides)
     try:
-        ctx = run(config)
+        ctx = run(config, on_stage=print_stage)
     except EvaluationFailed as exc:  # the pruned model was saved; show what there is, then fail
         print_run_summary(exc.manifest, exc.output)
         raise
@@ -267,15 +269,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure becomes one line on stderr and an exit code (see prunekit.cli.failures)."""
     argv = list(sys.argv[1:] if argv is None else argv)
 
+    from prunekit.runtime.quiet import VERBOSE_ENV
+
     def dispatch() -> int:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = _parser().parse_args(argv)
         if args.verbose:
-            os.environ["PRUNEKIT_DEBUG"] = "1"
+            os.environ.update({DEBUG_ENV: "1", VERBOSE_ENV: "1"})
         return COMMANDS[args.command](args)
 
-    return guarded(dispatch)
+    saved = {name: os.environ.get(name) for name in (DEBUG_ENV, VERBOSE_ENV)}
+    try:
+        return guarded(dispatch)
+    finally:  # main() may be called again in this process (tests, notebooks): --verbose does not outlast it
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 if __name__ == "__main__":
