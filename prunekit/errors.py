@@ -19,3 +19,16 @@ class EvaluationFailed(Exception):
 
 class EnvironmentFault(Exception):
     """A fault of the machine rather than the input (a full disk, an I/O error): one line, exit code 1."""
+
+
+def one_line(text: object, limit: int = 400) -> str:
+    """``text`` on one line (every run of whitespace, newlines included, becomes one space), cut at the end of
+    a sentence or a word when longer than ``limit`` characters, so a message is never cut mid-word."""
+    flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    head = flat[:limit]
+    end = max(head.rfind(". "), head.rfind(": "), head.rfind("; "))
+    if end >= limit // 2:
+        return head[: end + 1] + " …"
+    return head[: head.rfind(" ")].rstrip(",;:") + " …" if " " in head else head + "…"

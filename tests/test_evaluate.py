@@ -95,8 +95,13 @@ def test_perplexity_restores_training_mode_and_rejects_short_text(model, tok):
 def test_eval_spec_defaults_validation_and_full():
     spec = spec_mod.EvalSpec()
     assert spec.perplexity == ["wikitext2", "ptb"] and spec.ppl_window == 128
-    assert spec.ppl_max_windows == 40 and spec.zero_shot_limit == 50
+    assert spec.ppl_max_windows == 40 and spec.zero_shot_limit == 200
     assert spec.zero_shot == list(spec_mod.ZERO_SHOT_TASKS)
+    from prunekit.core.config import EvaluationConfig
+
+    assert EvaluationConfig().zero_shot == []  # a run's quick evaluation leaves zero-shot out (docs/evaluation.md)
+    with pytest.raises(ValidationError, match="expected a number, not the text '40'"):
+        spec_mod.EvalSpec(ppl_max_windows="40")
     full = spec_mod.EvalSpec.full(zero_shot=["piqa"])
     assert full.ppl_max_windows is None and full.zero_shot_limit is None and full.zero_shot == ["piqa"]
     with pytest.raises(ValidationError, match="extra"):
@@ -142,6 +147,28 @@ def test_zero_shot_runs_lm_eval_offline_on_a_tiny_model(model, tok, zero_shot_ca
     assert 0.0 <= arc["value"] <= 1.0 and {"acc", "acc_norm"} <= set(arc["all"])
     assert result["mean"] == pytest.approx((arc["value"] + result["tasks"]["winogrande"]["value"]) / 2)
     assert result["lm_eval_version"] and result["limit"] == 2
+    # the two examples are the middles of the split's halves, recorded with the result, not the first two
+    assert arc["sample"] == {"method": "evenly spaced", "available": 570, "indices": [142, 427]}
+    assert result["tasks"]["winogrande"]["sample"]["indices"] == [316, 950]
+
+
+@needs_zero_shot_data
+@pytest.mark.parametrize("limit", [50, 200])
+def test_the_quick_sample_of_every_task_is_spread_over_its_split(zero_shot_cache, limit):
+    """Every task's quick sample reaches both ends of its split, with no gap wider than one stratum: a fair
+    sample of the split, where the first `limit` examples were one corner of it (BoolQ's first 50: 78 % "yes")."""
+    files = assets.zero_shot_files(zero_shot_cache)
+    sample = zs_mod.fair_sample({t: f["rows"] for t, f in files.items()}, limit)
+    assert set(sample) == set(spec_mod.ZERO_SHOT_TASKS)
+    for task, chosen in sample.items():
+        available, indices = chosen["available"], chosen["indices"]
+        stratum = available / limit
+        assert chosen["method"] == "evenly spaced" and len(indices) == limit == len(set(indices)), task
+        assert indices == sorted(indices) and indices[0] < stratum and indices[-1] >= available - stratum, task
+        assert max(b - a for a, b in zip(indices, indices[1:])) <= stratum + 1, task
+        halves = sum(i < available / 2 for i in indices)
+        assert abs(halves - limit / 2) <= 1, task  # as many from each half of the split
+    assert zs_mod.fair_sample({"piqa": 30}, 50)["piqa"] == {"method": "all", "available": 30}
 
 
 @needs_zero_shot_data

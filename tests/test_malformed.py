@@ -54,6 +54,20 @@ def _truncate(d: Path) -> None:
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
+def _big_vocabulary(d: Path) -> None:
+    """A tokenizer of 200 tokens for a model whose embedding has 96 rows (the words the text uses get ids >= 96)."""
+    from conftest import WORDS
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(120)] + list(dict.fromkeys(WORDS))
+    words += [f"x{i}" for i in range(200 - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(d)
+
+
 def _gpt2(d: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -85,6 +99,21 @@ def world(tmp_path_factory) -> Path:
         _copy_with(good, root / name, change)
     _gpt2(root / "gpt2")
     (root / "empty").mkdir()
+    tokenizers = {
+        "tok-bad-json": lambda d: (d / "tokenizer.json").write_text("{not json"),
+        "tok-config-bad-json": lambda d: (d / "tokenizer_config.json").write_text("{not json"),
+        "tok-cut": lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text()[:300]),
+        "tok-not-utf8": lambda d: (d / "tokenizer.json").write_bytes(b"\xff\xfe{}"),
+        "tok-none": lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+        "tok-no-model": lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "X"}}'),
+        "tok-too-big": _big_vocabulary,
+        "narrow-hidden": _edit_config(hidden_size=80),
+    }
+    for name, change in tokenizers.items():
+        _copy_with(good, root / name, change)
+    (root / "loop-a").symlink_to(root / "loop-b")
+    (root / "loop-b").symlink_to(root / "loop-a")
+    (root / "dangling").symlink_to(root / "nowhere")
     return root
 
 
@@ -190,6 +219,45 @@ def _model_inside_out(tmp: Path, _monkeypatch, world: Path):
     shutil.copytree(world / "good", tmp / "work" / "mymodel")
     (tmp / "work" / "notes.txt").write_text("mine")
 
+
+def _unwritable_out(tmp: Path, monkeypatch, _world: Path):
+    """An existing output folder the process may not change (an immutable folder: chattr +i, as root too)."""
+    import prunekit.io.safety
+
+    (tmp / "out").mkdir()
+    real = os.access
+    monkeypatch.setattr(prunekit.io.safety.os, "access",
+                        lambda path, mode, **k: False if Path(path) == tmp / "out" else real(path, mode, **k))
+
+
+def _immutable_at_publish(_tmp: Path, monkeypatch, _world: Path):
+    """The output became immutable while the run worked: the final rename is refused (EPERM)."""
+    import prunekit.io.safety
+
+    def refuse(scratch, output):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(scratch), None, str(output))
+
+    monkeypatch.setattr(prunekit.io.safety, "publish", refuse)
+
+
+def _mkdtemp_refused(_tmp: Path, monkeypatch, _world: Path):
+    """A read-only file system under the output's parent (EROFS when the scratch folder is made)."""
+    import prunekit.io.export
+
+    def refuse(**_k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(prunekit.io.export.tempfile, "mkdtemp", refuse)
+
+
+def _foreign_checkpoint(tmp: Path, world: Path) -> None:
+    """A model folder with another tool's run.json."""
+    shutil.copytree(world / "good", tmp / "m")
+    (tmp / "m" / "run.json").write_text('{"epochs": 3}')
+
+
+LONG = "n" * 300  # longer than any file system's name limit (255 bytes on Linux)
+NEAR = "n" * 250  # fits alone, not with prunekit's scratch suffix (.NAME.partial-XXXXXXXX)
 
 CASES: list[Case] = [
     # ---- flags of `run`
@@ -377,16 +445,50 @@ CASES: list[Case] = [
     toml_case("toml-seed-negative", "seed = -1\n", "seed"),
     toml_case("toml-unknown-section", "[pruning]\nratio = 0.2\n", "pruning"),
     toml_case("toml-options-table", "[method_options]\np = 5\n", "method_options.p"),
+    # ---- numbers and flags are written as such: a quoted number is refused, not converted
+    toml_case("toml-ratio-quoted", 'ratio = "0.3"\n', "ratio: Value error, expected a number, not the text '0.3'"),
+    toml_case("toml-seed-quoted", 'seed = "7"\n', "seed: Value error, expected a number, not the text '7'"),
+    toml_case("toml-overwrite-quoted", 'overwrite = "true"\n', "overwrite: Value error, expected true or false"),
+    toml_case("toml-calib-samples-quoted", '[calibration]\nn_samples = "10"\n', "calibration.n_samples: Value error"),
+    toml_case("toml-layers-quoted", '[selection]\nlayers = ["0", "4"]\n', "selection.layers: Value error, expected "
+              "numbers, not the text '0'"),
+    toml_case("toml-budget-quoted", '[allocation]\nparams_removed = "0.2"\n', "allocation.params_removed: Value"),
+    toml_case("toml-eval-windows-quoted", '[evaluation]\nppl_max_windows = "40"\n',
+              "evaluation.ppl_max_windows: Value error"),
+    yaml_case("yaml-ratio-quoted", 'ratio: "0.3"\n', "ratio: Value error, expected a number"),
+    yaml_case("yaml-method-option-quoted", 'method_options:\n  p: "2"\n', "method_options.p: expected a number"),
+    yaml_case("yaml-allocator-option-quoted", 'allocation:\n  name: measured\n  options: {search_steps: "4"}\n',
+              "allocation.options.search_steps: expected a number"),
+    yaml_case("yaml-lora-option-quoted", 'recovery:\n  method: lora\n  options: {r: "8"}\n',
+              "recovery.options.r: expected a number"),
     # ---- model paths and broken models
-    model_case("model-missing", "does-not-exist", "cannot load"),
-    model_case("model-is-file", "good/config.json", "cannot load"),
-    model_case("model-empty-dir", "empty", "cannot load"),
+    model_case("model-missing", "does-not-exist", "does-not-exist: no such directory"),
+    model_case("model-is-file", "good/config.json", "config.json is a file, expected a model folder"),
+    model_case("model-empty-dir", "empty", "has no config.json, so it is not a saved model folder (it is empty)"),
+    model_case("model-symlink-loop", "loop-a", "loop-a: symbolic link loop"),
+    model_case("model-dangling-symlink", "dangling", "dangling is a symbolic link to"),
+    Case("model-empty-string", [*RUN, "--model", "", "--output", "{out}"], 2, "model: empty; give a model folder"),
+    Case("model-relative-missing", [*RUN, "--model", "./nope/model", "--output", "{out}"], 2,
+         "./nope/model: no such directory"),
+    Case("model-hub-id-offline", [*RUN, "--model", "no-such-org/no-such-model", "--output", "{out}"], 2,
+         "is not a local folder (no such directory) and not in the hub cache"),
+    model_case("tokenizer-bad-json", "tok-bad-json", "tok-bad-json/tokenizer.json is not valid JSON (Expecting"),
+    model_case("tokenizer-config-bad-json", "tok-config-bad-json", "tokenizer_config.json is not valid JSON"),
+    model_case("tokenizer-cut-short", "tok-cut", "tok-cut/tokenizer.json is not valid JSON (Unterminated string"),
+    model_case("tokenizer-not-utf8", "tok-not-utf8", "tok-not-utf8/tokenizer.json is not UTF-8 text"),
+    model_case("tokenizer-absent", "tok-none", "has no tokenizer (none of tokenizer.json"),
+    model_case("tokenizer-incomplete", "tok-no-model", "cannot load the tokenizer of"),
+    model_case("tokenizer-larger-than-embedding", "tok-too-big",
+               "has 200 tokens but the model's input embedding has 96 rows"),
+    model_case("model-config-hidden-not-divisible", "narrow-hidden",
+               "The hidden size (80) is not a multiple of the number of attention heads (9)"),
     model_case("model-truncated", "truncated", "cannot load"),
     model_case("model-garbage-weights", "garbage", "cannot load"),
     model_case("model-no-weights", "no-weights", "cannot load"),
     model_case("model-bad-config-json", "bad-json", "cannot load"),
-    model_case("model-no-config", "no-config", "cannot load"),
-    model_case("model-config-wider-mlp", "wide-mlp", "cannot load"),
+    model_case("model-no-config", "no-config", "no-config has no config.json, so it is not a saved model folder"),
+    model_case("model-config-wider-mlp", "wide-mlp", "wrong shape model.layers.0.mlp.down_proj.weight: saved [72, 48], "
+                                                      "config.json makes [72, 64]"),
     model_case("model-config-more-layers", "more-layers", "does not match the weights (missing"),
     model_case("model-config-fewer-layers", "fewer-layers", "does not match the weights (unexpected"),
     model_case("model-unknown-type", "unknown-type", "cannot load"),
@@ -419,6 +521,35 @@ CASES: list[Case] = [
     Case("output-locked", run_args(), 2, "another prunekit run (pid 4242)", setup=_hold_lock),
     Case("output-disk-full-early", run_args(), 1, "not enough disk space", setup=_tiny_disk),
     Case("output-enospc-mid-save", run_args(), 1, "No space left on device", setup=_enospc_mid_save),
+    Case("output-name-too-long", [*RUN, "--model", "{model}", "--output", f"{{tmp}}/{LONG}"], 2,
+         "is 300 bytes long; the file system allows 255"),
+    Case("output-name-too-long-with-scratch", [*RUN, "--model", "{model}", "--output", f"{{tmp}}/{NEAR}"], 2,
+         "so use a name of at most 237 bytes"),
+    Case("output-parent-name-too-long", [*RUN, "--model", "{model}", "--output", f"{{tmp}}/{LONG}/out"], 2,
+         "File name too long; use a shorter name"),
+    Case("output-unwritable", run_args(), 2, "cannot be replaced: it is not writable", setup=_unwritable_out),
+    Case("output-immutable-at-publish", run_args(), 2, "Operation not permitted); nothing was saved",
+         setup=_immutable_at_publish),
+    Case("output-read-only-fs", run_args(), 2, "Read-only file system); nothing was saved", setup=_mkdtemp_refused),
+    Case("eval-json-name-too-long", ["eval", "--model", "{model}", "--json", f"{{tmp}}/{LONG}.json"], 2,
+         "File name too long; use a shorter name"),
+    Case("config-name-too-long", run_args("--config", f"{{tmp}}/{LONG}.yaml"), 2, "File name too long"),
+    # ---- a parameter budget no allocator can approach (at most 61 % of the tiny model's parameters can go)
+    Case("params-removed-beyond-reach", run_args("--params-removed", "0.99", ratio=False), 2,
+         "allocation.params_removed: 0.99 (--params-removed) asks for 99.00 % of the parameters, but at most"),
+    Case("params-removed-beyond-reach-uniform", run_args("--params-removed", "0.9", "--allocator", "uniform",
+                                                          ratio=False), 2, "accepted: <= 0.6"),
+    # ---- `recover` on a model prunekit never pruned
+    Case("recover-never-pruned", ["recover", "{model}", "--output", "{out}"], 2,
+         "is not a model prunekit pruned (no run.json); prune it first"),
+    Case("recover-foreign-runjson", ["recover", "{tmp}/m", "--output", "{out}"], 2,
+         "its run.json is not prunekit's", setup=lambda tmp, _m, world: _foreign_checkpoint(tmp, world)),
+    # ---- `prunekit eval --config`: a typo anywhere in the file is refused
+    Case("eval-config-unknown-key", ["eval", "--model", "{model}", "--config", "{tmp}/c.yaml"], 2,
+         "unknown key 'ratoi'", {"c.yaml": "ratoi: 0.2\nevaluation:\n  zero_shot: []\n"}),
+    Case("eval-config-unknown-nested-key", ["eval", "--model", "{model}", "--config", "{tmp}/c.toml"], 2,
+         "unknown keys 'calibration.n_sampels', 'evaluation.perplexty'",
+         {"c.toml": "[calibration]\nn_sampels = 3\n[evaluation]\nperplexty = []\n"}),
     # ---- `prunekit eval`
     Case("eval-limit-0", ["eval", "--model", "{model}", "--limit", "0"], 2, "--limit: 0"),
     Case("eval-limit-negative", ["eval", "--model", "{model}", "--limit", "-3"], 2, "--limit: -3"),
@@ -431,7 +562,7 @@ CASES: list[Case] = [
          {"c.yaml": "evaluation: [\n"}),
     Case("eval-config-window", ["eval", "--model", "{model}", "--config", "{tmp}/c.yaml"], 2, "evaluation.ppl_window",
          {"c.yaml": "evaluation:\n  ppl_window: 1\n"}),
-    Case("eval-model-missing", ["eval", "--model", "{world}/does-not-exist"], 2, "cannot load"),
+    Case("eval-model-missing", ["eval", "--model", "{world}/does-not-exist"], 2, "does-not-exist: no such directory"),
     Case("eval-model-nan", ["eval", "--model", "{world}/nan"], 2, "NaN"),
     Case("eval-device-unknown", ["eval", "--model", "{model}", "--device", "npu"], 2,
          "device: Value error, 'npu' is not a device"),

@@ -7,7 +7,6 @@ Kept apart from :mod:`prunekit.builtin.lora` so that what the Trainer is asked t
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable
 
 import torch
@@ -97,14 +96,16 @@ def _callbacks():
             return [sum(v) / len(v) for _, v in sorted(self.per_epoch.items())]
 
     class RichBar(TrainerCallback):
-        """A transient rich bar on stderr on the main process, off with PRUNEKIT_PROGRESS=0."""
+        """A transient rich bar on stderr on the main process, on a terminal only (off with PRUNEKIT_PROGRESS=0)."""
 
         def __init__(self) -> None:
             self.bar: Progress | None = None
             self.job = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if not state.is_local_process_zero or os.environ.get("PRUNEKIT_PROGRESS", "1") == "0":
+            from prunekit.runtime.progress import enabled
+
+            if not state.is_local_process_zero or not enabled():  # off in a log and with PRUNEKIT_PROGRESS=0
                 return
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prunekit.cli.failures import guarded
+from prunekit.cli.failures import DEBUG_ENV, guarded
 from prunekit.errors import EvaluationFailed, UserError
 
 
@@ -23,8 +23,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prunekit", description=__doc__)
-    parser.add_argument("--verbose", action="store_true", help="full tracebacks of plugins that fail to load "
-                                                                 "(same as PRUNEKIT_DEBUG=1)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show lm-eval's, datasets' and transformers' warnings and log lines as they come (a run "
+                             "records them in run.json), and full tracebacks of plugins that fail to load "
+                             "(PRUNEKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="prune a model, evaluate it before and after, save it")
@@ -153,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["evaluation"] = {**overrides.get("evaluation", file_values.get("evaluation", {})), "cache": False}
     config = resolve_config(file_values, overrides)
     try:
-        ctx = run(config)
+        ctx = run(config, on_stage=print_stage)
     except EvaluationFailed as exc:  # the pruned model was saved; show what there is, then fail
         print_run_summary(exc.manifest, exc.output)
         raise
@@ -162,7 +164,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         from prunekit.allocation.base import describe
 
         print(describe(ctx.manifest["allocation"]))
+        shortfall = budget_shortfall(ctx.manifest["allocation"])
+        if shortfall:
+            print(f"prunekit: warning: {shortfall}", file=sys.stderr)
     return 0
+
+
+def print_stage(name: str, seconds: float) -> None:
+    """One line per completed stage, so a log (``prunekit run > log.txt 2>&1``) shows where the time went."""
+    print(f"stage {name:<15} {seconds:8.1f} s", flush=True)
+
+
+SHORTFALL = 0.9  # below this share of the budget, the achieved removal is said loudly
+
+
+def budget_shortfall(allocation: dict) -> str | None:
+    """A sentence when the allocator removed clearly less than the budget asked (None otherwise)."""
+    budget = (allocation.get("budget") or {}).get("fraction")
+    achieved = allocation.get("params_removed_fraction")
+    if not isinstance(budget, (int, float)) or not isinstance(achieved, (int, float)) or budget <= 0:
+        return None
+    if achieved >= SHORTFALL * budget:
+        return None
+    return (f"the budget asked for {100 * budget:.2f} % of the parameters and allocator "
+            f"{allocation.get('allocator')!r} removed only {100 * achieved:.2f} %; the model is saved, but it is "
+            f"not the model the budget describes (try --allocator uniform, or a smaller budget)")
 
 
 def cmd_methods(_: argparse.Namespace) -> int:
@@ -192,17 +218,22 @@ def cmd_plugins(_: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.cli.failures import check_eval_args, write_json_atomically
-    from prunekit.core.config import read_config_file, resolve_config
+    from prunekit.core.config import read_config_file, resolve_config, unknown_keys
     from prunekit.eval.report import print_metrics
-    from prunekit.eval.suite import evaluate_model
+    from prunekit.eval.suite import eval_spec, evaluate_model
     from prunekit.io.load import load_model
 
     check_eval_args(args)  # --limit, --json location, `~`: before loading anything
     file_values = read_config_file(args.config) if args.config else {}
+    unknown = unknown_keys(file_values)
+    if unknown:  # a typo anywhere in the file is refused; a run config's other settings are ignored here
+        raise UserError(f"config: {args.config}: unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(repr(k) for k in unknown)} (prunekit eval reads the evaluation section and the "
+                        f"device settings of a run config)")
     run_config = resolve_config({"evaluation": file_values.get("evaluation", {}),
                                  **{k: file_values[k] for k in _device_overrides(args) if k in file_values}},
                                 _device_overrides(args))
-    spec = run_config.evaluation
+    spec = eval_spec(file_values.get("evaluation", {}))  # eval's defaults: zero-shot on a fair quick sample
     if args.full:
         spec = spec.model_copy(update={"ppl_max_windows": None, "zero_shot_limit": None})
     if args.limit is not None:
@@ -210,7 +241,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer, source = load_model(args.model, args.dtype, run_config.device, device_map=run_config.device_map,
                                           max_memory=run_config.max_memory, offload_folder=run_config.offload_folder)
     metrics = evaluate_model(model, tokenizer, spec)
-    print_metrics({"model": metrics}, title=f"evaluation of {source}")
+    print(f"model: {source}")
+    print_metrics({"model": metrics}, title="evaluation", model_hint=args.model)
     if args.json:
         write_json_atomically(args.json, {"model": source, "metrics": metrics})
     return 0
@@ -269,15 +301,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure becomes one line on stderr and an exit code (see prunekit.cli.failures)."""
     argv = list(sys.argv[1:] if argv is None else argv)
 
+    from prunekit.runtime.quiet import VERBOSE_ENV
+
     def dispatch() -> int:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = _parser().parse_args(argv)
         if args.verbose:
-            os.environ["PRUNEKIT_DEBUG"] = "1"
+            os.environ.update({DEBUG_ENV: "1", VERBOSE_ENV: "1"})
         return COMMANDS[args.command](args)
 
-    return guarded(dispatch)
+    saved = {name: os.environ.get(name) for name in (DEBUG_ENV, VERBOSE_ENV)}
+    try:
+        return guarded(dispatch)
+    finally:  # main() may be called again in this process (tests, notebooks): --verbose does not outlast it
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prunekit.core.component_config import GrouperConfig
 from prunekit.core.evaluation import EvalSpec
+from prunekit.core.validation import StrictNumbers
 from prunekit.data.sources import SOURCES
 from prunekit.errors import UserError
 
@@ -23,7 +24,9 @@ SEED_MAX = 2**32 - 1  # what numpy, torch and random all accept
 MAX_SAMPLES = 100_000  # calibration windows; more cannot be held in memory for any model worth pruning
 
 
-class _Strict(BaseModel):
+class _Strict(StrictNumbers):
+    """Unknown keys, NaN/Inf and quoted numbers (``ratio = "0.3"``) refused."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -108,12 +111,18 @@ class ExportConfig(_Strict):
 
 
 class EvaluationConfig(EvalSpec):
-    """What to measure before and after pruning (the quick default); ``enabled: false`` skips it."""
+    """What to measure before and after pruning (the quick default); ``enabled: false`` skips it.
 
+    A run's quick evaluation is perplexity only: zero-shot accuracy on a sample fair enough to mean something
+    costs minutes per model on CPU, twice per run (docs/evaluation.md); name the tasks to have it.
+    """
+
+    zero_shot: list[str] = Field(default_factory=list, description="zero-shot tasks to run before and after "
+                                                                    "pruning (none by default: docs/evaluation.md)")
     enabled: bool = True
-    cache: bool = Field(default=True, description="reuse the dense model's 'before' metrics from prunekit's cache "
-                                                  "when this model was evaluated alike before "
-                                                  "(--no-eval-cache: recompute)")
+    cache: bool = Field(default=True,
+                        description="reuse the dense model's 'before' metrics from prunekit's cache when this model "
+                                    "was evaluated alike before (--no-eval-cache: recompute)")
 
 
 class RunConfig(_Strict):
@@ -237,3 +246,23 @@ def resolve_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Ru
         from prunekit.core.validation import format_validation_error
 
         raise UserError(format_validation_error("", exc)) from None
+
+
+def unknown_keys(data: Any, model_cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Keys of a config file's ``data`` that ``model_cls`` (a run config by default) has no field for, nested
+    sections included, as dotted paths; the values are not checked."""
+    import typing
+
+    if not isinstance(data, dict):
+        return []
+    found = []
+    for key, value in data.items():
+        field = model_cls.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            found.append(f"{prefix}{key}")
+            continue
+        for leaf in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(leaf, type) and issubclass(leaf, _Strict | EvalSpec):  # sections with a closed key set
+                found += unknown_keys(value, leaf, f"{prefix}{key}.")
+                break
+    return found

@@ -1,14 +1,16 @@
-"""What to evaluate: the perplexity corpora and zero-shot tasks prunekit supports, and the settings of one
-evaluation."""
+"""What to evaluate: the perplexity corpora and zero-shot tasks prunekit supports, and one evaluation's settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+
+from prunekit.core.validation import StrictNumbers
 
 PPL_SOURCES = ("wikitext2", "ptb")
+QUICK_ZERO_SHOT_EXAMPLES = 200  # per task in a quick evaluation (docs/evaluation.md, "The quick evaluation")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ ZERO_SHOT_TASKS: dict[str, ZeroShotTask] = {
 }
 
 
-class EvalSpec(BaseModel):
+class EvalSpec(StrictNumbers):
     """What to evaluate. The defaults are the quick setting (minutes on 2 CPU cores for a 135M model);
     ``EvalSpec.full()`` uses every window and example."""
 
@@ -45,7 +47,8 @@ class EvalSpec(BaseModel):
     ppl_max_windows: int | None = Field(40, ge=1)
     ppl_split: Literal["test", "validation", "valid", "train"] = "test"
     zero_shot: list[str] = Field(default_factory=lambda: list(ZERO_SHOT_TASKS))
-    zero_shot_limit: int | None = Field(50, ge=1)
+    # a fair sample: evenly spaced over each split; 200 examples put a task's standard error near 0.035
+    zero_shot_limit: int | None = Field(QUICK_ZERO_SHOT_EXAMPLES, ge=1)
     batch_size: int = Field(8, ge=1)
     data_dir: str | None = None
     evaluators: dict[str, dict[str, Any]] = Field(

@@ -15,11 +15,12 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from prunekit.core.evaluation import EvalSpec
-from prunekit.core.validation import format_validation_error
+from prunekit.core.validation import check_tokenizer_fits, format_validation_error
 from prunekit.errors import UserError
 from prunekit.eval.perplexity import perplexity
 from prunekit.eval.zero_shot import zero_shot
 from prunekit.runtime.modelstate import eval_mode
+from prunekit.runtime.quiet import summarize, third_party_output
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from prunekit.plugin.registry import Registry
@@ -45,18 +46,23 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, spec: EvalSpec | None
     JSON-ready dict (with the spec)."""
     spec = spec or EvalSpec()
     evaluators = plugin_evaluators(spec, registry)
+    check_tokenizer_fits(model, tokenizer)  # ids past the embedding: one line now, not an IndexError mid-way
     started = time.perf_counter()
-    ppl = {name: perplexity(model, tokenizer, name, window=spec.ppl_window, batch_size=spec.batch_size,
-                            max_windows=spec.ppl_max_windows, progress=progress, split=spec.ppl_split,
-                            data_dir=spec.data_dir)
-           for name in spec.perplexity}
-    shots = zero_shot(model, tokenizer, spec.zero_shot, spec.zero_shot_limit, spec.batch_size) \
-        if spec.zero_shot else None
-    out = {"spec": spec.model_dump(), "perplexity": ppl, "zero_shot": shots}
-    if evaluators:
-        with eval_mode(model), torch.no_grad():
-            out["evaluators"] = {name: fn(model, tokenizer) for name, fn in evaluators.items()}
-        out["evaluator_options"] = {name: fn.describe() for name, fn in evaluators.items()}
+    # lm-eval's and datasets' warnings, log lines and bars: recorded under third_party_log (--verbose: shown)
+    with third_party_output() as chatter:
+        ppl = {name: perplexity(model, tokenizer, name, window=spec.ppl_window, batch_size=spec.batch_size,
+                                max_windows=spec.ppl_max_windows, progress=progress, split=spec.ppl_split,
+                                data_dir=spec.data_dir)
+               for name in spec.perplexity}
+        shots = zero_shot(model, tokenizer, spec.zero_shot, spec.zero_shot_limit, spec.batch_size,
+                          progress=progress) if spec.zero_shot else None
+        out = {"spec": spec.model_dump(), "perplexity": ppl, "zero_shot": shots}
+        if evaluators:
+            with eval_mode(model), torch.no_grad():
+                out["evaluators"] = {name: fn(model, tokenizer) for name, fn in evaluators.items()}
+            out["evaluator_options"] = {name: fn.describe() for name, fn in evaluators.items()}
+    if chatter:
+        out["third_party_log"] = summarize(chatter)
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 

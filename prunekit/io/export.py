@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 import prunekit.io.safety as safety
-from prunekit.errors import EnvironmentFault, UserError
+from prunekit.errors import EnvironmentFault, UserError, one_line
 from prunekit.io.remote_code import write_remote_code
 from prunekit.runtime.paths import expand_path
 
@@ -56,7 +56,10 @@ def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
                 raise UserError(f"output: {output} exists and is not empty; pass --overwrite to replace a previous "
                                 f"prunekit output, or choose another directory")
             safety.refuse_foreign(output)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        try:
+            scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        except OSError as exc:
+            raise safety.os_error(exc, output) from None
         safety.fix_mode(scratch)
         safety.pause_point("save:scratch")
         try:
@@ -70,7 +73,10 @@ def atomic_directory(output: Path, overwrite: bool = False) -> Iterator[Path]:
             raise
         safety.fix_mode(scratch)  # the files written into it, with ordinary permissions
         safety.pause_point("save:publish")
-        old = safety.publish(scratch, output)
+        try:
+            old = safety.publish(scratch, output)
+        except OSError as exc:  # an output made immutable or read-only meanwhile: nothing was replaced
+            raise safety.os_error(exc, output) from None
         safety.pause_point("save:published")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -121,7 +127,12 @@ def quiet_transformers() -> Iterator[None]:
 
 def _mismatch(path: str | os.PathLike, missing: Any, unexpected: Any, mismatched: Any = ()) -> UserError | None:
     """The one-line error for weights that do not match the config, or None when they match."""
-    parts = [f"{what} {sorted(map(str, keys))[:3]}{' ...' if len(keys) > 3 else ''}"
+    def name(key: Any) -> str:  # transformers reports a wrong shape as (name, shape saved, shape the config makes)
+        if isinstance(key, (tuple, list)) and len(key) == 3:
+            return f"{key[0]}: saved {list(key[1])}, config.json makes {list(key[2])}"
+        return str(key)
+
+    parts = [f"{what} {', '.join(sorted(map(name, keys))[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
              for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
     if not parts:
         return None
@@ -164,8 +175,10 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
         if not modules and not shapes:
             placed = ({"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
                       if device_map is not None else {})
+            # ignore_mismatched_sizes: transformers would otherwise raise pointing at a load report that
+            # quiet_transformers hides; its loading info names the tensors and _mismatch refuses them in one line
             model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", output_loading_info=True,
-                                                               **hub, **placed)
+                                                               ignore_mismatched_sizes=True, **hub, **placed)
             error = _mismatch(source, info.get("missing_keys"), info.get("unexpected_keys"),
                               info.get("mismatched_keys"))
             if error:
@@ -187,7 +200,7 @@ def load_pruned(source: str | os.PathLike, dtype: torch.dtype | None = None, dev
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor whose shape differs from the config's
         raise UserError(f"model: {path}: config.json does not match the weights "
-                        f"({str(exc).splitlines()[-1].strip()[:200]})") from None
+                        f"({one_line(str(exc).strip().splitlines()[-1], 300)})") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if config.tie_word_embeddings else set()
     error = _mismatch(path, set(missing) - tied, unexpected)
     if error:

@@ -26,6 +26,7 @@ from prunekit.runtime.paths import expand_path
 
 MANIFEST = "run.json"
 SCRATCH_TAGS = ("partial", "old")
+SCRATCH_RANDOM = 8  # characters tempfile.mkdtemp appends to a scratch folder's prefix
 PAUSE_ENV = "PRUNEKIT_TEST_PAUSE"  # test-only: "POINT=FLAGFILE" pauses a run at a named point (kill tests)
 # What save_pretrained and tokenizers write; only consulted for run.json files that predate the file list.
 _SAVED_PATTERNS = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
@@ -74,9 +75,70 @@ def foreign_entries(output: Path) -> list[str] | None:
         any(fnmatch.fnmatchcase(n, pattern) for pattern in _SAVED_PATTERNS) and (output / n).is_file()))
 
 
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system holding ``folder`` allows (255 where it does not say)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def check_name_length(output: Path) -> None:
+    """Refuse an output name the file system cannot hold with prunekit's scratch suffix (``.NAME.partial-XXXXXXXX``
+    beside it), before any work rather than as ENAMETOOLONG when saving."""
+    parent = next((p for p in (output.parent, *output.parent.parents) if p.is_dir()), Path("/"))
+    limit = _name_max(parent)
+    longest = len(os.fsencode(f".{output.name}.{SCRATCH_TAGS[0]}-")) + SCRATCH_RANDOM
+    if longest > limit:
+        room = limit - (longest - len(os.fsencode(output.name)))
+        raise UserError(f"output: the name {output.name[:40]}... is {len(os.fsencode(output.name))} bytes long; "
+                        f"the file system allows {limit} and prunekit writes beside it under '.NAME.partial-XXXXXXXX', "
+                        f"so use a name of at most {room} bytes")
+
+
+def _lock_free(output: Path) -> bool:
+    """Whether no other process holds ``output``'s lock (so scratch folders beside it are left from a killed run)."""
+    output = _absolute(output)
+    if output in _held:
+        return True
+    try:
+        fd = os.open(output.parent / f".{output.name}.lock", os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the lock this probe may have taken
+
+
+def leftovers(output: Path) -> str:
+    """For a refusal of ``output``: scratch folders a killed run left beside it, removed when provably stale (no
+    process holds the output's lock), as a clause to append (empty when there are none)."""
+    stale = _scratch_names(output)
+    if not stale:
+        return ""
+    if not _lock_free(output):
+        return f" ({', '.join(p.name for p in stale)} beside it belong to a prunekit run that is writing it now)"
+    removed, kept = [], []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        (kept if path.exists() else removed).append(path)
+    said = f"; removed {', '.join(p.name for p in removed)}, left beside it by an interrupted run" if removed else ""
+    if kept:
+        said += (f"; {', '.join(p.name for p in kept)} left by an interrupted run could not be removed: "
+                 f"rm -rf {' '.join(repr(str(p)) for p in kept)}")
+    return said
+
+
 def check_output(output: Path, overwrite: bool, model_source: str | os.PathLike | None = None) -> None:
     """Refuse, with one line naming ``output``, any location a run must not write (see the module docstring)."""
     output = expand_path(output, "output")
+    check_name_length(output)
     if output.is_symlink():
         raise UserError(f"output: {output} is a symbolic link; give the directory itself")
     target = _absolute(output)
@@ -104,10 +166,13 @@ def check_output(output: Path, overwrite: bool, model_source: str | os.PathLike 
         raise UserError(f"output: {ancestor} is a file, so {output} cannot be created")
     if not os.access(ancestor if ancestor != target else target.parent, os.W_OK | os.X_OK):
         raise UserError(f"output: no permission to write in {ancestor if ancestor != target else target.parent}")
+    if output.is_dir() and not os.access(output, os.W_OK | os.X_OK):
+        raise UserError(f"output: {output} cannot be replaced: it is not writable (read-only, immutable or another "
+                        f"user's; see lsattr and ls -ld); choose another directory")
     if output.is_dir() and any(output.iterdir()):
         if not overwrite:
             raise UserError(f"output: {output} exists and is not empty; pass --overwrite to replace a previous "
-                            f"prunekit output, or choose another directory")
+                            f"prunekit output, or choose another directory{leftovers(output)}")
         refuse_foreign(output)
 
 
@@ -116,11 +181,11 @@ def refuse_foreign(output: Path) -> None:
     foreign = foreign_entries(output)
     if foreign is None:
         raise UserError(f"output: {output} has no prunekit {MANIFEST}, so it is not a prunekit output; "
-                        f"--overwrite only replaces prunekit outputs (choose another directory)")
+                        f"--overwrite only replaces prunekit outputs (choose another directory){leftovers(output)}")
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"output: {output} holds files prunekit did not write ({shown}); "
-                        f"--overwrite only replaces prunekit outputs (move them or choose another directory)")
+        raise UserError(f"output: {output} holds files prunekit did not write ({shown}); --overwrite only replaces "
+                        f"prunekit outputs (move them or choose another directory){leftovers(output)}")
 
 
 # ------------------------------------------------------------------------------------------------ lock

@@ -33,8 +33,28 @@ def check_context(model: Any, config: Any, needs_calibration: bool) -> None:
                         f"({limit} tokens); accepted: 2..{limit}")
 
 
-def check_ratio(groups: list[PruningGroup], config: Any) -> list[str]:
-    """Refuse a ratio that removes nothing at all; say which groups it leaves whole (rounding) on stderr.
+def check_params_budget(groups: list[PruningGroup], config: Any, model: Any) -> None:
+    """Refuse a parameter budget (``allocation.params_removed``) above what the groups can lose at most (every
+    group keeps one unit; embeddings, norms and unpruned layers are never removed): no allocator can approach it,
+    and a run that saves a model with a fraction of it removed would look like success."""
+    fraction = getattr(getattr(config, "allocation", None), "params_removed", None)
+    if fraction is None or model is None:
+        return
+    from prunekit.core.budget import feasible_counts, unit_cost
+
+    total = model.num_parameters()
+    most = sum(feasible_counts(g, config.selection.round_to)[-1] * unit_cost(model, g) for g in groups)
+    if fraction * total > most:
+        layers = sorted({g.layer for g in groups})
+        raise UserError(f"allocation.params_removed: {fraction} (--params-removed) asks for {100 * fraction:.2f} % of "
+                        f"the parameters, but at most {100 * most / total:.2f} % can be removed (the attention and MLP "
+                        f"units of layers {layers[0]}..{layers[-1]}, one kept per group; embeddings and norms stay); "
+                        f"accepted: <= {math.floor(most / total * 1e4) / 1e4:g}")
+
+
+def check_ratio(groups: list[PruningGroup], config: Any, model: Any = None) -> list[str]:
+    """Refuse a ratio that removes nothing at all, or a parameter budget larger than the groups hold
+    (:func:`check_params_budget`, given the ``model``); say which groups a ratio leaves whole (rounding) on stderr.
 
     Local selection removes round(ratio × units) per group (per KV group under GQA) and always keeps
     one, so counts are known before scoring. Returns the notes it printed.
@@ -46,6 +66,7 @@ def check_ratio(groups: list[PruningGroup], config: Any) -> list[str]:
 
     ratio = config.ratio
     if getattr(getattr(config, "allocation", None), "params_removed", None) is not None:
+        check_params_budget(groups, config, model)
         return []  # a parameter budget: the allocator meets it from below and reports the gap
     if config.selection.scope == "global":
         for kind in sorted({g.kind for g in groups}):

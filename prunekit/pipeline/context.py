@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -29,12 +29,16 @@ class RunContext:
     kept: list[torch.Tensor] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # told (stage name, seconds) when a stage completes: the CLI prints one line per stage from it
+    on_stage: Callable[[str, float], None] | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time one stage into ``timings`` (seconds)."""
+        """Time one stage into ``timings`` (seconds) and tell ``on_stage`` when it completed."""
         start = time.perf_counter()
         try:
             yield
         finally:
             self.timings[name] = round(time.perf_counter() - start, 3)
+        if self.on_stage is not None:
+            self.on_stage(name, self.timings[name])

@@ -204,7 +204,7 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
     with preserved(model):
         with ctx.stage("groups"):
             ctx.groups = build_groups(model, layers, run_plan.grouper, registry)
-        check_ratio(ctx.groups, config)  # a ratio that rounds to removing nothing fails before scoring
+        check_ratio(ctx.groups, config, model)  # a ratio that removes nothing, a budget beyond reach: before scoring
         params_before = model.num_parameters()
         calibration = None
         if run_plan.method.needs_calibration(run_plan.options) and batches is None:

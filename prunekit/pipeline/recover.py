@@ -49,6 +49,17 @@ def input_manifest(source: str | os.PathLike) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def check_pruned(source: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's prunekit manifest; a :class:`UserError` for a folder prunekit did not write (a model that
+    was never pruned: recovery would fine-tune it and label the result as recovered)."""
+    manifest = input_manifest(source)
+    if manifest is None or not {"config", "versions"} <= set(manifest):
+        what = "no run.json" if not (Path(source) / "run.json").exists() else "its run.json is not prunekit's"
+        raise UserError(f"recover: {source} is not a model prunekit pruned ({what}); prune it first with "
+                        f"prunekit run --model {source} --output DIR, then recover DIR")
+    return manifest
+
+
 def recover_checkpoint(source: str, output: Path, config: RunConfig, registry: Any = None) -> dict[str, Any] | None:
     """Load the pruned ``source``, run the configured recovery trainer on it, save it to ``output`` (main
     process only). Returns the manifest written, or None on the other processes."""
@@ -65,6 +76,7 @@ def recover_checkpoint(source: str, output: Path, config: RunConfig, registry: A
     entry, options = plan_recovery(config, registry)
     output = expand_path(output, "output")
     check_output(output, config.overwrite, source)  # every process refuses alike, before loading
+    check_pruned(source)
     if is_main_process():
         claim(output)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import prunekit.allocation.cache as allocation_cache
 import prunekit.data.tokens as token_cache
@@ -54,14 +54,7 @@ def evaluate_before(ctx: RunContext, evaluate, progress: bool) -> dict[str, Any]
     from prunekit.eval.cache import cached_metrics
 
     settings = eval_spec(spec).model_dump(mode="json")
-    metrics = cached_metrics(ctx.model, ctx.tokenizer, settings, compute)
-    if progress and metrics["cache"]["hit"]:
-        from rich.console import Console
-
-        Console(stderr=True, soft_wrap=True).print("dense model: metrics read from the cache "
-                                                   f"({metrics['cache']['file']}; "
-                                                   "--no-eval-cache evaluates it again)")
-    return metrics
+    return cached_metrics(ctx.model, ctx.tokenizer, settings, compute)  # a hit is said above the table (cache_note)
 
 
 def error_record(stage: str, exc: BaseException) -> dict[str, str]:
@@ -71,21 +64,24 @@ def error_record(stage: str, exc: BaseException) -> dict[str, str]:
 
 
 def run(config: RunConfig, registry: Registry | None = None, host: PluginHost | None = None,
-        evaluate_fn=None, progress: bool = True) -> RunContext:
-    """Prune one model as ``config`` says and save it with its manifest; returns the run's state."""
+        evaluate_fn=None, progress: bool = True,
+        on_stage: Callable[[str, float], None] | None = None) -> RunContext:
+    """Prune one model as ``config`` says and save it with its manifest; returns the run's state. ``on_stage`` is
+    told (name, seconds) as each stage completes: load, evaluate_before, groups, calibrate, score, select, prune,
+    repair, recover, evaluate_after, save."""
     # a run writes files anyway: tokenized corpora and measured allocations are kept across runs
     with token_cache.on_disk(), allocation_cache.on_disk():
-        return _run(config, registry, host, evaluate_fn, progress)
+        return _run(config, registry, host, evaluate_fn, progress, on_stage)
 
 
 def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, evaluate_fn,
-         progress: bool) -> RunContext:
+         progress: bool, on_stage: Callable[[str, float], None] | None = None) -> RunContext:
     host = host or get_host()
     registry = registry or get_registry(host)
     run_plan = preflight(config, registry)
     evaluate = evaluate_fn or functools.partial(evaluate_model, registry=registry)
 
-    ctx = RunContext(config=config, registry=registry)
+    ctx = RunContext(config=config, registry=registry, on_stage=on_stage)
     with ctx.stage("load"):
         ctx.model, ctx.tokenizer, source = load_model(config.model, config.dtype, config.device,
                                                       device_map=config.device_map, max_memory=config.max_memory,
@@ -119,8 +115,8 @@ def _run(config: RunConfig, registry: Registry | None, host: PluginHost | None, 
 
         def extras(folder):
             export_gguf(ctx.model, ctx.tokenizer, folder / gguf_name(config.export.gguf), type=config.export.gguf)
-    # timings cover every stage before the save
-    save_pruned(ctx.model, ctx.tokenizer, output_dir(config), ctx.manifest, extras=extras)
+    with ctx.stage("save"):  # run.json's timings cover every stage before it
+        save_pruned(ctx.model, ctx.tokenizer, output_dir(config), ctx.manifest, extras=extras)
     if failure is not None:
         raise EvaluationFailed(output_dir(config), ctx.manifest, failure) from failure
     return ctx

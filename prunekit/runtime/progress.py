@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
@@ -21,8 +22,14 @@ T = TypeVar("T")
 
 
 def enabled() -> bool:
-    """Progress is on unless ``PRUNEKIT_PROGRESS=0``."""
-    return os.environ.get("PRUNEKIT_PROGRESS", "1") != "0"
+    """Progress is on when stderr (where bars are drawn) is a terminal, unless ``PRUNEKIT_PROGRESS=0``; in a log
+    (``prunekit run > log.txt 2>&1``) a bar would leave its frames behind, so there is none."""
+    if os.environ.get("PRUNEKIT_PROGRESS", "1") == "0":
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stderr
+        return False
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
