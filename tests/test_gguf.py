@@ -357,3 +357,16 @@ def test_run_exports_gguf_into_its_output_and_q8_0_keeps_widths_a_multiple_of_32
 
     pruned = load_pruned(out)
     assert top1_agreement(pruned, out / "model-q8_0.gguf") >= 0.9  # q8_0 rounding, not a wrong layout
+
+
+def test_speed_benchmark_counts_what_the_gguf_holds(tmp_path):
+    """benchmarks/gguf_speed.py's physical limit: the per-layer widths read back from the file, and the
+    multiply-adds per token (every Linear, the attention over the context, the lm-head)."""
+    from prunekit.benchmarks.gguf_speed import macs_per_token, shapes
+
+    model = per_layer_model()
+    s = shapes(export_gguf(model, byte_bpe(), tmp_path / "m.gguf", type="f16"))
+    assert (s["n_head"], s["n_kv"], s["n_ff"]) == ([8, 6, 2, 4], [2, 2, 1, 2], [48, 37, 20, 5])
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    attention = sum(2 * n * 16 * 10 for n in (8, 6, 2, 4))  # scores and values over 10 cached positions
+    assert macs_per_token(s, context=10) == linear + attention

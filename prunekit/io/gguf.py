@@ -1,7 +1,7 @@
 """Export a pruned LLaMA-family model to GGUF, the file format llama.cpp (and Ollama, LM Studio) runs.
 
 Written with the ``gguf`` package from PyPI; the widths come from the loaded modules, never from the config.
-Every layer having one shape gives the ``llama`` architecture, which every GGUF reader knows; per-layer
+Every layer having one shape gives the ``llama`` architecture, the one GGUF readers know best; per-layer
 shapes give ``deci``, the architecture llama.cpp reads per-layer head counts and MLP widths for (it
 builds ``llama`` layers from layer 0's values). What llama.cpp cannot represent is refused with a
 one-line :class:`~prunekit.errors.UserError` naming the layer (see docs/gguf.md).
@@ -258,7 +258,8 @@ def _pre_tokenizer_name(spec: dict) -> str:
         regex = (parts[0].get("pattern") or {}).get("Regex")
         name = SPLIT_REGEX_PRE.get(regex)
         ignore_merges = bool(spec["model"].get("ignore_merges", False))
-        if name is not None and ignore_merges == (name == "llama-bpe"):
+        isolated = parts[0].get("behavior") == "Isolated" and not parts[0].get("invert")
+        if name is not None and isolated and ignore_merges == (name == "llama-bpe"):
             return name
     raise UserError(f"gguf: tokenizer: pre-tokenizer {kinds} has no llama.cpp equivalent the exporter knows")
 
