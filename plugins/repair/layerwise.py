@@ -6,7 +6,8 @@ forward pass per layer:
 * Inputs of the first decoder layer are captured once per calibration batch (the GPTQ "Catcher": a
   forward pre-hook that records the hidden states and raises to stop). The keyword arguments every layer
   receives (position embeddings, attention mask, ...) are recorded from one forward pass of the dense
-  model, per layer, since some families give layers different masks (sliding-window layers).
+  model (stopped at the last layer's input), per layer, since some families give layers different masks
+  (sliding-window layers).
 * Two streams of hidden states then go through the layers: the dense one through the dense layers, the
   pruned one through the pruned (already repaired) layers. For each repaired output projection the dense
   layer's pass records its output ``Y_d``; the pruned layer's pass records the projection's input ``X_p``
@@ -173,7 +174,8 @@ def _run_until(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, module: nn.
 def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor],
                        per_layer_kwargs: bool) -> tuple[list[torch.Tensor], list[list[dict]] | None]:
     """The hidden states entering decoder layer 0 for every batch; with ``per_layer_kwargs`` also the keyword
-    arguments each layer receives (one full forward pass per batch), else the model stops at layer 0."""
+    arguments each layer receives (one forward pass per batch, stopped at the last layer's input), else the
+    model stops at layer 0."""
     from prunekit.devices import input_device
 
     hidden: list[torch.Tensor] = []
@@ -188,8 +190,8 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Sequenc
                 hidden.append(h.detach())
             if per_layer_kwargs:
                 current[index] = kw
-            else:
-                raise _Stop
+            if not per_layer_kwargs or index == len(layers) - 1:
+                raise _Stop  # nothing after this layer's inputs is needed (no last layer, norm or logits)
         return pre_hook
 
     handles = [layer.register_forward_pre_hook(catch(i), with_kwargs=True)
@@ -280,8 +282,8 @@ def projection_name(adapter: Any, layer: int, kind: str) -> str:
 
 def find_targets(pruned: nn.Module, dense: nn.Module, adapter: Any, which: Sequence[str],
                  columns: dict[str, torch.Tensor] | None, scope: str, need_columns: bool) -> list[Target]:
-    """The projections to repair: with ``scope="pruned"`` those whose input width shrank (or that ``columns``
-    names), with ``"all"`` every attention/MLP output projection of the kinds in ``which``."""
+    """The projections to repair: with ``scope="pruned"`` those whose input width shrank, with ``"all"`` every
+    attention/MLP output projection of the kinds in ``which``."""
     if scope not in ("pruned", "all"):
         raise ValueError(f"scope: {scope!r}; accepted: pruned, all")
     columns = columns or {}
@@ -293,7 +295,7 @@ def find_targets(pruned: nn.Module, dense: nn.Module, adapter: Any, which: Seque
             if p.out_features != d.out_features:
                 raise ValueError(f"{name}: output width {p.out_features} differs from the dense {d.out_features}")
             shrunk = p.in_features != d.in_features
-            if scope == "pruned" and not shrunk and name not in columns:
+            if scope == "pruned" and not shrunk:  # a group that kept every unit is not repaired
                 continue
             cols = columns.get(name)
             if cols is None and not shrunk:
