@@ -6,14 +6,21 @@ import copy
 
 import pytest
 import torch
+from conftest import LAYOUTS, make_tiny_llama
 from transformers import AutoModelForCausalLM
 
 import prunekit
-from prunekit.builtin.repair import (bias_compensate, bias_export_plan, clean_gutenberg, kept_columns, pd_books,
-                                     pd_books_text, refit, ridge_solve)
-from prunekit.registry import get_registry
-
-from conftest import LAYOUTS, make_tiny_llama
+from prunekit.builtin.repair import (
+    bias_compensate,
+    bias_export_plan,
+    clean_gutenberg,
+    kept_columns,
+    pd_books,
+    pd_books_text,
+    refit,
+    ridge_solve,
+)
+from prunekit.plugin.registry import get_registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

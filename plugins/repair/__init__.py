@@ -1,9 +1,9 @@
-"""Repair after structured pruning: FLAP bias compensation and layer-wise ridge least-squares re-fit of the
-pruned output projections (``o_proj``, ``down_proj``) against an untouched dense copy, plus ``pd-books``,
-a generic public-domain calibration text.
+"""The built-in repairs ``refit`` and ``bias`` (the ``repair`` stage, docs/repair.md): layer-wise ridge
+least-squares re-fit and FLAP bias compensation of the pruned output projections (``o_proj``, ``down_proj``)
+against an untouched dense copy, fitted on ``pd-books`` text unless told otherwise.
 
-Entry points (plain functions; the pipeline passes the pruned model, a dense copy made before pruning,
-the pruned model's adapter and calibration token batches)::
+The maths as plain functions (the stage hands the pruned model, the dense copy made before pruning, the
+pruned model's adapter and repair-text token batches)::
 
     columns = kept_columns(result)                    # or kept_columns(groups, kept)
     bias_compensate(pruned, dense, adapter, batches, columns=columns)          # FLAP, dense inputs
@@ -12,10 +12,77 @@ the pruned model's adapter and calibration token batches)::
 Both modify ``pruned`` in place and return a small report dict for run.json.
 """
 
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from prunekit import hookimpl
 from prunekit.builtin.repair.bias import bias_compensate, bias_export_plan, make_bias_loadable
-from prunekit.builtin.repair.corpus import clean_gutenberg, pd_books, pd_books_text
 from prunekit.builtin.repair.layerwise import kept_columns
 from prunekit.builtin.repair.refit import refit, ridge_solve
+from prunekit.data.pd_books import clean_gutenberg, pd_books, pd_books_text
 
-__all__ = ["bias_compensate", "bias_export_plan", "clean_gutenberg", "kept_columns", "make_bias_loadable",
-           "pd_books", "pd_books_text", "refit", "ridge_solve"]
+__all__ = ["Bias", "Refit", "bias_compensate", "bias_export_plan", "clean_gutenberg", "kept_columns",
+           "make_bias_loadable", "pd_books", "pd_books_text", "prunekit_register_repairers", "refit", "ridge_solve"]
+
+
+class RepairOptions(BaseModel):
+    """The text a repair fits on and which projections it touches (shared by ``bias`` and ``refit``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    source: str = Field(default="pd-books", description="repair text: a named source or a local file/folder "
+                                                         "(pd-books: public-domain books, neither PTB nor WikiText-2)")
+    n_samples: int = Field(default=128, ge=1, description="windows of repair text")
+    seq_len: int = Field(default=128, ge=2, description="tokens per window")
+    which: tuple[Literal["attention", "mlp"], ...] = Field(default=("attention", "mlp"), min_length=1,
+                                                           description="o_proj (attention) and/or down_proj (mlp)")
+
+
+class RefitOptions(RepairOptions):
+    ridge: float = Field(default=1e-2, ge=0, description="ridge, relative to the mean diagonal of the Gram matrix")
+    inputs: Literal["sequential", "dense"] = Field(
+        default="sequential", description="sequential: the pruned model's own inputs, earlier layers already "
+                                          "re-fitted; dense: the dense model's inputs at the kept columns")
+
+
+class BiasOptions(RepairOptions):
+    inputs: Literal["dense", "sequential"] = Field(default="dense", description="FLAP's choice: the dense inputs")
+
+
+class Refit:
+    """Layer-wise ridge least-squares re-fit of the pruned o_proj/down_proj against the dense outputs."""
+
+    Options = RefitOptions
+    needs_dense = True
+
+    def __init__(self, options: RefitOptions):
+        self.options = options
+
+    def repair(self, ctx) -> dict:
+        o = self.options
+        batches = ctx.calibration(o.n_samples, o.seq_len, o.source)
+        return refit(ctx.model, ctx.dense, ctx.adapter, batches, ridge=o.ridge, which=o.which, inputs=o.inputs,
+                     columns=kept_columns(ctx.groups, ctx.kept))
+
+
+class Bias:
+    """FLAP's bias compensation: each removed unit's mean contribution added to the output projection's bias."""
+
+    Options = BiasOptions
+    needs_dense = True
+
+    def __init__(self, options: BiasOptions):
+        self.options = options
+
+    def repair(self, ctx) -> dict:
+        o = self.options
+        batches = ctx.calibration(o.n_samples, o.seq_len, o.source)
+        return bias_compensate(ctx.model, ctx.dense, ctx.adapter, batches, columns=kept_columns(ctx.groups, ctx.kept),
+                               inputs=o.inputs, which=o.which)
+
+
+@hookimpl
+def prunekit_register_repairers(register) -> None:
+    register("refit", Refit)
+    register("bias", Bias)

@@ -45,7 +45,7 @@ def bias_export_plan(model: nn.Module, modules: Sequence[str]) -> dict[str, Any]
     ``meta`` device: first which Linear layers have a bias with the current config, then which ones each
     boolean ``*_bias`` config flag adds. Flags are chosen greedily to cover ``modules``.
     """
-    from prunekit.remote_code import transformers_class
+    from prunekit.adapters.hf import transformers_class
 
     cls = transformers_class(type(model))
     config = copy.deepcopy(model.config)

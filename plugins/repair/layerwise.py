@@ -108,7 +108,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def check_not_offloaded(*models: nn.Module) -> None:
-    from prunekit.devices import offloaded
+    from prunekit.runtime.devices import offloaded
 
     for model in models:
         names = offloaded(model)
@@ -176,7 +176,7 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Sequenc
     """The hidden states entering decoder layer 0 for every batch; with ``per_layer_kwargs`` also the keyword
     arguments each layer receives (one forward pass per batch, stopped at the last layer's input), else the
     model stops at layer 0."""
-    from prunekit.devices import input_device
+    from prunekit.runtime.devices import input_device
 
     hidden: list[torch.Tensor] = []
     kwargs: list[list[dict]] = []

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 
 from prunekit.data.local import local_text
+from prunekit.data.pd_books import pd_books_text
 from prunekit.data.text import Text
 from prunekit.data.tokens import active as token_cache_active
 from prunekit.data.tokens import cached_token_ids
@@ -32,12 +33,13 @@ from prunekit.errors import UserError
 T = TypeVar("T")
 JOINER = "\n\n"
 HUB_SOURCES = ("wikitext2", "wikitext2-raw", "c4", "bookcorpus", "alpaca-cleaned")
-SOURCES = ("ptb", "ptb-train", "wikitext2", "wikitext2-raw", "c4", "bookcorpus", "alpaca-cleaned")
+SOURCES = ("ptb", "ptb-train", "pd-books", "wikitext2", "wikitext2-raw", "c4", "bookcorpus", "alpaca-cleaned")
 WIKITEXT2_ENV = "PRUNEKIT_WIKITEXT2_DIR"
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 SOURCE_SPLITS = {
     "ptb": ("train", "validation", "test"),
     "ptb-train": ("train",),
+    "pd-books": ("train", "validation"),
     "wikitext2": ("train", "validation", "test"),
     "wikitext2-raw": ("train", "validation", "test"),
     "c4": ("train", "validation"),
@@ -216,6 +218,8 @@ def load_text(source: str, split: str = "test", data_dir: str | os.PathLike | No
     source, split = _normalize(source, split)
     if source in ("ptb", "ptb-train"):
         return _ptb(split)
+    if source == "pd-books":
+        return pd_books_text(split, joiner=JOINER)
     if source == "wikitext2":
         return _wikitext2(split, data_dir)
     if source == "wikitext2-raw":

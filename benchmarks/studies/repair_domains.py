@@ -27,8 +27,8 @@ def windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
 
 
 def calibration(tokenizer, source: str, n: int, seq_len: int, seed: int, batch_size: int) -> list[torch.Tensor]:
-    from prunekit.builtin.repair.corpus import pd_books_text
-    from prunekit.data import load_text, token_ids
+    from prunekit.data.pd_books import pd_books_text
+    from prunekit.data.sources import load_text, token_ids
 
     text = pd_books_text("train") if source == "pd-books" else load_text(source, "train")
     return list(windows(token_ids(tokenizer, text), n, seq_len, seed).split(batch_size))
@@ -36,7 +36,7 @@ def calibration(tokenizer, source: str, n: int, seq_len: int, seed: int, batch_s
 
 def ppl(model, tokenizer, corpora: dict, max_windows: int) -> dict[str, float]:
     """Perplexity over ``max_windows`` evenly spaced 128-token windows of each corpus ((source, split) or a Text)."""
-    from prunekit.evaluate import perplexity
+    from prunekit.eval.perplexity import perplexity
 
     out = {}
     for name, spec in corpora.items():
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import prunekit
     from prunekit.builtin.repair import bias_compensate, kept_columns, pd_books_text, refit
-    from prunekit.registry import get_registry
+    from prunekit.plugin.registry import get_registry
 
     allocation = ({"name": "uniform", "options": {"kinds": ["mlp"]}} if args.allocator == "uniform-mlp"
                   else {"name": args.allocator})

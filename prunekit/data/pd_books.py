@@ -3,13 +3,14 @@
 Every calibration, probe and recovery text used to be PTB (news, ``<unk>``-tokenized), so a gain measured
 on PTB test was partly domain adaptation. ``pd-books`` is five public-domain books of different kinds
 (novels, short stories, political essays; 1787-1895), the Project Gutenberg transcriptions with every
-reference to Project Gutenberg removed (licence note: ``prunekit/corpora/pd-books/LICENSE.md``).
+reference to Project Gutenberg removed (licence note: ``prunekit/data/corpora/pd-books/LICENSE.md``).
 
 The two splits are disjoint **by book**: ``train`` is Pride and Prejudice, Frankenstein, The Adventures of
 Sherlock Holmes and The Federalist Papers; ``validation`` is The Time Machine. One paragraph per line in
-``<split>.txt``; :func:`pd_books` returns the paragraphs as documents (what ``prunekit.data`` sources give).
+``<split>.txt``; :func:`pd_books` returns the paragraphs as documents; ``load_text("pd-books", split)`` is
+the named source (calibration, repair and recovery text that is neither PTB nor WikiText-2).
 
-:func:`clean_gutenberg` is the exact cleaning that made the files (``prunekit/corpora/pd-books/README.md``
+:func:`clean_gutenberg` is the exact cleaning that made the files (``prunekit/data/corpora/pd-books/README.md``
 says from which source files).
 """
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from prunekit.data.text import Text
 
 NAME = "pd-books"
 SPLITS = ("train", "validation")
@@ -28,10 +31,8 @@ _ILLUSTRATION = re.compile(r"\[Illustration[^\]]*\]", re.IGNORECASE)
 
 
 def corpus_dir() -> Path:
-    """Where the packaged text lives (``prunekit/corpora/pd-books``)."""
-    import prunekit
-
-    return Path(prunekit.__file__).resolve().parent / "corpora" / NAME
+    """Where the packaged text lives (``prunekit/data/corpora/pd-books``)."""
+    return Path(__file__).resolve().parent / "corpora" / NAME
 
 
 def clean_gutenberg(raw: str) -> list[str]:
@@ -68,12 +69,9 @@ def pd_books(split: str = "train", folder: str | Path | None = None) -> list[str
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def pd_books_text(split: str = "train", folder: str | Path | None = None):
-    """The split as a :class:`prunekit.data.Text` (documents joined like every other source), ready for
-    ``prunekit.data.token_ids`` / ``prunekit.evaluate.perplexity`` until it is a registered source."""
-    from prunekit.data import JOINER, Text
-
+def pd_books_text(split: str = "train", folder: str | Path | None = None, joiner: str = "\n\n") -> Text:
+    """The split as a :class:`prunekit.data.text.Text` (documents joined like every other source)."""
     docs = tuple(pd_books(split, folder))
-    return Text(JOINER.join(docs), NAME, SPLIT_ALIASES.get(split, split),
+    return Text(joiner.join(docs), NAME, SPLIT_ALIASES.get(split, split),
                 "pd-books (5 public-domain books, Project Gutenberg transcriptions, PG references removed)",
                 "prunekit package data (public domain)", docs)
