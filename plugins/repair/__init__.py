@@ -12,10 +12,10 @@ the pruned model's adapter and calibration token batches)::
 Both modify ``pruned`` in place and return a small report dict for run.json.
 """
 
-from prunekit.builtin.repair.bias import bias_compensate, bias_export_plan, make_bias_loadable
+from prunekit.builtin.repair.bias import bias_compensate, bias_export_plan, flap_bias, make_bias_loadable
 from prunekit.builtin.repair.corpus import clean_gutenberg, pd_books, pd_books_text
 from prunekit.builtin.repair.layerwise import kept_columns
 from prunekit.builtin.repair.refit import refit, ridge_solve
 
-__all__ = ["bias_compensate", "bias_export_plan", "clean_gutenberg", "kept_columns", "make_bias_loadable",
+__all__ = ["bias_compensate", "bias_export_plan", "clean_gutenberg", "flap_bias", "kept_columns", "make_bias_loadable",
            "pd_books", "pd_books_text", "refit", "ridge_solve"]
