@@ -14,6 +14,7 @@ from prunekit.builtin.repair import (
     bias_compensate,
     bias_export_plan,
     clean_gutenberg,
+    flap_bias,
     kept_columns,
     pd_books,
     pd_books_text,
@@ -95,6 +96,12 @@ def test_ridge_solve_matches_the_normal_equations_with_an_unpenalised_intercept(
     lam = 0.1 * float((x.T @ x).diagonal().mean())
     w, b = ridge_solve(x.T @ x, x.T @ y, 0.1)
     assert b is None and torch.allclose(w, torch.linalg.solve(x.T @ x + lam * torch.eye(7, dtype=x.dtype), x.T @ y).T)
+    w0 = torch.randn(3, 7, generator=g, dtype=torch.float64)  # anchored: argmin ||XW^T - Y||² + λ||W - W0||²
+    w, _ = ridge_solve(x.T @ x, x.T @ y, 0.1, anchor=w0)
+    stacked = torch.cat([x, lam ** 0.5 * torch.eye(7, dtype=x.dtype)]), torch.cat([y, lam ** 0.5 * w0.T])
+    assert torch.allclose(w, torch.linalg.lstsq(*stacked).solution.T, atol=1e-9)
+    w, _ = ridge_solve(x.T @ x, x.T @ y, 1e9, anchor=w0)
+    assert torch.allclose(w, w0, atol=1e-6)  # a huge ridge gives back the anchor
 
 
 @pytest.mark.parametrize("inputs", ["dense", "sequential"])
@@ -147,6 +154,7 @@ def test_bias_is_flap_and_exact_in_expectation():
         removed[c] = False
         flap = w_d[:, removed] @ x_d[name][:, removed].mean(0)
         assert torch.allclose(lin.bias.double(), flap, atol=1e-5)
+        assert torch.allclose(flap_bias(dense.get_submodule(name).weight, x_d[name].mean(0), c), flap)
         assert torch.equal(lin.weight, before[name])  # weights untouched
         mean_pruned = (x_d[name][:, c] @ lin.weight.double().T + lin.bias.double()).mean(0)
         assert torch.allclose(mean_pruned, y_d[name].mean(0), atol=1e-5)

@@ -55,9 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--windows", type=int, default=40, help="perplexity windows per corpus")
-    parser.add_argument("--ridges", type=float, nargs="+", default=[1e-2])
+    parser.add_argument("--ridges", type=float, nargs="+", default=[1e-2], help="ridges of variants given without")
+    parser.add_argument("--cache", type=Path, help="keep each seed's pruned model here and reuse it")
     parser.add_argument("--sources", nargs="+", default=["ptb", "pd-books"])
-    parser.add_argument("--variants", nargs="+", default=["bias", "refit-seq", "refit-dense", "refit-seq+bias"])
+    parser.add_argument("--variants", nargs="+", default=["bias", "refit-seq", "refit-dense", "refit-seq@pruned"],
+                        help="bias | refit-seq | refit-dense, '+bias' fits an intercept, '@pruned' anchors the "
+                             "ridge at the pruned weights; ':0.01,0.1' gives the variant its own ridges")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -77,39 +80,53 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
 
     for seed in args.seeds:
-        model, tokenizer, _ = prunekit.load_model()
-        dense = copy.deepcopy(model)
-        started = time.perf_counter()
-        result = prunekit.prune(model, tokenizer, method="taylor", ratio=args.ratio, seed=seed, allocation=allocation)
-        prune_s = time.perf_counter() - started
-        columns = kept_columns(result)
+        dense, tokenizer, _ = prunekit.load_model()
+        cached = args.cache / f"{args.allocator}-{args.ratio}-seed{seed}" if args.cache else None
+        if cached is not None and (cached / "columns.pt").exists():
+            model, _, _ = prunekit.load_model(str(cached))
+            info = json.loads((cached / "run.json").read_text())
+            columns = torch.load(cached / "columns.pt")
+            removed, prune_s = info["reduction"]["params_removed_fraction"], info["timings"]["total"]
+        else:
+            model = copy.deepcopy(dense)
+            started = time.perf_counter()
+            result = prunekit.prune(model, tokenizer, method="taylor", ratio=args.ratio, seed=seed,
+                                    allocation=allocation)
+            prune_s = time.perf_counter() - started
+            columns, removed = kept_columns(result), result.reduction["params_removed_fraction"]
+            if cached is not None:
+                result.timings["total"] = prune_s
+                prunekit.save(result, cached, overwrite=True)
+                torch.save(columns, cached / "columns.pt")
         base = {"seed": seed, "allocator": args.allocator, "samples": args.samples, "seq_len": args.seq_len,
-                "params_removed": result.reduction["params_removed_fraction"], "prune_s": round(prune_s, 1),
-                "projections": len(columns)}
+                "params_removed": removed, "prune_s": round(prune_s, 1)}
         corpora = {**test, **valid}
         write({**base, "calibration": None, "variant": "none", "ridge": None, "repair_s": 0.0,
                **ppl(model, tokenizer, corpora, args.windows)})
         for source in args.sources:
             batches = calibration(tokenizer, source, args.samples, args.seq_len, seed, args.batch_size)
-            runs = [(v, None if v == "bias" else r) for v in args.variants
-                    for r in (args.ridges[:1] if v == "bias" else args.ridges)]
+            runs = []
+            for spec in args.variants:
+                variant, _, own = spec.partition(":")
+                ridges = [float(r) for r in own.split(",")] if own else args.ridges
+                runs += [(variant, None)] if variant == "bias" else [(variant, r) for r in ridges]
             for variant, ridge in runs:
                 m = copy.deepcopy(model)
                 adapter = get_registry().adapter_for(m)
                 t0 = time.perf_counter()
                 if variant == "bias":
                     report = bias_compensate(m, dense, adapter, batches, columns=columns)
-                elif variant == "refit-dense":
-                    report = refit(m, dense, adapter, batches, ridge=ridge, inputs="dense", columns=columns)
                 else:
-                    report = refit(m, dense, adapter, batches, ridge=ridge, inputs="sequential",
-                                   fit_bias=variant.endswith("+bias"))
+                    report = refit(m, dense, adapter, batches, ridge=ridge, columns=columns,
+                                   inputs="dense" if variant.startswith("refit-dense") else "sequential",
+                                   fit_bias="+bias" in variant, anchor="pruned" if "@pruned" in variant else "zero")
                 seconds = time.perf_counter() - t0
                 errors = [layer[k]["rel_error_after"] for layer in report["layers"] for k in ("attention", "mlp")
                           if k in layer]
                 before = [layer[k]["rel_error_before"] for layer in report["layers"] for k in ("attention", "mlp")
                           if k in layer]
                 write({**base, "calibration": source, "variant": variant, "ridge": ridge, "repair_s": round(seconds, 1),
+                       "projections": report["projections"],
                        "mean_rel_error_before": round(sum(before) / len(before), 4),
                        "mean_rel_error_after": round(sum(errors) / len(errors), 4),
                        **ppl(m, tokenizer, corpora, args.windows)})

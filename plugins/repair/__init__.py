@@ -17,12 +17,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from prunekit import hookimpl
-from prunekit.builtin.repair.bias import bias_compensate, bias_export_plan, make_bias_loadable
+from prunekit.builtin.repair.bias import bias_compensate, bias_export_plan, flap_bias, make_bias_loadable
 from prunekit.builtin.repair.layerwise import kept_columns
 from prunekit.builtin.repair.refit import refit, ridge_solve
 from prunekit.data.pd_books import clean_gutenberg, pd_books, pd_books_text
 
-__all__ = ["Bias", "Refit", "bias_compensate", "bias_export_plan", "clean_gutenberg", "kept_columns",
+__all__ = ["Bias", "Refit", "bias_compensate", "bias_export_plan", "clean_gutenberg", "flap_bias", "kept_columns",
            "make_bias_loadable", "pd_books", "pd_books_text", "prunekit_register_repairers", "refit", "ridge_solve"]
 
 
@@ -41,6 +41,8 @@ class RepairOptions(BaseModel):
 
 class RefitOptions(RepairOptions):
     ridge: float = Field(default=1e-2, ge=0, description="ridge, relative to the mean diagonal of the Gram matrix")
+    anchor: Literal["zero", "pruned"] = Field(default="zero", description="what the ridge pulls the weights "
+                                                                          "towards: zero, or the pruned weights")
     inputs: Literal["sequential", "dense"] = Field(
         default="sequential", description="sequential: the pruned model's own inputs, earlier layers already "
                                           "re-fitted; dense: the dense model's inputs at the kept columns")
@@ -63,7 +65,7 @@ class Refit:
         o = self.options
         batches = ctx.calibration(o.n_samples, o.seq_len, o.source)
         return refit(ctx.model, ctx.dense, ctx.adapter, batches, ridge=o.ridge, which=o.which, inputs=o.inputs,
-                     columns=kept_columns(ctx.groups, ctx.kept))
+                     anchor=o.anchor, columns=kept_columns(ctx.groups, ctx.kept))
 
 
 class Bias:

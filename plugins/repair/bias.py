@@ -94,6 +94,16 @@ def make_bias_loadable(model: nn.Module, modules: Sequence[str], plan: dict[str,
     return plan
 
 
+def flap_bias(dense_weight: torch.Tensor, mean_input: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """FLAP's compensation for one projection: ``W_dense[:, removed] · mean(X_dense[:, removed])`` (float64),
+    from the dense weight [out, in], the mean of its inputs over the calibration tokens [in] and the kept
+    input columns. What :func:`bias_compensate` adds with ``inputs="dense"`` when the kept weights are the
+    dense ones; for callers that already hold the input means (the FLAP method scores with them)."""
+    removed = torch.ones(dense_weight.shape[1], dtype=torch.bool, device=dense_weight.device)
+    removed[kept.to(dense_weight.device)] = False
+    return dense_weight.double()[:, removed] @ mean_input.double().to(dense_weight.device)[removed]
+
+
 def _solve_bias(target: Target, linear: nn.Linear, stats: Stats) -> dict:
     """b += mean(Y_dense) - mean(Y_current); the squared error falls by n·||mean error||²."""
     shift = (stats.sum_y - stats.sum_p) / stats.n

@@ -3,16 +3,17 @@
 For every pruned output projection (``o_proj`` for heads, ``down_proj`` for MLP channels) the weight is
 replaced by the ridge solution
 
-    W = argmin ||X_p W^T - Y_d||² + λ ||W||²,   λ = ridge · mean(diag(X_pᵀX_p))
+    W = argmin ||X_p W^T - Y_d||² + λ ||W - W_0||²,   λ = ridge · mean(diag(X_pᵀX_p))
 
 where ``X_p`` is the projection's input in the pruned model and ``Y_d`` the dense model's output of the same
-projection on the same tokens. ``inputs="sequential"`` (default) takes ``X_p`` from the pruned model with
+projection on the same tokens, and ``W_0`` zero (``anchor="zero"``, the plain ridge) or the pruned weights
+(``anchor="pruned"``). ``inputs="sequential"`` (default) takes ``X_p`` from the pruned model with
 every earlier layer (and, inside a layer, the attention) already re-fitted, so each layer also corrects
 the error that reaches it; ``inputs="dense"`` takes the dense inputs restricted to the kept columns,
 ``X_d[:, kept]`` (each projection on its own, as if the rest of the model were dense).
-Gram matrices are accumulated in float64 (float32 per-batch products) and solved with a Cholesky
-factorisation. With ``fit_bias`` an unpenalised intercept is fitted too (this subsumes the bias
-compensation); otherwise an existing bias is kept and the weight fits ``Y_d - b``.
+Gram matrices are accumulated in float64 (per-batch products in float64 unless ``product_dtype`` says
+float32) and solved with a Cholesky factorisation. With ``fit_bias`` an unpenalised intercept is fitted too
+(this subsumes the bias compensation); otherwise an existing bias is kept and the weight fits ``Y_d - b``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from prunekit.builtin.repair.layerwise import Stats, Target, ensure_bias, find_t
 
 
 def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float, *, sum_x: torch.Tensor | None = None,
-                sum_y: torch.Tensor | None = None, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(W, b)`` minimising ||X W^T (+ 1 b^T) - Y||² + λ||W||² from the sums ``X^T X``, ``X^T Y`` (and, for an
-    unpenalised intercept, ``sum X``, ``sum Y``, ``n``), with λ = ``ridge`` · mean(diag(X^T X)). ``W`` is
-    [out, in], float64. Cholesky; a matrix that is not positive definite gets a growing diagonal jitter."""
+                sum_y: torch.Tensor | None = None, n: int | None = None,
+                anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W, b)`` minimising ||X W^T (+ 1 b^T) - Y||² + λ||W - W_0||² from the sums ``X^T X``, ``X^T Y`` (and, for
+    an unpenalised intercept, ``sum X``, ``sum Y``, ``n``), with λ = ``ridge`` · mean(diag(X^T X)) and ``W_0`` =
+    ``anchor`` [out, in] (None: zero, the plain ridge). ``W`` is [out, in], float64. Cholesky; a matrix that
+    is not positive definite gets a growing diagonal jitter."""
     width = xtx.shape[0]
     lam = float(ridge) * float(xtx.diagonal().mean()) if width else 0.0
     if sum_x is not None:
@@ -44,6 +47,9 @@ def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float, *, sum_x: to
         a, rhs = xtx, xty
         penalty = torch.full((width,), lam, dtype=torch.float64, device=xtx.device)
     a = a + torch.diag(penalty)
+    if anchor is not None:  # shrink towards W_0: the normal equations gain λ W_0^T on the right
+        rhs = rhs.clone()
+        rhs[:width] += lam * anchor.to(rhs.device, torch.float64).T
     jitter = 0.0
     scale = float(a.diagonal().abs().mean()) or 1.0
     for _ in range(8):
@@ -67,10 +73,11 @@ def _fit_error(stats: Stats, w: torch.Tensor, b: torch.Tensor | None, fit_bias: 
     return quad
 
 
-def _solver(ridge: float, fit_bias: bool):
+def _solver(ridge: float, fit_bias: bool, anchor: str):
     def solve(target: Target, linear: nn.Linear, stats: Stats) -> dict:
-        w, b = ridge_solve(stats.xtx, stats.xty, ridge, **({"sum_x": stats.sum_x, "sum_y": stats.sum_y,
-                                                           "n": stats.n} if fit_bias else {}))
+        w0 = linear.weight.detach() if anchor == "pruned" else None
+        w, b = ridge_solve(stats.xtx, stats.xty, ridge, anchor=w0,
+                           **({"sum_x": stats.sum_x, "sum_y": stats.sum_y, "n": stats.n} if fit_bias else {}))
         linear.weight.data.copy_(w.to(linear.weight.device, linear.weight.dtype))
         if b is not None:
             bias = ensure_bias(linear)
@@ -89,7 +96,7 @@ def _minus_bias(linear: nn.Linear, y: torch.Tensor) -> torch.Tensor:
 def refit(pruned: nn.Module, dense: nn.Module, adapter: Any, batches: Sequence[torch.Tensor], *,
           ridge: float = 1e-2, which: Sequence[str] = ("attention", "mlp"), inputs: str = "sequential",
           columns: dict[str, torch.Tensor] | None = None, fit_bias: bool = False, scope: str = "pruned",
-          loadable: bool = True, product_dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+          loadable: bool = True, product_dtype: torch.dtype = torch.float64, anchor: str = "zero") -> dict[str, Any]:
     """Re-fit the pruned output projections of ``pruned`` (in place) by layer-wise ridge least squares.
 
     ``dense``: an untouched copy of the model before pruning; ``adapter``: the pruned model's adapter;
@@ -99,7 +106,9 @@ def refit(pruned: nn.Module, dense: nn.Module, adapter: Any, batches: Sequence[t
     inputs, earlier layers already re-fitted) or ``dense`` (``X_d[:, kept]``; needs ``columns``, see
     :func:`kept_columns`). ``fit_bias`` fits an intercept too (then ``loadable`` sets the config's bias
     flags, as :func:`bias_compensate` does). ``scope``: ``pruned`` (projections whose input width shrank) or
-    ``all``. ``product_dtype``: the per-batch Gram products (float64 by default; float32 is about twice as fast
+    ``all``. ``anchor``: what the ridge shrinks towards, ``zero`` (||W||², the plain ridge) or ``pruned``
+    (||W - W_pruned||²: a large ridge gives back the unrepaired weights instead of shrinking the output
+    towards zero). ``product_dtype``: the per-batch Gram products (float64 by default; float32 is about twice as fast
     on CPUs and much faster on GPUs without fast float64, at cond(X)² · 6e-8 relative error before ridge).
 
     Returns the report for run.json: settings, tokens, seconds, and per layer the relative output error
@@ -108,6 +117,8 @@ def refit(pruned: nn.Module, dense: nn.Module, adapter: Any, batches: Sequence[t
     started = time.perf_counter()
     if ridge < 0:
         raise ValueError(f"ridge: {ridge} must be >= 0")
+    if anchor not in ("zero", "pruned"):
+        raise ValueError(f"anchor: {anchor!r}; accepted: zero, pruned")
     which = normalize_which(which)
     targets = find_targets(pruned, dense, adapter, which, columns, scope, need_columns=inputs == "dense")
     plan = {"flags": {}, "zero_biases": [], "unsupported": []}
@@ -115,11 +126,11 @@ def refit(pruned: nn.Module, dense: nn.Module, adapter: Any, batches: Sequence[t
         plan = bias_export_plan(pruned, [t.name for t in targets])
         if plan["unsupported"]:
             make_bias_loadable(pruned, [t.name for t in targets], plan)  # raises before any change
-    layers = walk(pruned, dense, adapter, batches, targets, _solver(ridge, fit_bias), inputs=inputs, gram=True,
+    layers = walk(pruned, dense, adapter, batches, targets, _solver(ridge, fit_bias, anchor), inputs=inputs, gram=True,
                   product_dtype=product_dtype, fit_target=None if fit_bias else _minus_bias)
     if fit_bias and loadable and targets:
         make_bias_loadable(pruned, [t.name for t in targets], plan)
-    return {"method": "refit", "inputs": inputs, "ridge": ridge, "fit_bias": fit_bias,
+    return {"method": "refit", "inputs": inputs, "ridge": ridge, "anchor": anchor, "fit_bias": fit_bias,
             "product_dtype": str(product_dtype).removeprefix("torch."), "which": list(which),
             "scope": scope, "tokens": int(sum(b.numel() for b in batches)), "projections": len(targets),
             "config_flags": plan["flags"], "seconds": round(time.perf_counter() - started, 3), "layers": layers}
