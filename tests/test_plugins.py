@@ -207,13 +207,15 @@ def test_evaluator_options_are_validated_and_recorded(live_plugin):
 
     live_plugin(ThrowAwayEvaluator(), "throwaway-evaluator")
     model, tok = make_tiny_llama(), make_tiny_tokenizer()
-    spec = EvalSpec(perplexity=[], zero_shot=[], evaluators={"param-count": {"scale": "2"}})
+    spec = EvalSpec(perplexity=[], zero_shot=[], evaluators={"param-count": {"scale": 2}})
     result = evaluate_model(model, tok, spec, progress=False)
     assert result["evaluators"]["param-count"] == {"params": 2.0 * model.num_parameters()}
     assert result["evaluator_options"]["param-count"] == {"name": "param-count", "provider": "throwaway-evaluator",
                                                           "options": {"scale": 2.0}}
     with pytest.raises(UserError, match=r"^evaluation.evaluators.param-count.scle: Extra inputs"):
         evaluate_model(model, tok, spec.model_copy(update={"evaluators": {"param-count": {"scle": 2}}}))
+    with pytest.raises(UserError, match=r"^evaluation.evaluators.param-count.scale: expected a number, not the text"):
+        evaluate_model(model, tok, spec.model_copy(update={"evaluators": {"param-count": {"scale": "2"}}}))
 
 
 # ------------------------------------------------------------------ one documented signature per hook
