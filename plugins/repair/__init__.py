@@ -40,12 +40,14 @@ class RepairOptions(BaseModel):
 
 
 class RefitOptions(RepairOptions):
-    ridge: float = Field(default=1e-2, ge=0, description="ridge, relative to the mean diagonal of the Gram matrix")
-    anchor: Literal["zero", "pruned"] = Field(default="zero", description="what the ridge pulls the weights "
-                                                                          "towards: zero, or the pruned weights")
+    # defaults chosen on validation text (docs/repair.md): dense inputs, a ridge pulling towards the pruned
+    # weights, ridge 1.0; sequential inputs and a ridge towards zero over-fit the repair text
+    ridge: float = Field(default=1.0, ge=0, description="ridge, relative to the mean diagonal of the Gram matrix")
+    anchor: Literal["zero", "pruned"] = Field(default="pruned", description="what the ridge pulls the weights "
+                                                                            "towards: the pruned weights, or zero")
     inputs: Literal["sequential", "dense"] = Field(
-        default="sequential", description="sequential: the pruned model's own inputs, earlier layers already "
-                                          "re-fitted; dense: the dense model's inputs at the kept columns")
+        default="dense", description="dense: the dense model's inputs at the kept columns; sequential: the pruned "
+                                     "model's own inputs, earlier layers already re-fitted")
 
 
 class BiasOptions(RepairOptions):
