@@ -178,35 +178,32 @@ def register_evaluator(name: str, fn: Callable, options: type[BaseModel] | None 
     return _callable_entry(name, fn, options, description, EVALUATOR_CALL, "evaluator")
 
 
+def _class_entry(name: str, cls: Any, what: str, call: str, description: str | None,
+                 reserved: str | None = None) -> NamedEntry:
+    """A registered class with a nested ``Options`` model whose instances the core calls as ``call``."""
+    _check_name(name)
+    if name == "none" and reserved:
+        raise PluginError(f"{what} name 'none' is reserved (it means: {reserved})")
+    method = call.split("(")[0]
+    if not isinstance(cls, type) or not callable(getattr(cls, method, None)):
+        raise PluginError(f"{what} {name!r}: {cls!r} is not a class with a {call} method")
+    check_options_model(getattr(cls, "Options", None), None, f"{what} {name!r} Options")
+    return NamedEntry(name, cls, "", options_model=cls.Options, description=description or _first_doc_line(cls))
+
+
 def register_recovery(name: str, cls: type, description: str | None = None) -> NamedEntry:
     """``prunekit_register_recovery``: ``cls(options).recover(model, tokenizer, config) -> dict``."""
-    _check_name(name)
-    if name == "none":
-        raise PluginError("recovery name 'none' is reserved (it means: no recovery)")
-    if not isinstance(cls, type) or not callable(getattr(cls, "recover", None)):
-        raise PluginError(f"recovery {name!r}: {cls!r} is not a class with a recover(model, tokenizer, config) method")
-    check_options_model(getattr(cls, "Options", None), None, f"recovery {name!r} Options")
-    return NamedEntry(name, cls, "", options_model=cls.Options, description=description or _first_doc_line(cls))
+    return _class_entry(name, cls, "recovery", "recover(model, tokenizer, config)", description, "no recovery")
 
 
 def register_repairer(name: str, cls: type, description: str | None = None) -> NamedEntry:
     """``prunekit_register_repairers``: ``cls(options).repair(ctx) -> dict`` (kept weights updated in place)."""
-    _check_name(name)
-    if name == "none":
-        raise PluginError("repair name 'none' is reserved (it means: no repair)")
-    if not isinstance(cls, type) or not callable(getattr(cls, "repair", None)):
-        raise PluginError(f"repair {name!r}: {cls!r} is not a class with a repair(ctx) method")
-    check_options_model(getattr(cls, "Options", None), None, f"repair {name!r} Options")
-    return NamedEntry(name, cls, "", options_model=cls.Options, description=description or _first_doc_line(cls))
+    return _class_entry(name, cls, "repair", "repair(ctx)", description, "no repair")
 
 
 def register_allocator(name: str, cls: type, description: str | None = None) -> NamedEntry:
     """``prunekit_register_allocators``: ``cls(options).allocate(ctx) -> list[int]`` (units each group loses)."""
-    _check_name(name)
-    if not isinstance(cls, type) or not callable(getattr(cls, "allocate", None)):
-        raise PluginError(f"allocator {name!r}: {cls!r} is not a class with an allocate(ctx) method")
-    check_options_model(getattr(cls, "Options", None), None, f"allocator {name!r} Options")
-    return NamedEntry(name, cls, "", options_model=cls.Options, description=description or _first_doc_line(cls))
+    return _class_entry(name, cls, "allocator", "allocate(ctx)", description)
 
 
 def register_adapter(cls: type) -> NamedEntry:
