@@ -127,17 +127,23 @@ def test_refit_is_the_least_squares_solution_on_its_inputs(inputs):
             assert layer[kind]["rel_error_after"] <= layer[kind]["rel_error_before"] + 1e-9
 
 
-def test_refit_ridge_is_the_regularised_solution():
+def test_refit_ridge_is_the_regularised_solution_towards_zero_or_the_pruned_weights():
     pruned, dense, result = _pruned("mha4")
     batches, cols = _batches(), kept_columns(result)
-    refit(pruned, dense, _adapter(pruned), batches, ridge=0.05, inputs="dense", columns=cols)
+    anchored = copy.deepcopy(pruned)
+    w0 = {n: anchored.get_submodule(n).weight.double().detach().clone() for n in cols}
+    refit(pruned, dense, _adapter(pruned), batches, ridge=0.05, inputs="dense", columns=cols, anchor="zero")
+    refit(anchored, dense, _adapter(anchored), batches, ridge=0.05, inputs="dense", columns=cols)  # anchor: pruned
     x_d, y_d = _io(dense, sorted(cols), batches)
     for name, c in cols.items():
         x = x_d[name][:, c]
         gram = x.T @ x
         lam = 0.05 * float(gram.diagonal().mean())
-        ref = torch.linalg.solve(gram + lam * torch.eye(len(c), dtype=gram.dtype), x.T @ y_d[name]).T
+        eye = torch.eye(len(c), dtype=gram.dtype)
+        ref = torch.linalg.solve(gram + lam * eye, x.T @ y_d[name]).T
         assert torch.allclose(pruned.get_submodule(name).weight.double(), ref, atol=1e-4, rtol=1e-3)
+        ref = torch.linalg.solve(gram + lam * eye, x.T @ y_d[name] + lam * w0[name].T).T
+        assert torch.allclose(anchored.get_submodule(name).weight.double(), ref, atol=1e-4, rtol=1e-3)
 
 
 def test_bias_is_flap_and_exact_in_expectation():
@@ -221,9 +227,10 @@ def test_repair_lowers_the_calibration_loss():
     assert _loss(dense, batches) < base  # pruning hurt
     losses = {}
     for name, fn in {"bias": lambda m: bias_compensate(m, dense, _adapter(m), batches, columns=cols),
-                     "refit": lambda m: refit(m, dense, _adapter(m), batches, ridge=1e-2),
-                     "refit-dense": lambda m: refit(m, dense, _adapter(m), batches, ridge=1e-2, inputs="dense",
-                                                    columns=cols)}.items():
+                     "refit": lambda m: refit(m, dense, _adapter(m), batches, columns=cols),  # the defaults
+                     "refit-seq": lambda m: refit(m, dense, _adapter(m), batches, ridge=1e-2, inputs="sequential"),
+                     "refit-zero": lambda m: refit(m, dense, _adapter(m), batches, ridge=1e-2, anchor="zero",
+                                                   columns=cols)}.items():
         m = copy.deepcopy(pruned)
         fn(m)
         losses[name] = _loss(m, batches)
@@ -235,7 +242,7 @@ def test_refit_and_bias_with_gqa_and_per_layer_shapes(layout):
     pruned, dense, result = _pruned(layout, layers=(1, 3), ratio=0.34)
     assert not result.uniform_shapes
     batches = _batches(n=2)
-    report = refit(pruned, dense, _adapter(pruned), batches, ridge=1e-2, fit_bias=True)
+    report = refit(pruned, dense, _adapter(pruned), batches, ridge=1e-2, fit_bias=True, inputs="sequential")
     assert [r["layer"] for r in report["layers"]] == [1, 2]
     assert report["config_flags"] == {"attention_bias": True, "mlp_bias": True}
     # every projection the flags govern has a bias now (zeros where nothing was fitted)
@@ -255,7 +262,7 @@ def _same_logits(a, b, ids):
 def test_repaired_checkpoint_round_trips(tmp_path, layers):
     pruned, dense, result = _pruned("gqa9x3", layers=layers)
     batches = _batches(n=2)
-    refit(pruned, dense, _adapter(pruned), batches, ridge=1e-2)
+    refit(pruned, dense, _adapter(pruned), batches, columns=kept_columns(result))
     bias_compensate(pruned, dense, _adapter(pruned), batches, inputs="sequential")
     out = prunekit.save(result, tmp_path / "out")
     ids = torch.arange(20).view(2, 10)

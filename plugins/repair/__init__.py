@@ -7,7 +7,8 @@ pruned model's adapter and repair-text token batches)::
 
     columns = kept_columns(result)                    # or kept_columns(groups, kept)
     bias_compensate(pruned, dense, adapter, batches, columns=columns)          # FLAP, dense inputs
-    refit(pruned, dense, adapter, batches, ridge=1e-2, inputs="sequential")    # columns only for inputs="dense"
+    refit(pruned, dense, adapter, batches, columns=columns)  # dense inputs, ridge 1 anchored at the pruned weights
+    refit(pruned, dense, adapter, batches, inputs="sequential")  # the pruned model's own inputs: no columns
 
 Both modify ``pruned`` in place and return a small report dict for run.json.
 """

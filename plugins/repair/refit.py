@@ -7,10 +7,10 @@ replaced by the ridge solution
 
 where ``X_p`` is the projection's input in the pruned model and ``Y_d`` the dense model's output of the same
 projection on the same tokens, and ``W_0`` zero (``anchor="zero"``, the plain ridge) or the pruned weights
-(``anchor="pruned"``). ``inputs="sequential"`` (default) takes ``X_p`` from the pruned model with
+(``anchor="pruned"``, the default). ``inputs="sequential"`` takes ``X_p`` from the pruned model with
 every earlier layer (and, inside a layer, the attention) already re-fitted, so each layer also corrects
-the error that reaches it; ``inputs="dense"`` takes the dense inputs restricted to the kept columns,
-``X_d[:, kept]`` (each projection on its own, as if the rest of the model were dense).
+the error that reaches it; ``inputs="dense"`` (the default) takes the dense inputs restricted to the kept
+columns, ``X_d[:, kept]`` (each projection on its own, as if the rest of the model were dense).
 Gram matrices are accumulated in float64 (per-batch products in float64 unless ``product_dtype`` says
 float32) and solved with a Cholesky factorisation. With ``fit_bias`` an unpenalised intercept is fitted too
 (this subsumes the bias compensation); otherwise an existing bias is kept and the weight fits ``Y_d - b``.
@@ -94,14 +94,15 @@ def _minus_bias(linear: nn.Linear, y: torch.Tensor) -> torch.Tensor:
 
 
 def refit(pruned: nn.Module, dense: nn.Module, adapter: Any, batches: Sequence[torch.Tensor], *,
-          ridge: float = 1e-2, which: Sequence[str] = ("attention", "mlp"), inputs: str = "sequential",
+          ridge: float = 1.0, which: Sequence[str] = ("attention", "mlp"), inputs: str = "dense",
           columns: dict[str, torch.Tensor] | None = None, fit_bias: bool = False, scope: str = "pruned",
-          loadable: bool = True, product_dtype: torch.dtype = torch.float64, anchor: str = "zero") -> dict[str, Any]:
+          loadable: bool = True, product_dtype: torch.dtype = torch.float64, anchor: str = "pruned") -> dict[str, Any]:
     """Re-fit the pruned output projections of ``pruned`` (in place) by layer-wise ridge least squares.
 
     ``dense``: an untouched copy of the model before pruning; ``adapter``: the pruned model's adapter;
     ``batches``: calibration token-id batches (LongTensor [batch, seq], no padding). ``ridge`` is relative to
-    the mean diagonal of X_pᵀX_p. ``which``: block kinds (``attention`` = o_proj, ``mlp`` = down_proj;
+    the mean diagonal of X_pᵀX_p. The defaults (``inputs="dense"``, ``anchor="pruned"``, ``ridge=1``) won on PTB
+    validation on SmolLM2 with PTB and with pd-books calibration (docs/repair.md). ``which``: block kinds (``attention`` = o_proj, ``mlp`` = down_proj;
     the names ``o_proj``/``down_proj`` are accepted). ``inputs``: ``sequential`` (the pruned model's own
     inputs, earlier layers already re-fitted) or ``dense`` (``X_d[:, kept]``; needs ``columns``, see
     :func:`kept_columns`). ``fit_bias`` fits an intercept too (then ``loadable`` sets the config's bias
