@@ -103,8 +103,8 @@ def refit(pruned: nn.Module, dense: nn.Module, adapter: Any, batches: Sequence[t
     ``batches``: calibration token-id batches (LongTensor [batch, seq], no padding). ``ridge`` is relative to
     the mean diagonal of X_pᵀX_p. The defaults (``inputs="dense"``, ``anchor="pruned"``, ``ridge=1``) won on PTB
     validation on SmolLM2 with PTB and with pd-books calibration (docs/repair.md). ``which``: block kinds
-    (``attention`` = o_proj, ``mlp`` = down_proj; the names ``o_proj``/``down_proj`` are accepted). ``inputs``: ``sequential`` (the pruned model's own
-    inputs, earlier layers already re-fitted) or ``dense`` (``X_d[:, kept]``; needs ``columns``, see
+    (``attention`` = o_proj, ``mlp`` = down_proj; the names ``o_proj``/``down_proj`` are accepted).
+    ``inputs``: ``sequential`` (the pruned model's own inputs, earlier layers already re-fitted) or ``dense`` (``X_d[:, kept]``; needs ``columns``, see
     :func:`kept_columns`). ``fit_bias`` fits an intercept too (then ``loadable`` sets the config's bias
     flags, as :func:`bias_compensate` does). ``scope``: ``pruned`` (projections whose input width shrank) or
     ``all``. ``anchor``: what the ridge shrinks towards, ``zero`` (||W||², the plain ridge) or ``pruned``
