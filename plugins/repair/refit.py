@@ -99,21 +99,21 @@ def refit(pruned: nn.Module, dense: nn.Module, adapter: Any, batches: Sequence[t
           loadable: bool = True, product_dtype: torch.dtype = torch.float64, anchor: str = "pruned") -> dict[str, Any]:
     """Re-fit the pruned output projections of ``pruned`` (in place) by layer-wise ridge least squares.
 
-    ``dense``: an untouched copy of the model before pruning; ``adapter``: the pruned model's adapter;
-    ``batches``: calibration token-id batches (LongTensor [batch, seq], no padding). ``ridge`` is relative to
-    the mean diagonal of X_pᵀX_p. The defaults (``inputs="dense"``, ``anchor="pruned"``, ``ridge=1``) won on PTB
-    validation on SmolLM2 with PTB and with pd-books calibration (docs/repair.md). ``which``: block kinds
-    (``attention`` = o_proj, ``mlp`` = down_proj; the names ``o_proj``/``down_proj`` are accepted).
-    ``inputs``: ``sequential`` (the pruned model's own inputs, earlier layers already re-fitted) or ``dense`` (``X_d[:, kept]``; needs ``columns``, see
-    :func:`kept_columns`). ``fit_bias`` fits an intercept too (then ``loadable`` sets the config's bias
-    flags, as :func:`bias_compensate` does). ``scope``: ``pruned`` (projections whose input width shrank) or
-    ``all``. ``anchor``: what the ridge shrinks towards, ``zero`` (||W||², the plain ridge) or ``pruned``
-    (||W - W_pruned||²: a large ridge gives back the unrepaired weights instead of shrinking the output
-    towards zero). ``product_dtype``: the per-batch Gram products (float64 by default; float32 is about twice as fast
-    on CPUs and much faster on GPUs without fast float64, at cond(X)² · 6e-8 relative error before ridge).
+    ``dense``: an untouched copy of the model before pruning; ``adapter``: the pruned model's adapter; ``batches``:
+    calibration token-id batches (LongTensor [batch, seq], no padding). ``ridge`` is relative to the mean diagonal
+    of X_pᵀX_p. The defaults (``inputs="dense"``, ``anchor="pruned"``, ``ridge=1``) won on PTB validation on SmolLM2
+    with PTB and with pd-books calibration (docs/repair.md). ``which``: block kinds (``attention`` = o_proj, ``mlp``
+    = down_proj; the names ``o_proj``/``down_proj`` are accepted). ``inputs``: ``sequential`` (the pruned model's
+    own inputs, earlier layers already re-fitted) or ``dense`` (``X_d[:, kept]``; needs ``columns``, see
+    :func:`kept_columns`). ``fit_bias`` fits an intercept too (then ``loadable`` sets the config's bias flags, as
+    :func:`bias_compensate` does). ``scope``: ``pruned`` (projections whose input width shrank) or ``all``.
+    ``anchor``: what the ridge shrinks towards, ``zero`` (||W||², the plain ridge) or ``pruned`` (||W - W_pruned||²:
+    a large ridge gives back the unrepaired weights instead of shrinking the output towards zero).
+    ``product_dtype``: the per-batch Gram products (float64 by default; float32 is about twice as fast on CPUs and
+    much faster on GPUs without fast float64, at cond(X)² · 6e-8 relative error before ridge).
 
-    Returns the report for run.json: settings, tokens, seconds, and per layer the relative output error
-    ||X W^T + b - Y_d|| / ||Y_d|| of each projection before and after the fit, on the inputs it was fitted on.
+    Returns the report for run.json: settings, tokens, seconds, and per layer the relative output error ||X W^T + b
+    - Y_d|| / ||Y_d|| of each projection before and after the fit, on the inputs it was fitted on.
     """
     started = time.perf_counter()
     if ridge < 0:
