@@ -55,36 +55,44 @@ class BiasOptions(RepairOptions):
     inputs: Literal["dense", "sequential"] = Field(default="dense", description="FLAP's choice: the dense inputs")
 
 
-class Refit:
+class _DenseRepair:
+    """A repair that compares against the dense copy and fits on ``options.source`` text (``fit`` does the maths)."""
+
+    Options: type[RepairOptions] = RepairOptions
+    needs_dense = True
+
+    def __init__(self, options: RepairOptions):
+        self.options = options
+
+    def repair(self, ctx) -> dict:
+        o = self.options
+        batches = ctx.calibration(o.n_samples, o.seq_len, o.source)
+        return self.fit(ctx, batches, kept_columns(ctx.groups, ctx.kept))
+
+    def fit(self, ctx, batches, columns) -> dict:
+        raise NotImplementedError
+
+
+class Refit(_DenseRepair):
     """Layer-wise ridge least-squares re-fit of the pruned o_proj/down_proj against the dense outputs."""
 
     Options = RefitOptions
-    needs_dense = True
 
-    def __init__(self, options: RefitOptions):
-        self.options = options
-
-    def repair(self, ctx) -> dict:
+    def fit(self, ctx, batches, columns) -> dict:
         o = self.options
-        batches = ctx.calibration(o.n_samples, o.seq_len, o.source)
         return refit(ctx.model, ctx.dense, ctx.adapter, batches, ridge=o.ridge, which=o.which, inputs=o.inputs,
-                     anchor=o.anchor, columns=kept_columns(ctx.groups, ctx.kept))
+                     anchor=o.anchor, columns=columns)
 
 
-class Bias:
+class Bias(_DenseRepair):
     """FLAP's bias compensation: each removed unit's mean contribution added to the output projection's bias."""
 
     Options = BiasOptions
-    needs_dense = True
 
-    def __init__(self, options: BiasOptions):
-        self.options = options
-
-    def repair(self, ctx) -> dict:
+    def fit(self, ctx, batches, columns) -> dict:
         o = self.options
-        batches = ctx.calibration(o.n_samples, o.seq_len, o.source)
-        return bias_compensate(ctx.model, ctx.dense, ctx.adapter, batches, columns=kept_columns(ctx.groups, ctx.kept),
-                               inputs=o.inputs, which=o.which)
+        return bias_compensate(ctx.model, ctx.dense, ctx.adapter, batches, columns=columns, inputs=o.inputs,
+                               which=o.which)
 
 
 @hookimpl
