@@ -47,15 +47,12 @@ def _json_object(value: Any, what: str) -> dict[str, Any]:
     return data
 
 
-class LoraOptions(BaseModel):
-    """LoRA recovery settings; defaults are the reference recipe except the CPU-sized ``max_examples``."""
+class TrainOptions(BaseModel):
+    """What every Trainer-based recovery shares: the text, the token budget, the optimizer and the engine
+    (``lora`` and ``distill`` subclass it; defaults are the reference recipe except the CPU-sized ``max_examples``)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    r: int = Field(default=8, ge=1, description="LoRA rank")
-    alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(TARGETS), min_length=1)
     lr: float = Field(default=1e-4, gt=0)
     epochs: int = Field(default=2, ge=1)
     cutoff_len: int = Field(default=256, ge=2, description="tokens per example (longer ones are truncated)")
@@ -117,7 +114,7 @@ class LoraOptions(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _one_engine(self) -> "LoraOptions":
+    def _one_engine(self) -> "TrainOptions":
         if self.fsdp and self.deepspeed is not None:
             raise ValueError("fsdp and deepspeed are alternatives; give one of them")
         if self.fsdp_config is not None and not self.fsdp:
@@ -128,6 +125,25 @@ class LoraOptions(BaseModel):
     def device_batch(self) -> int:
         """Examples per forward pass on each process."""
         return self.per_device_batch_size or self.batch_size
+
+
+class AdapterShape(BaseModel):
+    """Where LoRA adapters go and how big they are (the scaling numerator is each trainer's own field)."""
+
+    r: int = Field(default=8, ge=1, description="LoRA rank")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(TARGETS), min_length=1)
+
+
+class LoraOptions(AdapterShape, TrainOptions):
+    """LoRA recovery settings; defaults are the reference recipe except the CPU-sized ``max_examples``."""
+
+    alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+
+    @property
+    def lora_alpha(self) -> float:
+        """The LoRA scaling numerator (``distill`` names it ``lora_alpha``, its ``alpha`` weighs the KL term)."""
+        return self.alpha
 
 
 def encode(tokenizer: Any, texts: list[str], cutoff_len: int) -> list[list[int]]:
@@ -200,6 +216,7 @@ class LoraRecovery:
     """Fine-tune LoRA adapters on recovery text with the Trainer, then merge them into the pruned weights."""
 
     Options = LoraOptions
+    title = "LoRA"  # how the progress bar and the errors name the training
 
     def __init__(self, options: LoraOptions | None = None) -> None:
         self.options = options or LoraOptions()
@@ -232,19 +249,8 @@ class LoraRecovery:
                 model.float()
             with kept_global_rng(device):  # leave the caller's global RNG alone
                 torch.manual_seed(seed)
-                peft_model = self._wrap(model)
-                try:
-                    model.config.use_cache = False
-                    result = self._train(peft_model, examples, pad_id, seed, torch.float32 if upcast else dtype, device)
-                    if result["whole"]:
-                        merged = peft_model.merge_and_unload()
-                        assert merged is model  # peft merged into the very modules the caller holds
-                    else:  # another process of a sharded run: the main process holds and saves the merged model
-                        peft_model.unload()
-                except BaseException:
-                    if result.get("whole", True):
-                        peft_model.unload()  # leave the caller's model as it was, without adapters
-                    raise
+                model.config.use_cache = False
+                result = self.fit(model, examples, pad_id, seed, torch.float32 if upcast else dtype, device)
         finally:
             if upcast:
                 model.to(dtype)
@@ -271,13 +277,32 @@ class LoraRecovery:
             self.info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         return self.info
 
+    def fit(self, model: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int, dtype: torch.dtype,
+            device: torch.device) -> dict[str, Any]:
+        """Wrap ``model`` in LoRA adapters, train them and merge them in place (what :meth:`_train` returns). If
+        training fails, the adapters are removed and the model is left as it was."""
+        peft_model = self._wrap(model)
+        result: dict[str, Any] = {}
+        try:
+            result = self._train(peft_model, examples, pad_id, seed, dtype, device)
+            if result["whole"]:
+                merged = peft_model.merge_and_unload()
+                assert merged is model  # peft merged into the very modules the caller holds
+            else:  # another process of a sharded run: the main process holds and saves the merged model
+                peft_model.unload()
+        except BaseException:
+            if result.get("whole", True):
+                peft_model.unload()  # leave the caller's model as it was, without adapters
+            raise
+        return result
+
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` with float32 peft LoRA adapters on every target Linear (whatever its pruned width)."""
         from peft import LoraConfig, get_peft_model
 
         o = self.options
-        lora = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=list(o.target_modules),
-                          bias="none", task_type="CAUSAL_LM")
+        lora = LoraConfig(r=o.r, lora_alpha=o.lora_alpha, lora_dropout=o.dropout,
+                          target_modules=list(o.target_modules), bias="none", task_type="CAUSAL_LM")
         try:
             with warnings.catch_warnings():  # peft <-> transformers 5 deprecation noise, not the user's concern
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -297,14 +322,19 @@ class LoraRecovery:
 
         return recipe_arguments(self.options, output_dir, seed, dtype, use_cpu=self.trains_on_cpu(device))
 
-    def _train(self, peft_model: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int,
+    def trainer_factory(self) -> Any:
+        """What builds the Trainer: ``None`` for ``transformers.Trainer`` itself (a subclass returns its own)."""
+        return None
+
+    def _train(self, trained: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int,
                dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         """Run the Trainer (see :func:`prunekit.builtin.lora.trainer.train` for what it returns)."""
         from prunekit.builtin.lora.trainer import train
 
         with tempfile.TemporaryDirectory(prefix="prunekit-lora-") as scratch:  # the Trainer wants one; nothing is saved
             args = self.arguments(scratch, seed, dtype, device)
-            return train(peft_model, args, examples, lambda rows: collate(rows, pad_id), self.callbacks)
+            return train(trained, args, examples, lambda rows: collate(rows, pad_id), self.callbacks,
+                         factory=self.trainer_factory(), title=self.title)
 
 
 @hookimpl

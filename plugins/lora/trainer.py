@@ -64,8 +64,9 @@ class Examples(torch.utils.data.Dataset):
         return self.examples[i]
 
 
-def _callbacks():
-    """The callback classes (imported lazily: transformers is heavy)."""
+def _callbacks(title: str = "LoRA"):
+    """The callback classes (imported lazily: transformers is heavy); ``title`` names the training in the
+    progress bar and the errors."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -89,7 +90,7 @@ def _callbacks():
             loss = float(logs["loss"])
             epoch = max(math.ceil(round(float(logs.get("epoch", state.epoch or 1)), 6)) - 1, 0)
             if not math.isfinite(loss):
-                raise RuntimeError(f"LoRA recovery: non-finite loss at epoch {epoch + 1}; lower recovery.options.lr")
+                raise RuntimeError(f"{title} recovery: non-finite loss at epoch {epoch + 1}; lower recovery.options.lr")
             self.per_epoch.setdefault(epoch, []).append(loss)
 
         def means(self) -> list[float]:
@@ -111,12 +112,12 @@ def _callbacks():
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                                 transient=True)
             self.bar.start()
-            self.job = self.bar.add_task("LoRA recovery", total=state.max_steps)
+            self.job = self.bar.add_task(f"{title} recovery", total=state.max_steps)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.bar is not None and logs and "loss" in logs:
                 self.bar.update(self.job, completed=state.global_step,
-                                description=f"LoRA epoch {math.ceil(state.epoch or 1)}/{args.num_train_epochs:g} "
+                                description=f"{title} epoch {math.ceil(state.epoch or 1)}/{args.num_train_epochs:g} "
                                             f"loss {float(logs['loss']):.3f}")
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -129,8 +130,11 @@ def _callbacks():
 
 def train(peft_model: torch.nn.Module, args: Any, examples: list[list[int]],
           collator: Callable[[list[list[int]]], dict[str, torch.Tensor]],
-          callbacks: list[Any] = ()) -> dict[str, Any]:
-    """Train ``peft_model`` with the Trainer. Returns ``losses`` (mean training loss of every epoch), ``steps``,
+          callbacks: list[Any] = (), factory: Callable[..., Any] | None = None,
+          title: str = "LoRA") -> dict[str, Any]:
+    """Train ``peft_model`` (a peft model, or a plain one whose trainable parameters are set) with the Trainer
+    that ``factory`` builds (``transformers.Trainer`` when None; a subclass overriding ``compute_loss``, such as
+    ``distill``'s, takes the same arguments). Returns ``losses`` (mean training loss of every epoch), ``steps``,
     ``engine`` (what accelerate ran: ``NO``, ``MULTI_CPU``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``) and ``whole``:
     whether this process holds the full trained weights. After FSDP or DeepSpeed the weights are gathered
     (every process takes part) and only the main process gets them back into ``peft_model``."""
@@ -139,10 +143,10 @@ def train(peft_model: torch.nn.Module, args: Any, examples: list[list[int]],
 
     from prunekit.builtin.lora.unshard import ModuleTree
 
-    EpochLosses, RichBar = _callbacks()
+    EpochLosses, RichBar = _callbacks(title)
     losses = EpochLosses()
-    trainer = Trainer(model=peft_model, args=args, train_dataset=Examples(examples), data_collator=collator,
-                      callbacks=[losses, RichBar(), *callbacks])
+    trainer = (factory or Trainer)(model=peft_model, args=args, train_dataset=Examples(examples),
+                                   data_collator=collator, callbacks=[losses, RichBar(), *callbacks])
     for quiet in (PrinterCallback, ProgressCallback):  # the rich bar replaces them
         trainer.remove_callback(quiet)
     tree = ModuleTree(peft_model)

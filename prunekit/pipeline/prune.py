@@ -21,10 +21,11 @@ from prunekit.core.groups import PruningGroup
 from prunekit.core.validation import format_validation_error
 from prunekit.core.versions import package_versions
 from prunekit.errors import UserError
-from prunekit.io.load import DTYPES
+from prunekit.io.load import DTYPES, model_source
 from prunekit.pipeline.checks import check_context, check_ratio
 from prunekit.pipeline.context import RunContext
 from prunekit.pipeline.plan import RunPlan, plan
+from prunekit.pipeline.recover import call_recovery, load_teacher, needs_teacher, teacher_option
 from prunekit.pipeline.repair import RepairContext, dense_copy, needs_dense, repair_sampler, run_repair
 from prunekit.pipeline.stages import apply, build_groups, calibrate
 from prunekit.plugin.host import PluginHost, get_host
@@ -180,10 +181,33 @@ def prepare(model: torch.nn.Module, tokenizer: Any, config: RunConfig, registry:
     check_context(model, config, calibrates)
     check_offloaded_run(model, config.method, run_plan.method.needs_calibration(run_plan.options),
                         config.recovery.method)
+    if needs_teacher(run_plan.recovery) and teacher_option(run_plan.recovery_options) is not None:
+        model_source(teacher_option(run_plan.recovery_options), "recovery.options.teacher")  # a missing folder
     if (calibrates or run_plan.recovery) and tokenizer is None:
         raise UserError(f"tokenizer: method {config.method!r} needs one for calibration/recovery (or pass batches=)")
     check_calibration_text(config, registry, tokenizer, batches)
     return Prepared(run_plan, config, layers)
+
+
+def recover_pruned(model: torch.nn.Module, tokenizer: Any, config: RunConfig, run_plan: RunPlan,
+                   dense: torch.nn.Module | None) -> dict[str, Any]:
+    """The recovery stage: the trainer fine-tunes ``model`` in place; a trainer that declares ``needs_teacher``
+    gets ``dense`` (the copy from before pruning), or the model its ``teacher`` option names, loaded in the
+    model's dtype on its device. Returns run.json's ``recovery`` record."""
+    entry, options = run_plan.recovery, run_plan.recovery_options
+    record: dict[str, Any] = {"method": entry.name, "provider": entry.provider,
+                              "options": options.model_dump(mode="json")}
+    teacher = None
+    if needs_teacher(entry):
+        named = teacher_option(options)
+        if named is None:
+            teacher, record["teacher"] = dense, {"source": "dense copy of the model before pruning"}
+        else:
+            source = model_source(named, "recovery.options.teacher")
+            teacher = load_teacher(source, _dtype_name(model), str(next(model.parameters()).device))
+            record["teacher"] = {"source": source, "from": "recovery.options.teacher"}
+    record["info"] = call_recovery(entry, options, model, tokenizer, config, teacher)
+    return record
 
 
 def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig, *,
@@ -216,7 +240,9 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
         host.pm.hook.prunekit_after_scoring(context=ctx, scores=scores)
         with ctx.stage("select"):  # budget -> units each group loses (the allocator plugin) -> kept units
             ctx.kept, allocation = allocate_select(ctx, scores, batches)
-        dense = dense_copy(model) if needs_dense(run_plan.repair) else None
+        # one untouched copy from before pruning serves the repair (needs_dense) and the recovery's teacher
+        dense_teacher = needs_teacher(run_plan.recovery) and teacher_option(run_plan.recovery_options) is None
+        dense = dense_copy(model) if needs_dense(run_plan.repair) or dense_teacher else None
         with ctx.stage("prune"):
             shapes = apply(model, ctx.groups, ctx.kept, registry)
         host.pm.hook.prunekit_after_pruning(context=ctx, model=model)
@@ -227,11 +253,14 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
                                            kept=ctx.kept, config=config, dense=dense,
                                            calibration=repair_sampler(tokenizer, config, batches))
                 repair_record = run_repair(run_plan.repair, run_plan.repair_options, repair_ctx)
-            del dense, repair_ctx
-        recovery_info = None
+            del repair_ctx
+        if not dense_teacher:
+            dense = None  # freed before recovery when only the repair needed it
+        recovery_record: dict[str, Any] = {"method": config.recovery.method, "info": None}
         if run_plan.recovery is not None:
             with ctx.stage("recover"):
-                recovery_info = run_plan.recovery.impl(run_plan.recovery_options).recover(model, tokenizer, config)
+                recovery_record = recover_pruned(model, tokenizer, config, run_plan, dense)
+            dense = None
 
     return PruneResult(
         model=model, tokenizer=tokenizer, mask=mask_report(ctx.groups, ctx.kept),
@@ -241,5 +270,5 @@ def prune_with_config(model: torch.nn.Module, tokenizer: Any, config: RunConfig,
         config=config, groups=ctx.groups, kept=ctx.kept, layers=layers, layer_shapes=[s.as_dict() for s in shapes],
         uniform_shapes=not getattr(model.config, "prunekit_layer_shapes", None), calibration=calibration,
         grouper=run_plan.grouper.describe(), allocation=allocation, repair=repair_record,
-        recovery={"method": config.recovery.method, "info": recovery_info}, source=source, timings=ctx.timings,
+        recovery=recovery_record, source=source, timings=ctx.timings,
     )

@@ -40,6 +40,73 @@ def plan_recovery(config: RunConfig, registry: Any) -> tuple[Any, Any]:
     return entry, options
 
 
+def needs_teacher(entry: Any) -> bool:
+    """Whether the registered recovery trainer asks for a teacher (class attribute ``needs_teacher``): then the core
+    calls ``recover(model, tokenizer, config, teacher=...)``."""
+    return bool(entry is not None and getattr(entry.impl, "needs_teacher", False))
+
+
+def teacher_option(options: Any) -> str | None:
+    """The teacher a user named in the recovery options (an option called ``teacher``), if any."""
+    value = getattr(options, "teacher", None)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def call_recovery(entry: Any, options: Any, model: Any, tokenizer: Any, config: RunConfig,
+                  teacher: Any = None) -> dict[str, Any]:
+    """Run the recovery trainer on ``model`` in place: ``cls(options).recover(model, tokenizer, config)``, with
+    ``teacher=`` when the class declares ``needs_teacher``. Returns what it reported for run.json."""
+    recovery = entry.impl(options)
+    if needs_teacher(entry):
+        if teacher is None:
+            raise UserError(f"recovery: {entry.name!r} needs a teacher model and none was given")
+        return recovery.recover(model, tokenizer, config, teacher=teacher)
+    return recovery.recover(model, tokenizer, config)
+
+
+def recorded_source(manifest: dict[str, Any] | None) -> str | None:
+    """The dense model a pruned checkpoint came from, as its run.json recorded it (``model_source``; through
+    ``pruned_from`` when the checkpoint is itself a ``prunekit recover`` output)."""
+    seen = 0
+    while isinstance(manifest, dict) and manifest.get("command") == "recover" and seen < 100:
+        manifest, seen = manifest.get("pruned_from"), seen + 1
+    source = manifest.get("model_source") if isinstance(manifest, dict) else None
+    return source if isinstance(source, str) and source.strip() else None
+
+
+def teacher_source(options: Any, manifest: dict[str, Any] | None, pruned: str) -> dict[str, str]:
+    """Where ``prunekit recover``'s teacher comes from: ``recovery.options.teacher``, else the source model in the
+    checkpoint's run.json; checked like ``--model`` (a local folder must exist) before anything is loaded."""
+    from prunekit.io.load import model_source
+
+    named = teacher_option(options)
+    if named is not None:
+        return {"source": model_source(named, "recovery.options.teacher"), "from": "recovery.options.teacher"}
+    recorded = recorded_source(manifest)
+    if recorded is None:
+        raise UserError(f"recovery.options.teacher: {pruned}/run.json records no source model to distill from; "
+                        f"name the dense model with -o teacher=PATH_OR_HUB_ID")
+    try:
+        source = model_source(recorded, "recovery.options.teacher")
+    except UserError as exc:
+        raise UserError(f"{exc} (the source model {pruned}/run.json records; name the dense model with "
+                        f"-o teacher=PATH_OR_HUB_ID)") from None
+    return {"source": source, "from": "run.json model_source"}
+
+
+def load_teacher(source: str, dtype: str, device: str) -> Any:
+    """The teacher model in eval mode without gradients (``dtype``: the student's, so no float32 copy of it)."""
+    from prunekit.io.load import load_model
+
+    try:
+        teacher, _, _ = load_model(source, dtype, device)
+    except UserError as exc:
+        message = str(exc)
+        raise UserError("recovery.options.teacher: " + message.removeprefix("model: ")) from None
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
 def input_manifest(source: str | os.PathLike) -> dict[str, Any] | None:
     """The pruned checkpoint's own ``run.json`` (how it was pruned), when it has a readable one."""
     try:
@@ -76,7 +143,8 @@ def recover_checkpoint(source: str, output: Path, config: RunConfig, registry: A
     entry, options = plan_recovery(config, registry)
     output = expand_path(output, "output")
     check_output(output, config.overwrite, source)  # every process refuses alike, before loading
-    check_pruned(source)
+    pruned_manifest = check_pruned(source)
+    teacher_from = teacher_source(options, pruned_manifest, source) if needs_teacher(entry) else None
     if is_main_process():
         claim(output)
 
@@ -88,8 +156,15 @@ def recover_checkpoint(source: str, output: Path, config: RunConfig, registry: A
     timings["load"] = round(time.perf_counter() - start, 3)
     parameters = sum(p.numel() for p in model.parameters())
 
+    teacher = None
+    if teacher_from is not None:
+        start = time.perf_counter()
+        teacher = load_teacher(teacher_from["source"], config.dtype, device)
+        timings["load_teacher"] = round(time.perf_counter() - start, 3)
+
     start = time.perf_counter()
-    info = entry.impl(options).recover(model, tokenizer, config)
+    info = call_recovery(entry, options, model, tokenizer, config, teacher)
+    del teacher  # the teacher is not needed to save
     timings["recover"] = round(time.perf_counter() - start, 3)
     if not is_main_process():
         return None
@@ -97,7 +172,8 @@ def recover_checkpoint(source: str, output: Path, config: RunConfig, registry: A
                 "config": {"recovery": {"method": entry.name, "options": options.model_dump(mode="json")},
                            "seed": config.seed, "dtype": config.dtype, "device": config.device,
                            "overwrite": config.overwrite},
-                "versions": package_versions(), "recovery": {"method": entry.name, "info": info},
+                "versions": package_versions(),
+                "recovery": {"method": entry.name, "info": info, **({"teacher": teacher_from} if teacher_from else {})},
                 "parameters": parameters, "timings": timings, "pruned_from": input_manifest(source)}
     save_pruned(model, tokenizer, output, manifest, overwrite=config.overwrite)
     return manifest

@@ -53,6 +53,14 @@ def prunekit_register_recovery(register: Register) -> None:
     ``cls`` has a nested pydantic ``Options`` model; the core calls
     ``cls(options).recover(model, tokenizer, config)``, which fine-tunes the pruned model in place
     (``config`` is the run's :class:`prunekit.core.config.RunConfig`) and returns a dict for run.json.
+
+    The teacher contract: a class attribute ``needs_teacher = True`` makes the core call
+    ``cls(options).recover(model, tokenizer, config, teacher=teacher)`` instead, ``teacher`` being a model with the
+    pruned model's vocabulary in the same dtype, in eval mode, with ``requires_grad`` off: in ``prunekit run`` /
+    ``prunekit.prune`` the untouched dense copy taken just before pruning (one copy, shared with a repair that
+    sets ``needs_dense``, released when recovery returns); in ``prunekit recover`` the model the checkpoint's
+    run.json records as its source. An option named ``teacher`` (a folder or hub id), when the options declare
+    one and it is set, names another teacher instead. ``recover`` must leave the teacher unchanged.
     """
 
 

@@ -192,7 +192,8 @@ def _class_entry(name: str, cls: Any, what: str, call: str, description: str | N
 
 
 def register_recovery(name: str, cls: type, description: str | None = None) -> NamedEntry:
-    """``prunekit_register_recovery``: ``cls(options).recover(model, tokenizer, config) -> dict``."""
+    """``prunekit_register_recovery``: ``cls(options).recover(model, tokenizer, config) -> dict`` (with
+    ``teacher=`` as well when ``cls.needs_teacher`` is true)."""
     return _class_entry(name, cls, "recovery", "recover(model, tokenizer, config)", description, "no recovery")
 
 
