@@ -237,6 +237,73 @@ def test_register_signature_is_the_documented_one(hook):
         assert f"``{CALLS[hook]}``" in doc and f"`{CALLS[hook]}`" in section
 
 
+TEACHER_CALL = "cls(options).recover(model, tokenizer, config, teacher=teacher)"
+
+
+class _Recorded(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlainRecovery:
+    Options = _Recorded
+    calls: list = []
+
+    def __init__(self, options):
+        self.options = options
+
+    def recover(self, model, tokenizer, config):
+        PlainRecovery.calls.append(("plain", model))
+        return {}
+
+
+class TaughtRecovery(PlainRecovery):
+    needs_teacher = True
+
+    def recover(self, model, tokenizer, config, teacher=None):
+        params = list(teacher.parameters())
+        PlainRecovery.calls.append(("taught", teacher is not model, teacher.training,
+                                    any(p.requires_grad for p in params), {p.dtype for p in params},
+                                    teacher.model.layers[1].mlp.gate_proj.out_features,
+                                    {n: t.clone() for n, t in teacher.state_dict().items()}))
+        return {"taught": True}
+
+
+class Recoveries:
+    @hookimpl
+    def prunekit_register_recovery(self, register):
+        register("plain-recovery", PlainRecovery)
+        register("taught-recovery", TaughtRecovery)
+
+
+def test_recovery_teacher_contract_is_documented_and_kept(live_plugin):
+    """``needs_teacher = True``: recover(..., teacher=) gets the untouched dense copy (same dtype, eval, no grad);
+    a class without it is called with the three documented arguments only."""
+    from conftest import make_tiny_llama, make_tiny_tokenizer
+
+    import prunekit
+
+    doc = inspect.getdoc(hookspecs.prunekit_register_recovery)
+    section = (ROOT / "docs" / "plugins.md").read_text().split("### prunekit_register_recovery\n")[1].split("\n### ")[0]
+    assert f"``{TEACHER_CALL}``" in doc and "``needs_teacher = True``" in doc
+    assert f"`{TEACHER_CALL}`" in section and "`needs_teacher = True`" in section
+    live_plugin(Recoveries(), "recoveries")
+    PlainRecovery.calls.clear()
+    for name in ("plain-recovery", "taught-recovery"):
+        model = make_tiny_llama(9, 3).to(torch.bfloat16)
+        dense = {n: t.clone() for n, t in model.state_dict().items()}
+        width = model.model.layers[1].mlp.gate_proj.out_features
+        result = prunekit.prune(model, make_tiny_tokenizer(), method="magnitude", ratio=0.5, layers=(1, 3),
+                                allocation={"name": "uniform"}, recovery={"method": name})
+        assert model.model.layers[1].mlp.gate_proj.out_features < width
+        if name == "taught-recovery":
+            kind, distinct, training, grads, dtypes, teacher_width, state = PlainRecovery.calls[-1]
+            assert kind == "taught" and distinct and not training and not grads and dtypes == {torch.bfloat16}
+            assert teacher_width == width and all(torch.equal(dense[n], t) for n, t in state.items())
+            assert result.manifest()["recovery"]["teacher"] == {"source": "dense copy of the model before pruning"}
+        else:
+            assert PlainRecovery.calls[-1] == ("plain", model) and "teacher" not in result.manifest()["recovery"]
+
+
 def test_every_hookspec_is_a_table_or_a_lifecycle_hook_called_with_its_arguments():
     """Lifecycle hooks: the keyword arguments at every call site in the core are the hookspec's arguments."""
     specs = {n: inspect.signature(getattr(hookspecs, n)) for n in dir(hookspecs) if n.startswith("prunekit_")}
