@@ -308,3 +308,33 @@ def test_lora_fields_with_full_parameters_are_refused(tiny_model_dir, tmp_path, 
     err = capsys.readouterr().err
     assert "recovery.options.r: " in err and "adapter: full" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.distributed
+def test_recover_distill_data_parallel_under_accelerate_launch(pruned_dir, tmp_path):
+    """Two gloo processes on the CPU, 4 examples each per step: each loads the teacher from run.json, the main
+    process alone writes, and the losses are those of one process taking all 8 examples per step (the loss is
+    normalised over the tokens of both processes, as the Trainer does for the LM loss)."""
+    import os
+    import subprocess
+    import sys
+
+    one = tmp_path / "one"
+    assert main(["recover", str(pruned_dir), "--output", str(one), "--recovery", "distill",
+                 *_options(epochs=2, batch_size=8)]) == 0
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_PROGRESS": "0", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", "0", "-m", "prunekit.cli", "recover", str(pruned_dir),
+                           "--output", str(out), "--recovery", "distill", *_options(epochs=2)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "run.json").read_text())
+    info, single = manifest["recovery"]["info"], json.loads((one / "run.json").read_text())["recovery"]["info"]
+    assert info["processes"] == 2 and info["steps"] == single["steps"] == 2 and info["engine"] == "MULTI_CPU"
+    assert info["loss_first_epoch"] == pytest.approx(single["loss_first_epoch"], rel=1e-5)
+    assert info["loss_last_epoch"] == pytest.approx(single["loss_last_epoch"], rel=1e-2)
+    assert manifest["recovery"]["teacher"]["from"] == "run.json model_source"
+    assert done.stdout.count("recovered ") == 1
+    load_pruned(out)

@@ -78,6 +78,7 @@ def test_wheel_installs_nothing_but_prunekit(wheel_site):
     name, version = wheel.name.split("-")[:2]
     assert {n.split("/")[0] for n in names} == {"prunekit", f"{name}-{version}.dist-info"}
     for packaged in ("prunekit/builtin/moreau/__init__.py", "prunekit/builtin/lora/trainer.py",
+                     "prunekit/builtin/distill/loss.py",
                      "prunekit/benchmarks/harness.py", "prunekit/io/templates/modeling_prunekit.py",
                      "prunekit/io/templates/configuration_prunekit.py", "prunekit/data/corpora/wikitext-2-v1/test.txt",
                      "prunekit/core/config.py", "prunekit/cli/__main__.py"):
