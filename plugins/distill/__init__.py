@@ -101,10 +101,10 @@ class DistillRecovery(LoraRecovery):
             try:
                 info = super().recover(model, tokenizer, config)
                 kl = self.distiller.means("kl")
+                teacher_dtype = str(next(teacher.parameters()).dtype).removeprefix("torch.")
                 extra: dict[str, Any] = {"adapter": o.adapter, "temperature": o.temperature, "alpha": o.alpha,
                                          "hidden_weight": o.hidden_weight, "kl_first_epoch": kl[0],
-                                         "kl_last_epoch": kl[-1], "teacher_dtype": str(next(teacher.parameters()).dtype
-                                                                                       ).removeprefix("torch."),
+                                         "kl_last_epoch": kl[-1], "teacher_dtype": teacher_dtype,
                                          "trainable_parameters": self.trainable}
                 for term, used in (("ce", o.alpha < 1), ("mse", o.hidden_weight > 0)):
                     if used:
@@ -125,10 +125,12 @@ class DistillRecovery(LoraRecovery):
         return self._train(model, examples, pad_id, seed, dtype, device)
 
     def _train(self, trained: torch.nn.Module, *args: Any) -> dict[str, Any]:
+        """``lora``'s Trainer run, after counting what it trains."""
         self.trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
         return super()._train(trained, *args)
 
     def trainer_factory(self) -> Any:
+        """The Trainer subclass whose ``compute_loss`` is the distillation loss."""
         return functools.partial(trainer_class(), distiller=self.distiller)
 
 

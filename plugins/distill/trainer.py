@@ -34,7 +34,7 @@ class Distiller:
         self.chunk_elements = chunk_elements
         self.hidden: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
-        self.sums: dict[int, dict[str, float]] = {}  # epoch -> summed per-token terms and the token count
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}  # epoch -> summed per-token terms, token count
         if hidden_weight > 0:
             for role, model in (("student", student), ("teacher", teacher)):
                 self.handles.append(model.get_decoder().register_forward_hook(self._keeper(role)))
@@ -80,17 +80,18 @@ class Distiller:
             diff = student_hidden[mask].float() - teacher_hidden[mask].float()
             mse_sum = diff.pow(2).mean(-1).sum()
             loss = loss + (self.hidden_weight / normalizer) * mse_sum
-        sums = self.sums.setdefault(epoch, {"kl": 0.0, "ce": 0.0, "mse": 0.0, "tokens": 0.0})
-        sums["kl"] += float(kl_sum)
-        sums["ce"] += float(ce_sum) if self.alpha < 1 else 0.0
-        sums["mse"] += float(mse_sum.detach()) if mse_sum is not None else 0.0
-        sums["tokens"] += float(mask.sum())
+        # kept as tensors on the device: no host synchronisation per batch
+        terms = {"kl": kl_sum, "ce": ce_sum, "mse": mse_sum.detach() if mse_sum is not None else kl_sum.new_zeros(()),
+                 "tokens": mask.sum()}
+        sums = self.sums.setdefault(epoch, {})
+        for term, value in terms.items():
+            sums[term] = sums[term] + value if term in sums else value.clone()
         return loss
 
     def means(self, term: str) -> list[float]:
         """Per epoch, the per-token mean of ``term`` (``kl``: KL at temperature T, without T²; ``ce``; ``mse``)
         over this process's batches."""
-        return [s[term] / max(s["tokens"], 1.0) for _, s in sorted(self.sums.items())]
+        return [float(s[term]) / max(float(s["tokens"]), 1.0) for _, s in sorted(self.sums.items())]
 
 
 def trainer_class() -> type:
