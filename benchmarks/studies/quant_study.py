@@ -221,12 +221,13 @@ def torch_reference(workdir: Path, name: str, model: torch.nn.Module, windows: d
 
 
 def git_state() -> dict[str, Any]:
-    """The checkout's commit and whether it had uncommitted changes."""
+    """The checkout's commit and whether it had uncommitted changes (the results folder, which this study writes
+    into, not counted)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                                    check=True).stdout.strip())
+        status = ["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"]
+        dirty = bool(subprocess.run(status, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip())
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
@@ -240,6 +241,7 @@ def environment(threads: int, kv_cache: str) -> dict[str, Any]:
 
     machine = describe()
     versions = machine.pop("versions")
+    machine.pop("loadavg_1m")  # each row has its own, at its start and end
     for dist in ("llama_cpp_python", "gguf", "numpy"):
         try:
             versions[dist] = metadata.version(dist)
