@@ -40,6 +40,17 @@ def test_llama_cpp_perplexity_equals_pytorch_on_an_f32_export(tmp_path):
         assert math.isclose(measured[key]["ppl"], reference["ppl"], rel_tol=1e-4)
 
 
+def test_the_shuffled_control_computes_the_same_function():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama().eval()
+    shuffled = quant_study.shuffled_mlp(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, shuffled(ids).logits, atol=1e-5)
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, shuffled.model.layers[0].mlp.down_proj.weight)
+
+
 def row(method, seed, type_, ppl_ptb, allocator="measured", n_windows=40):
     torch_ppl = {"ppl": 10.0, "seconds": 0.0}
     return {"method": method, "allocator": None if method == "dense" else allocator, "seed": seed, "type": type_,

@@ -8,11 +8,13 @@ perplexity measured IN LLAMA.CPP (llama-cpp-python, ``logits_all``, ``n_ctx`` = 
 default F16 KV cache unless ``--kv-cache f32``) on evenly spaced windows of the PTB and WikiText-2 test
 splits, cut as everywhere in prunekit (:func:`prunekit.eval.perplexity.token_windows`: 40 windows of 128 tokens
 by default, token ids fed as they are, no BOS, NLL of the 127 predicted tokens per window). The PyTorch
-perplexity of the same float32 model on the same windows is the reference beside it.
+perplexity of the same float32 model on the same windows is the reference beside it. A control,
+``dense-shuffled`` (the dense model with its MLP channels permuted, the same function; ``--no-control`` skips
+it), measures what regrouping ffn_down's quantization blocks costs without pruning (:func:`shuffled_mlp`).
 
     python -m prunekit.benchmarks.studies.quant_study [--methods taylor,fisher,moreau-gs] [--seeds 0,1,2]
         [--types f16,q8_0,q4_0] [--windows 40] [--window 128] [--threads 1] [--workdir DIR] [--out FILE]
-        [--allocator measured] [--kv-cache f16]
+        [--allocator measured] [--kv-cache f16] [--no-control]
     python -m prunekit.benchmarks.studies.quant_study --summarize [--out FILE] [--windows 40] [--window 128]
 
 One JSON row per (model, seed, type) is appended to ``--out`` (default benchmarks/results/quant/rows.jsonl) as
@@ -45,6 +47,8 @@ SETS = (("ptb_test", "ptb", "test"), ("wikitext2_test", "wikitext2", "test"))
 METHODS = ("taylor", "fisher", "moreau-gs")
 TYPES = ("f16", "q8_0", "q4_0")
 DENSE = "dense"
+#: The dense model with every layer's MLP channels shuffled (the same function): see :func:`shuffled_mlp`.
+CONTROL = "dense-shuffled"
 ROUND_TO = 32  # q8_0 and q4_0 pack 32 values per block along each weight row
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quant" / "rows.jsonl"
@@ -197,6 +201,31 @@ def gguf_file(workdir: Path, name: str, type_: str, write: Callable[[Path], Any]
     return path, round(time.perf_counter() - started, 2)
 
 
+def shuffled_mlp(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` whose MLP channels are permuted in every layer (gate/up rows, down columns alike): the
+    same function, but ffn_down's 32-value quantization blocks now mix channels from different blocks.
+
+    Why a control: the embedded SmolLM2 was dequantized from a Q4_1 GGUF, so its weights sit on Q4_1's grid, one
+    scale and minimum per 32 values along each row. Pruning removes MLP channels, i.e. ffn_down columns, and
+    regroups the kept ones into new blocks that straddle the old ones; q/k/v/gate/up lose rows (blocks intact)
+    and attn_output loses whole heads of 64 (blocks intact). Part of a pruned model's extra Q4_0 penalty may be
+    that regrouping rather than pruning; a full shuffle regroups more than pruning does (pruning keeps the channel
+    order, so a new block straddles few old ones), measured without pruning anything. Not a strict bound.
+    """
+    import copy
+
+    shuffled = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in shuffled.model.layers:
+            mlp = layer.mlp
+            perm = torch.randperm(mlp.gate_proj.out_features, generator=g)
+            mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[perm])
+            mlp.up_proj.weight.copy_(mlp.up_proj.weight[perm])
+            mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
+    return shuffled
+
+
 def tensor_type_counts(path: Path) -> dict[str, int]:
     """How many tensors of each type the GGUF holds (the output matrix is Q8_0 in a q4_0 file)."""
     from gguf import GGUFReader
@@ -311,6 +340,14 @@ def run_study(args: argparse.Namespace) -> int:
                 "mlp_widths": [layer.mlp.gate_proj.out_features for layer in dense.model.layers]}
         written += measure_model(DENSE, None, None, missing(DENSE, None, None), info, dense, windows, args, env, done,
                                  lambda path, t: export_gguf(dense, tokenizer, path, type=t))
+    if args.control and missing(CONTROL, None, None):
+        control = shuffled_mlp(dense)
+        info = {"model_source": f"{source}, MLP channels shuffled (torch.randperm, generator seed 0)",
+                "params_removed_fraction": 0.0, "n_params": sum(p.numel() for p in control.parameters()),
+                "mlp_widths": [layer.mlp.gate_proj.out_features for layer in control.model.layers]}
+        written += measure_model(CONTROL, None, None, missing(CONTROL, None, None), info, control, windows, args, env,
+                                 done, lambda path, t: export_gguf(control, tokenizer, path, type=t))
+        del control
     for method in args.methods:
         for seed in args.seeds:
             types = missing(method, args.allocator, seed)
@@ -355,7 +392,7 @@ def summary_tables(rows: list[dict[str, Any]], window: int, n_windows: int) -> l
     if not rows:
         return [f"no rows with {n_windows} windows of {window} tokens"]
     ppl = {(model_label(r), r["seed"], r["type"]): r for r in rows}
-    models = list(dict.fromkeys([DENSE] + [model_label(r) for r in rows if r["method"] != DENSE]))
+    models = list(dict.fromkeys([DENSE, CONTROL] + [model_label(r) for r in rows if r["method"] != DENSE]))
     types = [t for t in TYPES if any(r["type"] == t for r in rows)] + sorted(
         {r["type"] for r in rows} - set(TYPES))
     corpora = [key for key, _, _ in SETS if any(key in r for r in rows)]
@@ -388,13 +425,16 @@ def summary_tables(rows: list[dict[str, Any]], window: int, n_windows: int) -> l
                 dense_f16 = value(DENSE, None, "f16")
                 dense_penalty = dense_same / dense_f16 if dense_same and dense_f16 else None
                 relative = [p / dense_penalty for p in penalty] if dense_penalty else []
-                out.append(f"| {model} | {type_} | {len(have) if model != DENSE else '–'} | {mean_sd(vals)} "
+                out.append(f"| {model} | {type_} | {'–' if model in (DENSE, CONTROL) else len(have)} | {mean_sd(vals)} "
                            f"| {mean_sd(torch_vals)} | {mean_sd(own, 3)} | {mean_sd(ratio, 3)} | {mean_sd(penalty, 3)} "
                            f"| {mean_sd(relative, 3)} |")
         out.append("")
     out += ["ratio to dense: pruned ppl / dense ppl, both in llama.cpp at the same type. penalty: ppl(type) / "
             "ppl(f16) of the same model and seed; penalty / dense penalty > 1: the pruned model loses more to "
-            "that quantization than the dense one. llama.cpp / PyTorch: the export's own fidelity (about 1 for f16)."]
+            "that quantization than the dense one. llama.cpp / PyTorch: the export's own fidelity (about 1 for f16). "
+            f"{CONTROL}: the dense model with its MLP channels shuffled, the same function; its penalty over dense's "
+            "is what regrouping ffn_down's quantization blocks costs by itself (the embedded model's weights come "
+            "from a Q4_1 file); a full shuffle regroups more than pruning, which keeps the channel order."]
     return out
 
 
@@ -408,6 +448,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allocator", default="measured",
                         help="prunekit run's allocator (default measured, prunekit run's own; uniform: no probe, "
                              "for a quick smoke run)")
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help=f"skip the {CONTROL} control (the dense model, MLP channels shuffled; see shuffled_mlp)")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads (default 1)")
     parser.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
                         help="llama.cpp KV cache type (default f16, llama.cpp's own default)")
