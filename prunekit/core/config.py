@@ -99,15 +99,15 @@ class RepairConfig(_Strict):
 
 
 #: GGUF tensor types prunekit writes (docs/gguf.md) -> the block width every quantized row must be a multiple of.
-GGUF_BLOCKS = {"f32": 1, "f16": 1, "q8_0": 32}
+GGUF_BLOCKS = {"f32": 1, "f16": 1, "q8_0": 32, "q4_0": 32}
 
 
 class ExportConfig(_Strict):
     """Serving formats written into the output folder beside the checkpoint."""
 
-    gguf: Literal["f32", "f16", "q8_0"] | None = Field(
-        default=None, description="also write model-TYPE.gguf for llama.cpp (docs/gguf.md); q8_0 keeps MLP widths a "
-                                  "multiple of 32 (selection.round_to) unless round_to is set")
+    gguf: Literal["f32", "f16", "q8_0", "q4_0"] | None = Field(
+        default=None, description="also write model-TYPE.gguf for llama.cpp (docs/gguf.md); q8_0 and q4_0 keep MLP "
+                                  "widths a multiple of 32 (selection.round_to) unless round_to is set")
 
 
 class EvaluationConfig(EvalSpec):

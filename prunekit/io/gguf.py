@@ -7,7 +7,7 @@ builds ``llama`` layers from layer 0's values). What llama.cpp cannot represent 
 one-line :class:`~prunekit.errors.UserError` naming the layer (see docs/gguf.md).
 
     prunekit.export_gguf(model, tokenizer, "pruned.gguf", type="f16")
-    prunekit export pruned/ --format gguf --type q8_0 --output pruned-q8_0.gguf
+    prunekit export pruned/ --format gguf --type q8_0 --output pruned-q8_0.gguf      # or q4_0
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ LLAMA_FAMILY = ("llama", "mistral")
 #: --type → (tensor type of 2-D weights, file type recorded in general.file_type, block width).
 TYPES: dict[str, tuple[str, str, int]] = {
     name: (name.upper(), file_type, GGUF_BLOCKS[name])
-    for name, file_type in (("f32", "ALL_F32"), ("f16", "MOSTLY_F16"), ("q8_0", "MOSTLY_Q8_0"))
+    for name, file_type in (("f32", "ALL_F32"), ("f16", "MOSTLY_F16"), ("q8_0", "MOSTLY_Q8_0"), ("q4_0", "MOSTLY_Q4_0"))
 }
+
+#: --type → the output matrix's tensor type where it is not the other weights' (``output.weight``, or
+#: ``token_embd.weight`` when tied: llama.cpp multiplies by it too). llama.cpp's llama-quantize keeps that matrix
+#: at Q6_K in a Q4_0 file, Q8_0 when the hidden size is not whole 256-blocks (SmolLM2's 576); the ``gguf``
+#: package cannot write Q6_K, so Q8_0 always. An untied ``token_embd`` is Q4_0, as llama-quantize writes it.
+OUTPUT_TYPES: dict[str, str] = {"q4_0": "Q8_0"}
 
 #: The Split regex of LLaMA 3's tokenizer.json → the pre-tokenizer name llama.cpp (src/llama-vocab.cpp) knows it by.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -210,6 +216,16 @@ def layer_tensors(model: nn.Module, plan: LayerPlan) -> Iterator[tuple[str, torc
     yield f"blk.{i}.ffn_down.weight", down
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output matrix is the token embedding (one tensor in the file, llama.cpp reuses it)."""
+    return model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def output_matrix_name(model: nn.Module) -> str:
+    """The GGUF tensor llama.cpp multiplies the last hidden state by."""
+    return "token_embd.weight" if tied_embeddings(model) else "output.weight"
+
+
 def model_tensors(model: nn.Module, plans: Sequence[LayerPlan]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the GGUF file, in llama.cpp's names (the output matrix only when not tied)."""
     embed = model.get_input_embeddings().weight
@@ -220,9 +236,8 @@ def model_tensors(model: nn.Module, plans: Sequence[LayerPlan]) -> Iterator[tupl
     for plan in plans:
         yield from layer_tensors(model, plan)
     yield "output_norm.weight", model.model.norm.weight
-    head = model.get_output_embeddings().weight
-    if head.data_ptr() != embed.data_ptr():
-        yield "output.weight", head
+    if not tied_embeddings(model):
+        yield "output.weight", model.get_output_embeddings().weight
 
 
 def add_tensor(writer: Any, name: str, tensor: torch.Tensor, type_name: str) -> None:
@@ -381,9 +396,9 @@ def gguf_name(type: str) -> str:
 def export_gguf(model: nn.Module, tokenizer: Any, output: str | os.PathLike, *, type: str = "f16") -> Path:
     """Write ``model`` (a LLaMA-family causal LM, pruned or not) and its tokenizer as one GGUF file.
 
-    ``type``: ``f32``, ``f16`` or ``q8_0`` for the 2-D weights (norms stay F32). The file is written
-    beside ``output`` and renamed into place at the end, so a failed export leaves nothing behind.
-    Returns the path written.
+    ``type``: ``f32``, ``f16``, ``q8_0`` or ``q4_0`` for the 2-D weights (norms stay F32; with ``q4_0`` the
+    output matrix is Q8_0, see :data:`OUTPUT_TYPES`). The file is written beside ``output`` and renamed into
+    place at the end, so a failed export leaves nothing behind. Returns the path written.
     """
     import gguf
 
@@ -398,9 +413,10 @@ def export_gguf(model: nn.Module, tokenizer: Any, output: str | os.PathLike, *, 
         writer = gguf.GGUFWriter(scratch, architecture(plans))
         write_hparams(writer, model, plans, file_type)
         write_tokenizer(writer, fields)
+        head, head_type = output_matrix_name(model), OUTPUT_TYPES.get(type, tensor_type)
         with torch.no_grad():
             for name, tensor in model_tensors(model, plans):
-                add_tensor(writer, name, tensor, tensor_type)
+                add_tensor(writer, name, tensor, head_type if name == head else tensor_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
