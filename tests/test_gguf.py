@@ -421,6 +421,8 @@ def test_run_exports_gguf_into_its_output_and_block_types_keep_widths_a_multiple
     again = tmp_path / "again.gguf"  # prunekit export writes the same tensors from the saved checkpoint
     assert main(["export", str(out), "--type", type_, "--output", str(again)]) == 0
     assert tensor_types(again) == tensor_types(out / f"model-{type_}.gguf")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [*out.iterdir(), again] if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # the GGUFs are as readable as the model and run.json
 
 
 def test_block_types_keep_a_round_to_the_config_sets():

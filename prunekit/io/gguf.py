@@ -26,6 +26,7 @@ from torch import nn
 
 from prunekit.core.config import GGUF_BLOCKS
 from prunekit.errors import UserError
+from prunekit.runtime.atomic import ordinary_file_mode
 
 #: Model types whose decoder is LLaMA's (RMSNorm, rotary attention, gated SiLU MLP, no biases).
 LLAMA_FAMILY = ("llama", "mistral")
@@ -408,6 +409,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, output: str | os.PathLike, *, 
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, scratch = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
+    os.fchmod(fd, ordinary_file_mode())  # readable like any other file, not mkstemp's 0600
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(scratch, architecture(plans))
