@@ -261,6 +261,45 @@ def test_rebased_probe_replays_from_a_later_layer_exactly():
     assert probe.loss(late, start=groups[7].layer) == pytest.approx(full, rel=1e-6)
 
 
+def test_adopting_a_remembered_pass_equals_rebasing():
+    """A kept search move adopts the layer inputs its own partial pass computed: later calls from any layer give
+    what they give after a full re-record (``rebase``) of that allocation."""
+    model, adapter, groups, scores = setup("gqa9x3")
+    batches = [torch.arange(48).view(4, 12) % 96]
+    early = {1: (groups[1], torch.tensor([1, 4]))}
+    moved = {**early, 5: (groups[5], torch.tensor([0, 3, 7]))}
+    later = {**moved, 7: (groups[7], torch.tensor([2, 5, 9, 11]))}
+    adopted, rebased = LossProbe(model, adapter.layers(), batches), LossProbe(model, adapter.layers(), batches)
+    adopted.rebase(early)
+    loss = adopted.loss(moved, start=groups[5].layer, remember=True)
+    assert adopted.adopt() and not adopted.adopt()  # adopted once
+    assert rebased.rebase(moved) == pytest.approx(loss, rel=1e-6)
+    for start in (groups[5].layer, groups[7].layer):
+        assert adopted.loss(later, start=start) == pytest.approx(rebased.loss(later, start=start), rel=1e-6)
+
+
+def test_measured_skips_levels_past_each_cap_and_allocates_as_with_all_of_them():
+    """Levels past the first one at or above a group's cap are never read by the capped knapsack: the allocator
+    does not measure them, and its counts equal those from the full curves."""
+    from prunekit.allocation.builtin import Measured, capped, caps, knapsack
+
+    model, adapter, groups, scores = setup("gqa9x3")
+    o = Measured.Options(probe_samples=2, probe_seq_len=12, max_excess=0.1, search_steps=0,
+                         fractions=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    full_ctx, lean_ctx = (context(model, adapter, groups, scores, 0.25) for _ in range(2))
+    full = Measured(o).curves(full_ctx)
+    limits = caps(lean_ctx, o.kinds, o.max_excess)
+    lean = Measured(o).curves(lean_ctx, limits)
+    assert sum(map(len, lean)) < sum(map(len, full))
+    for points, complete, cap in zip(lean, full, limits):
+        assert points == complete[:len(points)]  # same measurements, cut after the cap's neighbour
+        assert len(points) == len(complete) or points[-1][0] >= cap
+    assert knapsack(lean_ctx, capped(lean_ctx, lean, o.kinds, 0.1)) == \
+        knapsack(full_ctx, capped(full_ctx, full, o.kinds, 0.1))
+    assert Measured(o).allocate(context(model, adapter, groups, scores, 0.25)) == \
+        knapsack(full_ctx, capped(full_ctx, full, o.kinds, 0.1))
+
+
 def test_search_never_raises_the_joint_probe_loss_and_stays_in_budget():
     from prunekit.allocation.builtin import Measured, caps, knapsack
     from prunekit.allocation.search import local_search

@@ -24,29 +24,6 @@ log = logging.getLogger("prunekit.allocation")
 BlockKinds = tuple[Literal["attention", "mlp"], ...]
 
 
-# ------------------------------------------------------------------------------ budget maths
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------------------ loss probe
-
-
-
-
-# ------------------------------------------------------------------------------ the allocator contract
-
-
 @dataclass
 class AllocationContext:
     """What an allocator sees: the groups, their unit scores, per-unit parameter costs, the budget, and

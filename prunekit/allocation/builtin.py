@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prunekit import hookimpl
 from prunekit.allocation.base import AllocationContext
+from prunekit.allocation.probe import LossProbe
 from prunekit.core.budget import floor_feasible, search_ratio
 from prunekit.core.select import global_counts
 
@@ -118,16 +119,23 @@ class Measured:
         chosen = {min(feasible, key=lambda c: (abs(c - f * n), c)) for f in self.options.fractions}
         return sorted(c for c in chosen if c > 0)
 
-    def curves(self, ctx: AllocationContext) -> list[list[tuple[int, float]]]:
-        """Per group, (units removed, calibration-loss increase) at 0 and at each measured level."""
+    def curves(self, ctx: AllocationContext, limits: list[int] | None = None,
+               probe: LossProbe | None = None) -> list[list[tuple[int, float]]]:
+        """Per group, (units removed, calibration-loss increase) at 0 and at each measured level.
+
+        ``limits``: the most units each group may lose (its cap); levels past the first one at or above the
+        cap are not measured, since :func:`capped` reads nothing beyond it.
+        """
         o = self.options
-        probe = ctx.loss_probe(o.probe_samples, o.probe_seq_len)
+        probe = probe or ctx.loss_probe(o.probe_samples, o.probe_seq_len)
         curves: list[list[tuple[int, float]]] = []
         for i, g in enumerate(ctx.groups):
             points = [(0, 0.0)]
             if g.kind in o.kinds:
                 for count in self.levels(ctx, i):
                     points.append((count, probe.loss({i: (g, ctx.removal(i, count))}) - probe.base))
+                    if limits is not None and count >= limits[i]:
+                        break
             curves.append(points)
             log.debug("measured %s: %s", g.name, points)
         ctx.info["measured"] = {"base_loss": round(probe.base, 6),
@@ -136,10 +144,14 @@ class Measured:
         return curves
 
     def allocate(self, ctx: AllocationContext) -> list[int]:
-        curves = capped(ctx, self.curves(ctx), self.options.kinds, self.options.max_excess)
+        o = self.options
+        probe = ctx.loss_probe(o.probe_samples, o.probe_seq_len)
+        limits = caps(ctx, o.kinds, o.max_excess) if o.max_excess is not None else None
+        curves = capped(ctx, self.curves(ctx, limits, probe), o.kinds, o.max_excess)
         counts = knapsack(ctx, curves)
         ctx.info["measured"]["predicted_increase"] = round(predicted(curves, counts), 6)
-        return refine(ctx, counts, self.options)
+        same_text = o.search_samples in (None, o.probe_samples)
+        return refine(ctx, counts, o, probe if same_text else None)
 
 
 def caps(ctx: AllocationContext, kinds, max_excess: float | None) -> list[int]:

@@ -19,6 +19,7 @@ class LossProbe:
     def __init__(self, model: torch.nn.Module, layers: torch.nn.ModuleList, batches: list[torch.Tensor]):
         self.model, self.layers, self.batches = model, layers, batches
         self._inputs: list[list[tuple[tuple, dict]]] = []
+        self._remembered: list[dict[int, torch.Tensor]] | None = None  # layer inputs of the last remembered call
         self.base = self._capture()
 
     @torch.no_grad()
@@ -57,9 +58,12 @@ class LossProbe:
         return float(nll), targets.numel()
 
     @torch.no_grad()
-    def _suffix_logits(self, b: int, start: int) -> torch.Tensor:
+    def _suffix_logits(self, b: int, start: int, seen: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits from layer ``start`` on, from the cached inputs; ``seen`` collects each layer's new input."""
         hidden = self._inputs[b][start][0][0]
         for i in range(start, len(self.layers)):
+            if seen is not None:
+                seen[i] = hidden
             args, kw = self._inputs[b][i]
             out = self.layers[i](hidden, *args[1:], **kw)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -73,7 +77,7 @@ class LossProbe:
         from ``start`` (a local search re-measures one move at a time)."""
         saved = self._zero(removed)
         try:
-            self._inputs = []
+            self._inputs, self._remembered = [], None
             return self._capture()
         finally:
             self._restore(saved)
@@ -97,13 +101,29 @@ class LossProbe:
         for weight, cols, values in reversed(saved):
             weight[:, cols] = values
 
+    def adopt(self) -> bool:
+        """Make the layer inputs of the last ``loss(..., remember=True)`` call the cached ones: what :meth:`rebase`
+        with that call's removals would record, without its full pass. False when there is nothing to adopt."""
+        if not self._remembered:
+            return False
+        for b, seen in enumerate(self._remembered):
+            for i, hidden in seen.items():
+                args, kw = self._inputs[b][i]
+                self._inputs[b][i] = ((hidden, *args[1:]), kw)
+        self._remembered = None
+        return True
+
     @torch.no_grad()
-    def loss(self, removed: dict[int, tuple[PruningGroup, torch.Tensor]], start: int | None = None) -> float:
+    def loss(self, removed: dict[int, tuple[PruningGroup, torch.Tensor]], start: int | None = None,
+             remember: bool = False) -> float:
         """Mean calibration NLL with the given units removed ({key: (group, removed unit indices)}).
 
         ``start``: re-run from this layer (the cached inputs must already reflect every removal before it,
-        see :meth:`rebase`); default: the first layer with a removal, from the dense inputs.
+        see :meth:`rebase`); default: the first layer with a removal, from the dense inputs. ``remember``: keep
+        the layer inputs this call computed, for :meth:`adopt`.
         """
+        self._remembered = None
+        seen: list[dict[int, torch.Tensor]] = []
         saved = self._zero(removed)
         try:
             first = min((g.layer for g, u in removed.values() if u.numel()), default=len(self.layers))
@@ -114,11 +134,14 @@ class LossProbe:
                 if first >= len(self.layers):
                     return self.base
                 if self._inputs and hasattr(self.model.get_decoder(), "norm"):
-                    logits = self._suffix_logits(b, first)
+                    seen.append({})
+                    logits = self._suffix_logits(b, first, seen[-1] if remember else None)
                 else:
                     logits = self.model(input_ids=batch.to(self._device), use_cache=False).logits
                 nll, n = self._nll(logits, batch)
                 total, count = total + nll, count + n
+            if remember and len(seen) == len(self.batches):
+                self._remembered = seen
             return total / count
         finally:
             self._restore(saved)

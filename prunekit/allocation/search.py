@@ -4,7 +4,8 @@ The measured allocator's knapsack adds single-group loss increases, which ignore
 layers. This search starts from an allocation and moves budget between groups: a move takes one step of
 units from a donor group and gives the freed parameters to a receiver group; it is kept when the loss
 of the model with *all* removals applied at once (zeroed, not pruned) drops. Each candidate is one partial
-forward pass over the probe tokens, from the earlier of the two changed layers.
+forward pass over the probe tokens, from the earlier of the two changed layers; a kept move's layer inputs are
+adopted from that pass.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def local_search(ctx: AllocationContext, counts: list[int], probe: LossProbe, st
             continue  # a move never gives budget back: allocations compared at (at least) equal removal
         tried += 1
         start_layer = min(ctx.groups[i].layer, ctx.groups[j].layer)
-        loss = probe.loss(removed_of(cand), start=start_layer)
+        loss = probe.loss(removed_of(cand), start=start_layer, remember=True)
         if loss < best:
             counts, accepted = cand, accepted + 1
-            best = probe.rebase(removed_of(counts))
+            # the candidate's pass already computed the layer inputs a re-record would (layers < start unchanged)
+            best = loss if probe.adopt() else probe.rebase(removed_of(counts))
             log.debug("search step %d: %s -> %s, loss %.5f", tried, ctx.groups[i].name, ctx.groups[j].name, best)
     return SearchResult(counts=counts, start_loss=start, loss=best, steps=tried, accepted=accepted)
