@@ -9,9 +9,9 @@ noise-free companion figure.
 
     python -m prunekit.benchmarks.gguf_speed --workdir /tmp/gguf-bench [--threads 1 2] [--repeats 5]
 
-The pruned models are made once in ``--workdir`` (``prunekit.prune`` with moreau-gs at ratio 0.25, the
-default ``measured`` allocator and the ``uniform`` one, MLP widths rounded to 32 so that q8_0 can hold
-them) and reused by later runs.
+The pruned models are made once in ``--workdir`` (``prunekit.prune`` with moreau-gs, per ``--budgets`` entry the
+default ``measured`` allocator and the ``uniform`` one, MLP widths rounded to 32 so that q8_0 and q4_0 can hold
+them) and reused by later runs. The markdown table gives each speed-up as a share of the multiply-add limit.
 """
 
 from __future__ import annotations
@@ -28,16 +28,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS: dict[str, dict | None] = {
-    "dense": None,
-    "measured": {"selection": {"round_to": 32}},
-    "uniform": {"allocation": {"name": "uniform"}, "selection": {"round_to": 32}},
-}
+ALLOCATORS: dict[str, dict] = {"measured": {}, "uniform": {"allocation": {"name": "uniform"}}}
+
+
+def variants(budgets: list[str]) -> dict[str, dict | None]:
+    """The dense model and, per budget (``ratio:R``, LLM-Pruner's per-layer ratio, or ``params:F``, a parameter
+    fraction) and allocator, the prune settings; MLP widths rounded to 32 so that q8_0 and q4_0 can hold them."""
+    out: dict[str, dict | None] = {"dense": None}
+    for budget in budgets:
+        kind, _, value = budget.partition(":")
+        if kind not in ("ratio", "params"):
+            raise SystemExit(f"--budgets: {budget!r} is not ratio:R or params:F")
+        for name, settings in ALLOCATORS.items():
+            allocation = {**settings.get("allocation", {}), **({"params_removed": float(value)} if kind == "params"
+                                                                 else {})}
+            out[f"{name}-{kind}{value}"] = {"ratio": float(value) if kind == "ratio" else 0.25,
+                                            "selection": {"round_to": 32},
+                                            **({"allocation": allocation} if allocation else {})}
+    return out
 
 
 # -- models ------------------------------------------------------------------------------------------------
 
-def prepare(workdir: Path, types: list[str], method: str, ratio: float) -> dict[tuple[str, str], Path]:
+def prepare(workdir: Path, types: list[str], method: str, budgets: list[str]) -> dict[tuple[str, str], Path]:
     """GGUF files of every variant at every type, made once (pruning is the slow part: minutes)."""
     import torch
 
@@ -45,7 +58,7 @@ def prepare(workdir: Path, types: list[str], method: str, ratio: float) -> dict[
     from prunekit.io.gguf import export_checkpoint, export_gguf
 
     files: dict[tuple[str, str], Path] = {}
-    for name, settings in VARIANTS.items():
+    for name, settings in variants(budgets).items():
         wanted = {t: workdir / f"{name}-{t}.gguf" for t in types}
         if all(p.exists() for p in wanted.values()):
             files.update({(name, t): p for t, p in wanted.items()})
@@ -55,7 +68,7 @@ def prepare(workdir: Path, types: list[str], method: str, ratio: float) -> dict[
             torch.manual_seed(0)
             model, tokenizer, _ = prunekit.load_model()
             started = time.perf_counter()
-            result = prunekit.prune(model, tokenizer, method=method, ratio=ratio, **settings)
+            result = prunekit.prune(model, tokenizer, method=method, **settings)
             print(f"{name}: pruned in {time.perf_counter() - started:.0f} s, "
                   f"{result.reduction['params_removed_fraction']:.2%} of the parameters removed", flush=True)
             prunekit.save(result, checkpoint, overwrite=True)
@@ -205,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--method", default="moreau-gs")
-    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--budgets", nargs="+", default=["ratio:0.25", "params:0.25"],
+                        help="ratio:R (LLM-Pruner's per-layer ratio; 0.25 removes 15.79 %% of SmolLM2) or params:F")
     parser.add_argument("--callgrind", action="store_true", help="also count instructions (slow: minutes)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--prepare-only", action="store_true", help="make the GGUF files, measure nothing")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    files = prepare(args.workdir, args.types, args.method, args.ratio)
+    files = prepare(args.workdir, args.types, args.method, args.budgets)
     if args.prepare_only:
         return 0
     context = args.prompt_len + args.decode_len // 2
@@ -222,9 +236,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.callgrind:
         result["instructions"] = count_all(files, 32, 8)
     print(json.dumps(result, indent=2))
+    print("\n".join(table(result)))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    """Markdown: per type and thread count, tokens/s of every model, pruned/dense, and that speed-up as a share of
+    the multiply-add limit (dense MACs per token / the model's)."""
+    macs = {(r["model"], r["type"]): r["macs_per_token"] for r in result["limits"]}
+    timed = {(r["model"], r["type"], r["threads"]): r for r in result["timings"]}
+    out = ["| type | threads | model | MACs limit | prefill tok/s | decode tok/s | prefill × | decode × "
+           "| decode, share of limit | load (min/med/max) |", "|" + "---|" * 10]
+    for (model, type_, threads), r in timed.items():
+        dense = timed.get(("dense", type_, threads))
+        limit = macs[("dense", type_)] / macs[(model, type_)]
+        if dense is None or model == "dense":
+            ratios = "| – | – | – "
+        else:
+            pre = r["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]
+            dec = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            ratios = f"| {pre:.3f} | {dec:.3f} | {dec / limit:.0%} "
+        out.append(f"| {type_} | {threads} | {model} | {limit:.3f}× | {r['prefill_tokens_per_s']:.1f} "
+                   f"| {r['decode_tokens_per_s']:.1f} {ratios}| {' / '.join(map(str, r['load_1m']))} |")
+    return out
 
 
 def _uptime() -> str:

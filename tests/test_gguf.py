@@ -444,3 +444,24 @@ def test_speed_benchmark_counts_what_the_gguf_holds(tmp_path):
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     attention = sum(2 * n * 16 * 10 for n in (8, 6, 2, 4))  # scores and values over 10 cached positions
     assert macs_per_token(s, context=10) == linear + attention
+
+
+def test_speed_benchmark_variants_and_table():
+    """Every budget gets a measured and a uniform model; the table gives each decode speed-up as a share of the
+    multiply-add limit of that file."""
+    from prunekit.benchmarks.gguf_speed import table, variants
+
+    v = variants(["ratio:0.25", "params:0.25"])
+    assert list(v) == ["dense", "measured-ratio0.25", "uniform-ratio0.25", "measured-params0.25",
+                       "uniform-params0.25"]
+    assert v["uniform-params0.25"]["allocation"] == {"name": "uniform", "params_removed": 0.25}
+    assert v["measured-params0.25"]["allocation"] == {"params_removed": 0.25}
+    assert "allocation" not in v["measured-ratio0.25"] and v["measured-ratio0.25"]["selection"]["round_to"] == 32
+    result = {"limits": [{"model": "dense", "type": "f16", "macs_per_token": 120},
+                         {"model": "pruned", "type": "f16", "macs_per_token": 100}],
+              "timings": [{"model": "dense", "type": "f16", "threads": 1, "prefill_tokens_per_s": 100.0,
+                           "decode_tokens_per_s": 40.0, "load_1m": [0.1, 0.1, 0.2]},
+                          {"model": "pruned", "type": "f16", "threads": 1, "prefill_tokens_per_s": 110.0,
+                           "decode_tokens_per_s": 45.6, "load_1m": [0.1, 0.1, 0.2]}]}
+    row = table(result)[-1]
+    assert "| 1.200× |" in row and "| 1.140 |" in row and "| 95% |" in row

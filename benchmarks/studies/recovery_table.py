@@ -1,0 +1,214 @@
+"""What repair and recovery buy, inside and outside the calibration domain (docs/recovery.md).
+
+Prunes the embedded SmolLM2 once per (budget, seed) with the default allocator (taylor scores, cached under
+``--cache``), then per variant repairs and/or recovers a copy and measures perplexity on PTB test and WikiText-2
+test (evenly spaced windows, the same for every row), PTB and pd-books validation (for choosing), and optionally
+zero-shot accuracy on a fair sample (a domain no calibration or recovery text comes from). Every repair and
+recovery text is pd-books (public-domain books, neither PTB nor WikiText-2) unless ``--text`` says otherwise.
+
+    python -m prunekit.benchmarks.studies.recovery_table --budgets ratio:0.25 params:0.25 --seeds 0 1 2 \\
+        --variants none refit lora@32768 distill@32768 refit+distill@32768 --out rows.jsonl --cache /tmp/rt
+
+A variant is ``[refit+]{none|lora|distill}[@TOKENS]``: about TOKENS recovery tokens in one epoch (texts of
+>= 64 words, ~150 tokens each, cut at ``--cutoff``; each row records the tokens trained on). Rows already in ``--out`` are skipped (resumable); ``--summarize`` prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+TEST = {"ptb_test": ("ptb", "test"), "wikitext2_test": ("wikitext2", "test")}
+
+
+def parse_variant(spec: str) -> tuple[bool, str, int]:
+    """``refit+distill@32768`` → (refit first, trainer, recovery tokens)."""
+    repair, _, rest = spec.rpartition("+")
+    trainer, _, tokens = rest.partition("@")
+    if repair not in ("", "refit") or trainer not in ("none", "refit", "lora", "distill"):
+        raise SystemExit(f"--variants: {spec!r} is not [refit+]{{none|lora|distill}}[@TOKENS]")
+    if trainer == "refit":
+        return True, "none", 0
+    return repair == "refit", trainer, int(tokens or 0)
+
+
+def budget_kwargs(spec: str) -> dict:
+    """``ratio:0.25`` (LLM-Pruner's per-layer ratio: 15.79 % of SmolLM2) or ``params:0.25`` (a parameter fraction)."""
+    kind, _, value = spec.partition(":")
+    if kind == "ratio":
+        return {"ratio": float(value)}
+    if kind == "params":
+        return {"allocation": {"name": "measured", "params_removed": float(value)}}
+    raise SystemExit(f"--budgets: {spec!r} is not ratio:R or params:F")
+
+
+def pruned_model(dense, tokenizer, budget: str, seed: int, cache: Path | None):
+    """The pruned model, its kept columns and the fraction removed; made once per (budget, seed) when cached."""
+    import prunekit
+    from prunekit.builtin.repair import kept_columns
+
+    folder = cache / f"{budget.replace(':', '-')}-seed{seed}" if cache else None
+    if folder is not None and (folder / "columns.pt").exists():
+        model, _, _ = prunekit.load_model(str(folder))
+        info = json.loads((folder / "run.json").read_text())
+        return model, torch.load(folder / "columns.pt"), info["reduction"]["params_removed_fraction"]
+    model = copy.deepcopy(dense)
+    result = prunekit.prune(model, tokenizer, method="taylor", seed=seed, **budget_kwargs(budget))
+    columns = kept_columns(result)
+    if folder is not None:
+        prunekit.save(result, folder, overwrite=True)
+        torch.save(columns, folder / "columns.pt")
+    return model, columns, result.reduction["params_removed_fraction"]
+
+
+def evaluate(model, tokenizer, windows: int, zero_shot: list[str], limit: int) -> dict:
+    """Perplexities on the test and validation corpora (evenly spaced windows), and zero-shot when asked."""
+    from prunekit.data.pd_books import pd_books_text
+    from prunekit.eval.perplexity import perplexity
+
+    corpora = {**TEST, "ptb_validation": ("ptb", "validation"), "pdbooks_validation": pd_books_text("validation")}
+    out = {}
+    for name, spec in corpora.items():
+        source, split = spec if isinstance(spec, tuple) else (spec, "-")
+        out[name] = round(perplexity(model, tokenizer, source, window=128, max_windows=windows, progress=False,
+                                     split=split)["ppl"], 3)
+    if zero_shot:
+        from prunekit.eval.zero_shot import zero_shot as run_zero_shot
+
+        result = run_zero_shot(model, tokenizer, zero_shot, limit=limit)
+        out["zero_shot"] = {t: round(v["value"], 4) for t, v in result["tasks"].items()}
+        out["zero_shot_mean"] = round(result["mean"], 4)
+    return out
+
+
+def recover(model, dense, tokenizer, trainer: str, tokens: int, text: str, cutoff: int, seed: int, lr: float) -> dict:
+    """Recovery through the registered trainer, ``tokens`` tokens of ``text`` in one epoch."""
+    from prunekit.core.config import RunConfig
+    from prunekit.plugin.registry import get_registry
+
+    entry = get_registry().named("recovery", trainer)
+    # recovery texts are runs of >= 64 words, about 150 tokens each: the row records the tokens really trained on
+    options = entry.impl.Options(source=text, max_examples=max(1, round(tokens / 150)), cutoff_len=cutoff, epochs=1,
+                                 seed=seed, lr=lr)
+    config = RunConfig(seed=seed, device="cpu")
+    impl = entry.impl(options)
+    if getattr(entry.impl, "needs_teacher", False):
+        return impl.recover(model, tokenizer, config, teacher=dense)
+    return impl.recover(model, tokenizer, config)
+
+
+def run(args: argparse.Namespace) -> None:
+    import prunekit
+    from prunekit.builtin.repair import RefitOptions, refit
+    from prunekit.data.sources import calibration_batches
+    from prunekit.plugin.registry import get_registry
+
+    done = set()
+    if args.out.exists():
+        done = {(r["budget"], r["seed"], r["variant"]) for r in map(json.loads, args.out.read_text().splitlines())}
+    dense, tokenizer, _ = prunekit.load_model()
+    dense.requires_grad_(False)
+    if ("dense", -1, "dense") not in done and args.dense:
+        write(args.out, {"budget": "dense", "seed": -1, "variant": "dense", "params_removed": 0.0,
+                         **evaluate(dense, tokenizer, args.windows, args.zero_shot, args.zero_shot_limit)})
+    for budget in args.budgets:
+        for seed in args.seeds:
+            todo = [v for v in args.variants if (budget, seed, v) not in done]
+            if not todo:
+                continue
+            pruned, columns, removed = pruned_model(dense, tokenizer, budget, seed, args.cache)
+            for spec in todo:
+                with_refit, trainer, tokens = parse_variant(spec)
+                model = copy.deepcopy(pruned)
+                row = {"budget": budget, "seed": seed, "variant": spec, "params_removed": removed, "text": args.text,
+                       "recovery_tokens": tokens, "repair_s": 0.0, "recover_s": 0.0}
+                if with_refit:
+                    o = RefitOptions(source=args.text)
+                    ids, _ = calibration_batches(tokenizer, source=o.source, n_samples=o.n_samples, seq_len=o.seq_len,
+                                                 seed=seed + 2)
+                    started = time.perf_counter()
+                    refit(model, dense, get_registry().adapter_for(model), list(ids.split(8)), ridge=o.ridge,
+                          columns=columns, inputs=o.inputs, anchor=o.anchor)
+                    row["repair_s"] = round(time.perf_counter() - started, 1)
+                if trainer != "none":
+                    started = time.perf_counter()
+                    info = recover(model, dense, tokenizer, trainer, tokens, args.text, args.cutoff, seed, args.lr)
+                    row["recover_s"] = round(time.perf_counter() - started, 1)
+                    row["trained_tokens"] = info.get("tokens")
+                row.update(evaluate(model, tokenizer, args.windows, args.zero_shot, args.zero_shot_limit))
+                row.update(loadavg=round(os.getloadavg()[0], 2), threads=torch.get_num_threads())
+                write(args.out, row)
+                del model
+
+
+def write(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """Markdown: per budget and variant, mean (min–max over seeds) of each corpus, ratio to dense, seconds."""
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    cols = ["ptb_test", "wikitext2_test", "ptb_validation", "pdbooks_validation"]
+    has_zs = any("zero_shot_mean" in r for r in rows)
+    head = "| budget | variant | seeds | " + " | ".join(cols) + (" | zero-shot mean" if has_zs else "") + \
+        " | repair s | recover s |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    if dense:
+        out.append("| dense | – | – | " + " | ".join(f"{dense[c]:.2f}" for c in cols) +
+                   (f" | {dense.get('zero_shot_mean', float('nan')):.3f}" if has_zs else "") + " | – | – |")
+    for key in dict.fromkeys((r["budget"], r["variant"]) for r in rows if r["variant"] != "dense"):
+        mine = [r for r in rows if (r["budget"], r["variant"]) == key]
+        cells = []
+        for c in cols:
+            vals = [r[c] for r in mine]
+            ratio = f" ({statistics.mean(vals) / dense[c]:.2f}×)" if dense else ""
+            spread = f" [{min(vals):.1f}–{max(vals):.1f}]" if len(vals) > 1 else ""
+            cells.append(f"{statistics.mean(vals):.2f}{ratio}{spread}")
+        zs = ""
+        if has_zs:
+            vals = [r["zero_shot_mean"] for r in mine if "zero_shot_mean" in r]
+            zs = f" | {statistics.mean(vals):.3f}" if vals else " | –"
+        out.append(f"| {key[0]} | {key[1]} | {len(mine)} | " + " | ".join(cells) + zs +
+                   f" | {statistics.median(r['repair_s'] for r in mine):.0f} "
+                   f"| {statistics.median(r['recover_s'] for r in mine):.0f} |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", nargs="+", default=["ratio:0.25"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=["none", "refit", "lora@32768", "distill@32768",
+                                                          "refit+distill@32768"])
+    parser.add_argument("--text", default="pd-books", help="repair and recovery text (never WikiText-2 for the "
+                                                             "out-of-domain claim)")
+    parser.add_argument("--cutoff", type=int, default=256, help="tokens per recovery example")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--windows", type=int, default=80, help="evenly spaced 128-token windows per corpus")
+    parser.add_argument("--zero-shot", nargs="*", default=[], help="zero-shot tasks (a third domain)")
+    parser.add_argument("--zero-shot-limit", type=int, default=200)
+    parser.add_argument("--no-dense", dest="dense", action="store_false")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--cache", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--summarize", action="store_true")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        print("\n".join(summarize([json.loads(x) for x in args.out.read_text().splitlines()])))
+        return
+    torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
