@@ -89,3 +89,26 @@ def test_flap_bias_is_the_removed_channels_mean_contribution(tiny_model_dir, tmp
     _, plain = _run(tiny_model_dir, tmp_path / "plain", "flap", "-o", "compensate=false")
     assert plain["method"]["info"]["flap"]["compensation"] is None
     assert plain["reduction"]["params_after"] < manifest["reduction"]["params_after"]  # no biases added
+
+
+def test_flap_compensation_on_a_family_without_bias_flags_is_refused_in_one_line(tmp_path, capsys):
+    """Qwen2 has no config flag that gives o_proj / down_proj a bias: FLAP's compensation could not be saved, so
+    the run stops with one line naming ``compensate`` (exit 2), and ``compensate=false`` prunes."""
+    from conftest import make_tiny_tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "qwen2")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "qwen2")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG)
+    args = ["run", "--no-eval", "--method", "flap", "--ratio", "0.34", "--model", str(tmp_path / "qwen2"),
+            "--config", str(cfg)]
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "compensate: false" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--output", str(tmp_path / "plain"), "-o", "compensate=false"]) == 0

@@ -9,9 +9,9 @@ times the squared norm of the weight column it multiplies. A unit sums its chann
 Bias compensation: a removed channel's average contribution, W_{:,R}·mean(X_R), is added to the
 projection's output bias after pruning. The per-unit contributions are computed while scoring (on the
 unpruned weights) and applied from the ``prunekit_after_pruning`` hook once the kept units are known.
-LLaMA projections have no bias: the plugin sets the config's ``attention_bias`` / ``mlp_bias`` and gives
-every projection those flags govern a bias (zeros where nothing was compensated), so the checkpoint
-reloads with plain ``from_pretrained``.
+LLaMA projections have no bias: prunekit's ``make_bias_loadable`` sets the config flags the model family reads
+(LLaMA: ``attention_bias`` / ``mlp_bias``) and gives every projection those flags govern a bias (zeros where
+nothing was compensated), so the checkpoint reloads with plain ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from prunekit import hookimpl
+from prunekit.errors import UserError
 from prunekit.importance.base import Importance, Options, ScoringContext
 
 # model -> {group name: (module name, per-unit contribution [n_units, out_features])}, until pruning
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-CONFIG_FLAGS = {"attention": "attention_bias", "mlp": "mlp_bias"}
 
 
 class FlapOptions(Options):
@@ -66,40 +66,35 @@ class Flap(Importance):
         return scores
 
 
-def _ensure_bias(linear: torch.nn.Linear) -> torch.nn.Parameter:
-    if linear.bias is None:
-        linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                                     device=linear.weight.device))
-    return linear.bias
-
-
 def compensate(model: torch.nn.Module, adapter: Any, groups: list, kept: list[torch.Tensor],
                pending: dict[str, tuple[str, torch.Tensor]]) -> list[str]:
     """Add each removed unit's mean contribution to its projection's bias; returns the block kinds compensated.
 
-    Setting a config bias flag gives every projection of that block kind a bias on reload, so all of them get
-    one here (zeros where nothing was compensated) and the saved state matches what the config builds.
+    ``make_bias_loadable`` (prunekit's ``bias`` repair) first sets the config flags this model family reads and gives
+    every projection they govern a bias (zeros where nothing is compensated), so the saved checkpoint reloads;
+    a family with no such flag is refused before anything changes.
     """
-    kinds = set()
+    from prunekit.builtin.repair import make_bias_loadable
+
+    todo = []
+    for group, keep in zip(groups, kept):
+        if group.name not in pending:
+            continue
+        removed = torch.ones(group.n_units, dtype=torch.bool)
+        removed[keep] = False
+        if removed.any():
+            todo.append((group.kind, *pending[group.name], removed))
+    if not todo:
+        return []
+    try:
+        make_bias_loadable(model, sorted({name for _, name, _, _ in todo}))
+    except ValueError as exc:
+        raise UserError(f"flap: compensate: {exc}; use compensate: false for this model family") from None
     with torch.no_grad():
-        for group, keep in zip(groups, kept):
-            if group.name not in pending:
-                continue
-            removed = torch.ones(group.n_units, dtype=torch.bool)
-            removed[keep] = False
-            if not removed.any():
-                continue
-            module_name, contrib = pending[group.name]
+        for _, module_name, contrib, removed in todo:
             linear = model.get_submodule(module_name)
-            _ensure_bias(linear).add_(contrib[removed].sum(0).to(linear.weight))
-            kinds.add(group.kind)
-        for kind in kinds:  # the flag gives every projection of that block kind a bias: create them all
-            setattr(model.config, CONFIG_FLAGS[kind], True)
-            for i in range(adapter.num_layers):
-                names = adapter.attention_names(i) if kind == "attention" else adapter.mlp_names(i)
-                for name in vars(names).values():
-                    _ensure_bias(model.get_submodule(name))
-    return sorted(kinds)
+            linear.bias.add_(contrib[removed].sum(0).to(linear.weight))
+    return sorted({kind for kind, _, _, _ in todo})
 
 
 @hookimpl
