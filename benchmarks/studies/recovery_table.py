@@ -183,6 +183,41 @@ def summarize(rows: list[dict]) -> list[str]:
     return out
 
 
+def plot(rows: list[dict], path: Path) -> Path:
+    """Perplexity (mean over seeds) against recovery tokens, one line per repair + trainer, one panel per test
+    corpus, dense as a dashed line: what each token of recovery buys inside and outside the texts' domains."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    pruned = [r for r in rows if r["variant"] != "dense"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, corpus in zip(axes, TEST):
+        for budget in dict.fromkeys(r["budget"] for r in pruned):
+            for refit_first in (False, True):
+                for trainer in ("lora", "distill"):
+                    points = {}
+                    for r in pruned:
+                        if r["budget"] != budget:
+                            continue
+                        with_refit, name, _ = parse_variant(r["variant"])
+                        if with_refit == refit_first and name in (trainer, "none"):
+                            points.setdefault(r.get("trained_tokens") or 0, []).append(r[corpus])
+                    if len(points) > 1:
+                        xs = sorted(points)
+                        label = f"{budget} {'refit + ' if refit_first else ''}{trainer}"
+                        ax.plot(xs, [statistics.mean(points[x]) for x in xs], marker="o", label=label)
+        if dense:
+            ax.axhline(dense[corpus], linestyle="--", color="grey", label="dense")
+        ax.set(title=corpus, xlabel="recovery tokens (pd-books)", ylabel="perplexity")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", nargs="+", default=["ratio:0.25"])
@@ -201,9 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--summarize", action="store_true")
+    parser.add_argument("--plot", type=Path, help="with --summarize: also draw perplexity vs recovery tokens here")
     args = parser.parse_args(argv)
     if args.summarize:
-        print("\n".join(summarize([json.loads(x) for x in args.out.read_text().splitlines()])))
+        rows = [json.loads(x) for x in args.out.read_text().splitlines()]
+        print("\n".join(summarize(rows)))
+        if args.plot:
+            plot(rows, args.plot)
         return
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)

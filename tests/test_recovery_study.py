@@ -1,0 +1,39 @@
+"""benchmarks/studies/recovery_table.py: variant grammar, budgets, the summary's ratios and the plot."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.study
+
+
+def test_variants_and_budgets_parse():
+    from prunekit.benchmarks.studies.recovery_table import budget_kwargs, parse_variant
+
+    assert parse_variant("none") == (False, "none", 0)
+    assert parse_variant("refit") == (True, "none", 0)
+    assert parse_variant("refit+distill@16384") == (True, "distill", 16384)
+    assert parse_variant("lora@32768") == (False, "lora", 32768)
+    with pytest.raises(SystemExit):
+        parse_variant("bias+lora@10")
+    assert budget_kwargs("ratio:0.25") == {"ratio": 0.25}
+    assert budget_kwargs("params:0.25") == {"allocation": {"name": "measured", "params_removed": 0.25}}
+
+
+def test_summary_gives_means_ratios_to_dense_and_seed_ranges(tmp_path):
+    from prunekit.benchmarks.studies.recovery_table import plot, summarize
+
+    dense = {"budget": "dense", "seed": -1, "variant": "dense", "ptb_test": 100.0, "wikitext2_test": 50.0,
+             "ptb_validation": 100.0, "pdbooks_validation": 40.0}
+    rows = [dense] + [{"budget": "ratio:0.25", "seed": s, "variant": v, "ptb_test": p, "wikitext2_test": w,
+                       "ptb_validation": p, "pdbooks_validation": 60.0, "repair_s": 1.0, "recover_s": r,
+                       "trained_tokens": t}
+                      for s, v, p, w, r, t in [(0, "none", 140.0, 80.0, 0.0, None), (1, "none", 150.0, 90.0, 0.0, None),
+                                               (0, "distill@100", 120.0, 60.0, 5.0, 98),
+                                               (1, "distill@100", 130.0, 70.0, 7.0, 101)]]
+    lines = summarize(rows)
+    none = next(line for line in lines if "| none |" in line)
+    assert "145.00 (1.45×) [140.0–150.0]" in none and "85.00 (1.70×) [80.0–90.0]" in none
+    distill = next(line for line in lines if "distill@100" in line)
+    assert "65.00 (1.30×)" in distill and distill.endswith("| 1 | 6 |")
+    assert plot(rows, tmp_path / "p.png").stat().st_size > 0
