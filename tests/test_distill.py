@@ -231,6 +231,15 @@ def test_prunekit_run_with_distill_records_trainer_options_and_teacher(tiny_mode
     assert not torch.equal(dense["model.norm.weight"], tuned["model.norm.weight"])  # full: norms trained too
 
 
+def test_run_recovery_flag_picks_the_trainer_the_config_gives_options_for(tiny_model_dir, tmp_path):
+    options = json.dumps({**TINY, "epochs": 1})
+    config = _config(tmp_path / "f.yaml", f"recovery:\n  options: {options}\n")
+    assert main(["run", "--no-eval", "--method", "magnitude", "--ratio", "0.34", "--model", str(tiny_model_dir),
+                 "--output", str(tmp_path / "out"), "--config", config, "--recovery", "distill"]) == 0
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert manifest["recovery"]["method"] == "distill" and manifest["recovery"]["info"]["kl_last_epoch"] >= 0
+
+
 # ------------------------------------------------------------------ the teacher in `prunekit recover`
 
 

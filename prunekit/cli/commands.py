@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "(see docs/allocation.md)")
     run.add_argument("--repair", help="repair the kept weights after pruning: none (default), bias, refit "
                                       "(see docs/repair.md)")
+    run.add_argument("--recovery", help="fine-tune after pruning and repair: none (default), lora, distill (from the "
+                                        "dense model), or a plugin's trainer (docs/recovery.md)")
     run.add_argument("--export", choices=["gguf"], help="also write the pruned model for a serving engine: gguf "
                                                          "(llama.cpp; model-TYPE.gguf in the output, docs/gguf.md)")
     run.add_argument("--export-type", choices=["f32", "f16", "q8_0", "q4_0"],
@@ -151,6 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["export"] = {**file_values.get("export", {}), "gguf": args.export_type or "f16"}
     if args.repair:
         overrides["repair"] = {**file_values.get("repair", {}), "name": args.repair}
+    if args.recovery:
+        overrides["recovery"] = {**file_values.get("recovery", {}), "method": args.recovery}
     if args.no_eval:
         overrides["evaluation"] = {**file_values.get("evaluation", {}), "enabled": False}
     if args.no_eval_cache:
