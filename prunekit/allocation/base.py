@@ -110,28 +110,3 @@ def describe(info: dict[str, Any]) -> str:
     asked = f"ratio {b['ratio']} per layer = " if b["ratio"] is not None else ""
     return (f"allocation {info['allocator']}: budget {asked}{100 * b['fraction']:.2f} % of parameters; removed "
             f"{100 * info['params_removed_fraction']:.2f} % (gap {info['gap_params']:,} parameters)")
-
-
-# ------------------------------------------------------------------------------ the pipeline's one call
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
