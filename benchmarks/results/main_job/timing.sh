@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (A record of how benchmarks/results/main_job/rows.jsonl was timed; the paths are the measuring machine's.)
 # Interleaved timing of the README's main job: new code first run, new second run (same cache), old code first run.
 set -u
 base=$HOME/.cache/prunekit
