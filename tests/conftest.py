@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -80,3 +81,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def registered_plugin(module, name: str):
+    """``module`` registered with prunekit's plugin host as its entry point would, unless the entry point already
+    did; unregistered again afterwards when this registered it."""
+    from prunekit.plugin.host import get_host
+
+    host = get_host()
+    if host.pm.is_registered(module):
+        yield
+        return
+    host.pm.register(module, name=name)
+    try:
+        yield
+    finally:
+        host.pm.unregister(name=name)

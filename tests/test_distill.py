@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama, make_tiny_tokenizer, registered_plugin
 from test_lora import TINY, pruned_tiny
 
 import prunekit
@@ -23,7 +23,6 @@ from prunekit.core.config import RunConfig
 from prunekit.data.sources import recovery_texts
 from prunekit.errors import UserError
 from prunekit.io.export import load_pruned
-from prunekit.plugin.host import get_host
 
 pytestmark = pytest.mark.usefixtures("one_thread", "distill_plugin")
 
@@ -31,13 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread", "distill_plugin")
 @pytest.fixture(scope="module")
 def distill_plugin():
     """Register prunekit.builtin.distill like its entry point would, unless the entry point already did."""
-    host = get_host()
-    if host.pm.is_registered(distill_module):
+    with registered_plugin(distill_module, "distill"):
         yield
-        return
-    host.pm.register(distill_module, name="distill")
-    yield
-    host.pm.unregister(name="distill")
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama, make_tiny_tokenizer, registered_plugin
 
 import prunekit.builtin.lora as lora_module
 from prunekit.adapters.grouping import GrouperOptions, apply_plan, build_groups
@@ -19,7 +19,6 @@ from prunekit.core.select import select
 from prunekit.errors import UserError
 from prunekit.importance.base import ScoringContext
 from prunekit.io.export import load_pruned
-from prunekit.plugin.host import get_host
 from prunekit.plugin.registry import get_registry
 
 TINY = {"max_examples": 8, "cutoff_len": 32, "batch_size": 4, "epochs": 2, "lr": 1e-2, "seed": 0}
@@ -31,13 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 @pytest.fixture
 def lora_plugin():
     """Register prunekit.builtin.lora like its entry point would, unless the entry point already did."""
-    host = get_host()
-    if host.pm.is_registered(lora_module):
+    with registered_plugin(lora_module, "lora"):
         yield
-        return
-    host.pm.register(lora_module, name="lora")
-    yield
-    host.pm.unregister(name="lora")
 
 
 def pruned_tiny(layers: range = range(1, 3)):

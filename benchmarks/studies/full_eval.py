@@ -289,16 +289,9 @@ def plan_tasks(cells: list[dict], seeds: list[int], done: set[tuple[str, int]], 
 
 def read_rows(out: Path, name: str = ROWS) -> list[dict]:
     """The JSON lines of DIR/name (a line cut by a kill is skipped)."""
-    path = out / name
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line cut by a kill
-            continue
-    return rows
+    from prunekit.benchmarks.studies.rows import read_rows as read_jsonl
+
+    return read_jsonl(out / name)
 
 
 def validate(cells: list[dict], device: str) -> None:

@@ -42,6 +42,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from prunekit.benchmarks.studies.rows import read_rows
+
 #: (row key, corpus, split) measured per model and type
 SETS = (("ptb_test", "ptb", "test"), ("wikitext2_test", "wikitext2", "test"))
 METHODS = ("taylor", "fisher", "moreau-gs")
@@ -77,19 +79,6 @@ def model_label(row: dict[str, Any]) -> str:
     """The model's name in the summary: the method, with the allocator when it is not the default."""
     allocator = row.get("allocator")
     return row["method"] if allocator in (None, "measured") else f"{row['method']} ({allocator})"
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file (none when it does not exist); a torn last line (a killed write) is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:

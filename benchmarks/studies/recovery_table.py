@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from prunekit.benchmarks.studies.rows import read_rows
+
 TEST = {"ptb_test": ("ptb", "test"), "wikitext2_test": ("wikitext2", "test")}
 
 
@@ -110,9 +112,7 @@ def run(args: argparse.Namespace) -> None:
     from prunekit.data.sources import calibration_batches
     from prunekit.plugin.registry import get_registry
 
-    done = set()
-    if args.out.exists():
-        done = {(r["budget"], r["seed"], r["variant"]) for r in map(json.loads, args.out.read_text().splitlines())}
+    done = {(r["budget"], r["seed"], r["variant"]) for r in read_rows(args.out)}
     dense, tokenizer, _ = prunekit.load_model()
     dense.requires_grad_(False)
     if ("dense", -1, "dense") not in done and args.dense:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="with --summarize: also draw perplexity vs recovery tokens here")
     args = parser.parse_args(argv)
     if args.summarize:
-        rows = [json.loads(x) for x in args.out.read_text().splitlines()]
+        rows = read_rows(args.out)
         print("\n".join(summarize(rows)))
         if args.plot:
             plot(rows, args.plot)
