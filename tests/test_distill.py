@@ -130,6 +130,26 @@ def test_full_trains_every_parameter_and_lora_only_the_projections(adapter):
     assert all(type(m) is torch.nn.Linear for m in student.modules() if isinstance(m, torch.nn.Linear))
 
 
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_a_failed_run_leaves_the_students_weights_as_they_were(adapter):
+    from transformers import TrainerCallback
+
+    class FailAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    student, teacher, tokenizer = pruned_tiny(), make_tiny_llama(9, 3), make_tiny_tokenizer()
+    before = _state(student)
+    recovery = DistillRecovery(DistillOptions(**{**TINY, "lr": 1e-2, "epochs": 1}, adapter=adapter))
+    recovery.callbacks.append(FailAtStep2())
+    with pytest.raises(KeyboardInterrupt):
+        recovery.recover(student, tokenizer, RunConfig(), teacher=teacher)
+    after = student.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert all(type(m) is torch.nn.Linear for m in student.modules() if isinstance(m, torch.nn.Linear))
+
+
 def _probe():
     from transformers import TrainerCallback
 

@@ -118,11 +118,19 @@ class DistillRecovery(LoraRecovery):
 
     def fit(self, model: torch.nn.Module, examples: list[list[int]], pad_id: int, seed: int, dtype: torch.dtype,
             device: torch.device) -> dict[str, Any]:
-        """``lora``'s adapters, or (``adapter: full``) every parameter trainable; ``recover`` restores the flags."""
+        """``lora``'s adapters, or (``adapter: full``) every parameter trainable; ``recover`` restores the flags.
+        Either way a failed or interrupted run leaves the model's weights as they were (full: from a copy of
+        them, which costs one more model's memory next to the optimizer's two)."""
         if self.options.adapter == "lora":
             return super().fit(model, examples, pad_id, seed, dtype, device)
         model.requires_grad_(True)
-        return self._train(model, examples, pad_id, seed, dtype, device)
+        before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        try:
+            return self._train(model, examples, pad_id, seed, dtype, device)
+        except BaseException:
+            with torch.no_grad():
+                model.load_state_dict(before)
+            raise
 
     def _train(self, trained: torch.nn.Module, *args: Any) -> dict[str, Any]:
         """``lora``'s Trainer run, after counting what it trains."""
