@@ -65,7 +65,7 @@ class ModuleTree:
                 module.__dict__.pop(leaf, None)  # FSDP1 may have left a plain attribute in its place
                 module._parameters[leaf] = param
         if missing:
-            raise RuntimeError(f"LoRA recovery: the gathered weights lack {missing[:3]}; for DeepSpeed ZeRO-3 set "
+            raise RuntimeError(f"recovery: the gathered weights lack {missing[:3]}; for DeepSpeed ZeRO-3 set "
                                f"zero_optimization.stage3_gather_16bit_weights_on_model_save: true")
         device = next(self.root.parameters()).device
         self.root.to(device)  # buffers the engine moved follow the parameters

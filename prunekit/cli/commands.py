@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from prunekit.cli.failures import DEBUG_ENV, guarded
+from prunekit.core.gguf_types import GGUF_BLOCKS
 from prunekit.errors import EvaluationFailed, UserError
 
 
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "dense model), or a plugin's trainer (docs/recovery.md)")
     run.add_argument("--export", choices=["gguf"], help="also write the pruned model for a serving engine: gguf "
                                                          "(llama.cpp; model-TYPE.gguf in the output, docs/gguf.md)")
-    run.add_argument("--export-type", choices=["f32", "f16", "q8_0", "q4_0"],
+    run.add_argument("--export-type", choices=list(GGUF_BLOCKS),
                      help="GGUF tensor type (default f16; q8_0 and q4_0 round MLP widths to 32 unless round_to is set)")
     run.add_argument("--output", type=Path, help="output directory (default ./pruned-METHOD)")
     run.add_argument("--config", type=Path, help="YAML or TOML run config; flags override it")
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a pruned checkpoint in a serving engine's format (GGUF for llama.cpp)")
     ex.add_argument("pruned", metavar="PRUNED_DIR", help="a checkpoint `prunekit run` saved (any LLaMA-family folder)")
     ex.add_argument("--format", choices=["gguf"], default="gguf")
-    ex.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
+    ex.add_argument("--type", choices=list(GGUF_BLOCKS), default="f16",
                     help="tensor type of the weights (q4_0: the output matrix in q8_0, docs/gguf.md)")
     ex.add_argument("--output", type=Path, required=True, help="the .gguf file to write")
     rec = sub.add_parser("recover", help="recovery fine-tuning of a pruned checkpoint (also under accelerate launch)")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prunekit.core.component_config import GrouperConfig
 from prunekit.core.evaluation import EvalSpec
+from prunekit.core.gguf_types import GGUF_BLOCKS
 from prunekit.core.validation import StrictNumbers
 from prunekit.data.sources import SOURCES
 from prunekit.errors import UserError
@@ -98,8 +99,6 @@ class RepairConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-#: GGUF tensor types prunekit writes (docs/gguf.md) -> the block width every quantized row must be a multiple of.
-GGUF_BLOCKS = {"f32": 1, "f16": 1, "q8_0": 32, "q4_0": 32}
 
 
 class ExportConfig(_Strict):

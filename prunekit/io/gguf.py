@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.core.config import GGUF_BLOCKS
+from prunekit.core.gguf_types import GGUF_BLOCKS
 from prunekit.errors import UserError
 from prunekit.runtime.atomic import ordinary_file_mode
 
