@@ -37,3 +37,29 @@ def test_summary_gives_means_ratios_to_dense_and_seed_ranges(tmp_path):
     distill = next(line for line in lines if "distill@100" in line)
     assert "65.00 (1.30×)" in distill and distill.endswith("| 1 | 6 |")
     assert plot(rows, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_learning_curve_points_and_learning_rates_are_their_own_rows():
+    from prunekit.benchmarks.studies.recovery_table import key, parse_variant, summarize
+
+    assert parse_variant("refit+lora@524288:131072") == (True, "lora", 131072)
+    assert key({"budget": "b", "seed": 0, "variant": "lora@10"}) == ("b", 0, "lora@10", 1e-4)  # older rows: 1e-4
+    assert key({"budget": "b", "seed": 0, "variant": "refit", "lr": 3e-4}) == ("b", 0, "refit", None)
+    row = {"budget": "b", "seed": 0, "ptb_test": 1.0, "wikitext2_test": 1.0, "ptb_validation": 1.0,
+           "pdbooks_validation": 1.0, "repair_s": 0.0, "recover_s": 1.0}
+    lines = summarize([{**row, "variant": "lora@10", "lr": 1e-4}, {**row, "variant": "lora@10", "lr": 1e-3},
+                       {**row, "variant": "lora@10:5", "lr": 1e-3}])
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["lora@10 lr 0.0001", "lora@10 lr 0.001",
+                                                            "lora@10:5 lr 0.001"]
+
+
+def test_milestones_fire_once_each_at_their_share_of_the_steps():
+    from types import SimpleNamespace
+
+    from prunekit.benchmarks.studies.recovery_table import milestone_callback
+
+    seen = []
+    callback = milestone_callback([100, 250, 1000], total=1000, on_milestone=lambda model, t: seen.append((model, t)))
+    for step in range(1, 11):
+        callback.on_step_end(None, SimpleNamespace(global_step=step, max_steps=10), None, model="m")
+    assert seen == [("m", 100), ("m", 300)]  # 250 is reached after step 3 of 10; the run's end is the row itself

@@ -10,7 +10,10 @@ recovery text is pd-books (public-domain books, neither PTB nor WikiText-2) unle
         --variants none refit lora@32768 distill@32768 refit+distill@32768 --out rows.jsonl --cache /tmp/rt
 
 A variant is ``[refit+]{none|lora|distill}[@TOKENS]``: about TOKENS recovery tokens in one epoch (texts of
->= 64 words, ~150 tokens each, cut at ``--cutoff``; each row records the tokens trained on). Rows already in ``--out`` are skipped (resumable); ``--summarize`` prints the markdown table.
+>= 64 words, ~150 tokens each, cut at ``--cutoff``; each row records the tokens trained on). ``--milestones M ...``
+also evaluates a training variant when it has seen about M of its tokens, as rows ``VARIANT:M`` (points on one run's
+learning curve: the learning rate still decays over the whole run). Rows already in ``--out`` (same budget, seed,
+variant and learning rate) are skipped (resumable); ``--summarize`` prints the markdown table.
 """
 
 from __future__ import annotations
@@ -27,11 +30,17 @@ import torch
 
 from prunekit.benchmarks.studies.rows import read_rows
 
+DEFAULT_LR = 1e-4  # rows written before the learning rate was recorded used it
 TEST = {"ptb_test": ("ptb", "test"), "wikitext2_test": ("wikitext2", "test")}
 
 
 def parse_variant(spec: str) -> tuple[bool, str, int]:
-    """``refit+distill@32768`` → (refit first, trainer, recovery tokens)."""
+    """``refit+distill@32768`` → (refit first, trainer, recovery tokens); a learning-curve point
+    ``refit+lora@524288:131072`` (131072 tokens into a 524288-token run) gives its tokens so far."""
+    spec, _, point = spec.partition(":")
+    if point:
+        with_refit, trainer, _ = parse_variant(spec)
+        return with_refit, trainer, int(point)
     repair, _, rest = spec.rpartition("+")
     trainer, _, tokens = rest.partition("@")
     if repair not in ("", "refit") or trainer not in ("none", "refit", "lora", "distill"):
@@ -90,8 +99,29 @@ def evaluate(model, tokenizer, windows: int, zero_shot: list[str], limit: int) -
     return out
 
 
-def recover(model, dense, tokenizer, trainer: str, tokens: int, text: str, cutoff: int, seed: int, lr: float) -> dict:
-    """Recovery through the registered trainer, ``tokens`` tokens of ``text`` in one epoch."""
+def milestone_callback(milestones: list[int], total: int, on_milestone):
+    """A TrainerCallback calling ``on_milestone(model, tokens)`` once each milestone's share of the run's steps
+    is done (``tokens`` = that share of ``total``, the run's tokens; examples are shuffled, so it is the expected
+    count, within about one example of the true one)."""
+    from transformers import TrainerCallback
+
+    class Milestones(TrainerCallback):
+        def __init__(self) -> None:
+            self.pending = sorted(m for m in milestones if m < total)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen = total * state.global_step / state.max_steps
+            while self.pending and seen >= self.pending[0]:
+                self.pending.pop(0)
+                on_milestone(model, round(seen))
+
+    return Milestones()
+
+
+def recover(model, dense, tokenizer, trainer: str, tokens: int, text: str, cutoff: int, seed: int, lr: float,
+            milestones: list[int] = (), on_milestone=None) -> dict:
+    """Recovery through the registered trainer, ``tokens`` tokens of ``text`` in one epoch; ``on_milestone(model,
+    tokens_so_far)`` is called (with the model being trained) at each of ``milestones``."""
     from prunekit.core.config import RunConfig
     from prunekit.plugin.registry import get_registry
 
@@ -101,6 +131,9 @@ def recover(model, dense, tokenizer, trainer: str, tokens: int, text: str, cutof
                                  seed=seed, lr=lr)
     config = RunConfig(seed=seed, device="cpu")
     impl = entry.impl(options)
+    if milestones and on_milestone is not None:
+        total = sum(map(len, impl.examples(tokenizer, seed)))  # the tokens the trainer will draw
+        impl.callbacks.append(milestone_callback(list(milestones), total, on_milestone))
     if getattr(entry.impl, "needs_teacher", False):
         return impl.recover(model, tokenizer, config, teacher=dense)
     return impl.recover(model, tokenizer, config)
@@ -112,40 +145,75 @@ def run(args: argparse.Namespace) -> None:
     from prunekit.data.sources import calibration_batches
     from prunekit.plugin.registry import get_registry
 
-    done = {(r["budget"], r["seed"], r["variant"]) for r in read_rows(args.out)}
+    done = {key(r) for r in read_rows(args.out)}
     dense, tokenizer, _ = prunekit.load_model()
     dense.requires_grad_(False)
-    if ("dense", -1, "dense") not in done and args.dense:
+    if ("dense", -1, "dense", None) not in done and args.dense:
         write(args.out, {"budget": "dense", "seed": -1, "variant": "dense", "params_removed": 0.0,
                          **evaluate(dense, tokenizer, args.windows, args.zero_shot, args.zero_shot_limit)})
     for budget in args.budgets:
         for seed in args.seeds:
-            todo = [v for v in args.variants if (budget, seed, v) not in done]
+            todo = list(dict.fromkeys((v, lr_of(v, lr)) for v in args.variants for lr in args.lr
+                                      if (budget, seed, v, lr_of(v, lr)) not in done))
             if not todo:
                 continue
             pruned, columns, removed = pruned_model(dense, tokenizer, budget, seed, args.cache)
-            for spec in todo:
+            refitted: tuple | None = None  # (model, seconds): refit is deterministic per (budget, seed), fit it once
+            for spec, lr in todo:
                 with_refit, trainer, tokens = parse_variant(spec)
-                model = copy.deepcopy(pruned)
                 row = {"budget": budget, "seed": seed, "variant": spec, "params_removed": removed, "text": args.text,
                        "recovery_tokens": tokens, "repair_s": 0.0, "recover_s": 0.0}
+                if trainer != "none":
+                    row["lr"] = lr
                 if with_refit:
-                    o = RefitOptions(source=args.text)
-                    ids, _ = calibration_batches(tokenizer, source=o.source, n_samples=o.n_samples, seq_len=o.seq_len,
-                                                 seed=seed + 2)
-                    started = time.perf_counter()
-                    refit(model, dense, get_registry().adapter_for(model), list(ids.split(8)), ridge=o.ridge,
-                          columns=columns, inputs=o.inputs, anchor=o.anchor)
-                    row["repair_s"] = round(time.perf_counter() - started, 1)
+                    if refitted is None:
+                        model = copy.deepcopy(pruned)
+                        o = RefitOptions(source=args.text)
+                        ids, _ = calibration_batches(tokenizer, source=o.source, n_samples=o.n_samples,
+                                                     seq_len=o.seq_len, seed=seed + 2)
+                        started = time.perf_counter()
+                        refit(model, dense, get_registry().adapter_for(model), list(ids.split(8)), ridge=o.ridge,
+                              columns=columns, inputs=o.inputs, anchor=o.anchor)
+                        refitted = (model, round(time.perf_counter() - started, 1))
+                    row["repair_s"] = refitted[1]
+                    model = copy.deepcopy(refitted[0])
+                else:
+                    model = copy.deepcopy(pruned)
                 if trainer != "none":
                     started = time.perf_counter()
-                    info = recover(model, dense, tokenizer, trainer, tokens, args.text, args.cutoff, seed, args.lr)
-                    row["recover_s"] = round(time.perf_counter() - started, 1)
+                    paused = [0.0]  # seconds spent evaluating learning-curve points, not training
+
+                    def point(trained, so_far, spec=spec, row=row, started=started, paused=paused):  # noqa: B023
+                        began = time.perf_counter()
+                        write(args.out, {**row, "variant": f"{spec}:{so_far}", "trained_tokens": so_far,
+                                         "recover_s": round(began - started - paused[0], 1),
+                                         **evaluate(trained, tokenizer, args.windows, args.zero_shot,
+                                                    args.zero_shot_limit), **load()})
+                        paused[0] += time.perf_counter() - began
+
+                    info = recover(model, dense, tokenizer, trainer, tokens, args.text, args.cutoff, seed, lr,
+                                   milestones=args.milestones, on_milestone=point)
+                    row["recover_s"] = round(time.perf_counter() - started - paused[0], 1)
                     row["trained_tokens"] = info.get("tokens")
                 row.update(evaluate(model, tokenizer, args.windows, args.zero_shot, args.zero_shot_limit))
-                row.update(loadavg=round(os.getloadavg()[0], 2), threads=torch.get_num_threads())
+                row.update(load())
                 write(args.out, row)
                 del model
+
+
+def key(row: dict) -> tuple:
+    """What makes a row unique: budget, seed, variant and, for trained variants, the learning rate."""
+    return row["budget"], row["seed"], row["variant"], lr_of(row["variant"], row.get("lr", DEFAULT_LR))
+
+
+def lr_of(variant: str, lr: float) -> float | None:
+    """The learning rate that matters for ``variant`` (None when nothing is trained)."""
+    return None if variant == "dense" or parse_variant(variant)[1] == "none" else lr
+
+
+def load() -> dict:
+    """The machine's load and this process's threads, recorded with every timed row."""
+    return {"loadavg": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
 
 
 def write(path: Path, row: dict) -> None:
@@ -165,8 +233,9 @@ def summarize(rows: list[dict]) -> list[str]:
     if dense:
         out.append("| dense | – | – | " + " | ".join(f"{dense[c]:.2f}" for c in cols) +
                    (f" | {dense.get('zero_shot_mean', float('nan')):.3f}" if has_zs else "") + " | – | – |")
-    for key in dict.fromkeys((r["budget"], r["variant"]) for r in rows if r["variant"] != "dense"):
-        mine = [r for r in rows if (r["budget"], r["variant"]) == key]
+    for group in dict.fromkeys((r["budget"], r["variant"], lr_of(r["variant"], r.get("lr", DEFAULT_LR)))
+                               for r in rows if r["variant"] != "dense"):
+        mine = [r for r in rows if (r["budget"], r["variant"], lr_of(r["variant"], r.get("lr", DEFAULT_LR))) == group]
         cells = []
         for c in cols:
             vals = [r[c] for r in mine]
@@ -177,7 +246,8 @@ def summarize(rows: list[dict]) -> list[str]:
         if has_zs:
             vals = [r["zero_shot_mean"] for r in mine if "zero_shot_mean" in r]
             zs = f" | {statistics.mean(vals):.3f}" if vals else " | –"
-        out.append(f"| {key[0]} | {key[1]} | {len(mine)} | " + " | ".join(cells) + zs +
+        label = group[1] + (f" lr {group[2]:g}" if group[2] is not None else "")
+        out.append(f"| {group[0]} | {label} | {len(mine)} | " + " | ".join(cells) + zs +
                    f" | {statistics.median(r['repair_s'] for r in mine):.0f} "
                    f"| {statistics.median(r['recover_s'] for r in mine):.0f} |")
     return out
@@ -193,25 +263,31 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     dense = next((r for r in rows if r["variant"] == "dense"), None)
     pruned = [r for r in rows if r["variant"] != "dense"]
+    lrs = sorted({r["lr"] for r in pruned if "lr" in r} or {DEFAULT_LR})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, corpus in zip(axes, TEST):
         for budget in dict.fromkeys(r["budget"] for r in pruned):
             for refit_first in (False, True):
                 for trainer in ("lora", "distill"):
-                    points = {}
-                    for r in pruned:
-                        if r["budget"] != budget:
-                            continue
-                        with_refit, name, _ = parse_variant(r["variant"])
-                        if with_refit == refit_first and name in (trainer, "none"):
-                            points.setdefault(r.get("trained_tokens") or 0, []).append(r[corpus])
-                    if len(points) > 1:
-                        xs = sorted(points)
-                        label = f"{budget} {'refit + ' if refit_first else ''}{trainer}"
-                        ax.plot(xs, [statistics.mean(points[x]) for x in xs], marker="o", label=label)
+                    for lr in lrs:
+                        points: dict[int, list[tuple[float, float]]] = {}  # nominal tokens -> (trained, ppl)
+                        for r in pruned:
+                            with_refit, name, tokens = parse_variant(r["variant"])
+                            if r["budget"] != budget or with_refit != refit_first or name not in (trainer, "none"):
+                                continue
+                            if name == trainer and r.get("lr", DEFAULT_LR) != lr:
+                                continue
+                            points.setdefault(tokens, []).append((r.get("trained_tokens") or 0, r[corpus]))
+                        if len(points) > 1:
+                            xs = sorted(points)
+                            label = f"{budget} {'refit + ' if refit_first else ''}{trainer}" + \
+                                (f" lr {lr:g}" if len(lrs) > 1 else "")
+                            ax.plot([statistics.mean(t for t, _ in points[x]) for x in xs],
+                                    [statistics.mean(v for _, v in points[x]) for x in xs], marker="o", label=label)
         if dense:
             ax.axhline(dense[corpus], linestyle="--", color="grey", label="dense")
         ax.set(title=corpus, xlabel="recovery tokens (pd-books)", ylabel="perplexity")
+        ax.set_xscale("symlog", linthresh=8192)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -227,7 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text", default="pd-books", help="repair and recovery text (never WikiText-2 for the "
                                                              "out-of-domain claim)")
     parser.add_argument("--cutoff", type=int, default=256, help="tokens per recovery example")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, nargs="+", default=[DEFAULT_LR],
+                        help="learning rate(s) of the trained variants (each is a row)")
+    parser.add_argument("--milestones", type=int, nargs="*", default=[],
+                        help="also evaluate each training variant after about this many tokens")
     parser.add_argument("--windows", type=int, default=80, help="evenly spaced 128-token windows per corpus")
     parser.add_argument("--zero-shot", nargs="*", default=[], help="zero-shot tasks (a third domain)")
     parser.add_argument("--zero-shot-limit", type=int, default=200)
