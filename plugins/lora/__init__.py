@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prunekit import hookimpl
-from prunekit.data.sources import SOURCES, recovery_texts
+from prunekit.data.sources import check_source, recovery_texts
 from prunekit.errors import UserError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,7 +63,8 @@ class TrainOptions(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="forward passes per optimizer step")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward (less memory)")
     max_examples: int = Field(default=64, ge=1, description="training texts drawn from `source` (CPU-sized default)")
-    source: str = Field(default="ptb", description="offline: ptb, wikitext2; online: alpaca-cleaned (the reference)")
+    source: str = Field(default="ptb", description="offline: ptb, pd-books, wikitext2, a local file or folder; online: "
+                                                      "alpaca-cleaned (the reference); or a mixture (pd-books+ptb)")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1,
                              description="adapter init, dropout and shuffling; default: the run's seed")
     fsdp: bool | str | list[str] = Field(default=False, description="TrainingArguments.fsdp: true (configure it in "
@@ -76,9 +77,7 @@ class TrainOptions(BaseModel):
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v not in SOURCES:
-            raise ValueError(f"{v!r} is not one of {', '.join(SOURCES)}")
-        return v
+        return check_source(v)
 
     @field_validator("fsdp")
     @classmethod

@@ -15,13 +15,14 @@ Both modify ``pruned`` in place and return a small report dict for run.json.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prunekit import hookimpl
 from prunekit.builtin.repair.bias import bias_compensate, bias_export_plan, flap_bias, make_bias_loadable
 from prunekit.builtin.repair.layerwise import kept_columns
 from prunekit.builtin.repair.refit import refit, ridge_solve
 from prunekit.data.pd_books import clean_gutenberg, pd_books, pd_books_text
+from prunekit.data.sources import check_source
 
 __all__ = ["Bias", "Refit", "bias_compensate", "bias_export_plan", "clean_gutenberg", "flap_bias", "kept_columns",
            "make_bias_loadable", "pd_books", "pd_books_text", "prunekit_register_repairers", "refit", "ridge_solve"]
@@ -38,6 +39,11 @@ class RepairOptions(BaseModel):
     seq_len: int = Field(default=128, ge=2, description="tokens per window")
     which: tuple[Literal["attention", "mlp"], ...] = Field(default=("attention", "mlp"), min_length=1,
                                                            description="o_proj (attention) and/or down_proj (mlp)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        return check_source(v)
 
 
 class RefitOptions(RepairOptions):

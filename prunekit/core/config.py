@@ -13,7 +13,7 @@ from prunekit.core.component_config import GrouperConfig
 from prunekit.core.evaluation import EvalSpec
 from prunekit.core.gguf_types import GGUF_BLOCKS
 from prunekit.core.validation import StrictNumbers
-from prunekit.data.sources import SOURCES
+from prunekit.data.sources import SOURCES, check_source
 from prunekit.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -44,8 +44,8 @@ class SelectionConfig(_Strict):
 class CalibrationConfig(_Strict):
     """Text the gradient-based methods estimate importance on."""
 
-    source: str = Field(default="ptb", description=f"one of {', '.join(SOURCES)}, or a local text file or "
-                                                      "folder of *.txt files")
+    source: str = Field(default="ptb", description=f"one of {', '.join(SOURCES)}, a local text file or "
+                                                      "folder of *.txt files, or a mixture (0.7*pd-books+0.3*ptb)")
     n_samples: int = Field(default=10, ge=1, le=MAX_SAMPLES)
     seq_len: int = Field(default=64, ge=2, description="tokens per window; at most the model's context length")
     batch_size: int = Field(
@@ -60,13 +60,8 @@ class CalibrationConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _named_or_local(cls, v: str) -> str:
-        """A named source, or an existing local file / folder (``~`` expanded)."""
-        if v in SOURCES:
-            return v
-        path = Path(v).expanduser()
-        if path.exists():
-            return str(path)
-        raise ValueError(f"{v!r} is neither a named source ({', '.join(SOURCES)}) nor an existing file or folder")
+        """A named source, an existing local file / folder (``~`` expanded), or a mixture of them."""
+        return check_source(v)
 
 
 class AllocationConfig(_Strict):

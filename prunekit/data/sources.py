@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 
 from prunekit.data.local import local_text
+from prunekit.data.mixture import is_mixture, parse_mixture, part_seed, split_count
 from prunekit.data.pd_books import pd_books_text
 from prunekit.data.text import Text
 from prunekit.data.tokens import active as token_cache_active
@@ -209,9 +210,28 @@ def _alpaca(split: str) -> Text:
     return Text(JOINER.join(docs), "alpaca-cleaned", split, "alpaca-cleaned", "hub yahma/alpaca-cleaned", docs)
 
 
+def check_source(source: str) -> str:
+    """``source`` if it is a named source, an existing local file / folder (returned with ``~`` expanded) or a
+    mixture of those (:mod:`prunekit.data.mixture`); otherwise ValueError saying what is accepted."""
+    if is_mixture(source):
+        for name, _ in parse_mixture(source):
+            check_source(name)
+        return source
+    if source in SOURCES:
+        return source
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path)
+    raise ValueError(f"{source!r} is neither a named source ({', '.join(SOURCES)}), an existing file or folder, "
+                     f"nor a mixture of them (0.7*pd-books+0.3*ptb)")
+
+
 def load_text(source: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> Text:
     """Load one split of a named source (or a local text file / folder of ``*.txt``) as a single text plus a
     description of the variant used."""
+    if is_mixture(source):
+        raise UserError(f"{source!r} is a mixture: calibration, repair and recovery draw from mixtures, but "
+                        f"perplexity and other whole-text uses need one source")
     if source not in SOURCE_SPLITS and Path(source).expanduser().exists():
 
         return local_text(Path(source), JOINER)
@@ -261,6 +281,8 @@ def calibration_batches(tokenizer: Any, source: str = "ptb", n_samples: int = 10
     """
     if n_samples < 1 or seq_len < 2:
         raise UserError(f"calibration needs n_samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
+    if is_mixture(source):
+        return _mixture_batches(tokenizer, source, n_samples, seq_len, seed, split, data_dir)
     text = load_text(source, split, data_dir)
     ids = token_ids(tokenizer, text)
     if ids.numel() < seq_len + 1:
@@ -271,6 +293,30 @@ def calibration_batches(tokenizer: Any, source: str = "ptb", n_samples: int = 10
     info = {**text.describe(), "seed": seed, "n_samples": n_samples, "seq_len": seq_len,
             "n_tokens_in_split": int(ids.numel()), "starts": starts.tolist()}
     return batch, info
+
+
+def _mixture_batches(tokenizer: Any, source: str, n_samples: int, seq_len: int, seed: int, split: str,
+                     data_dir: str | os.PathLike | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Each part's share of the windows from its own seeded draw, part after part; provenance per part."""
+    parts = _mixture_parts(source, n_samples, "calibration")
+    batches, infos = [], []
+    for i, name, share, count in parts:
+        ids, info = calibration_batches(tokenizer, name, count, seq_len, part_seed(seed, i), split, data_dir)
+        batches.append(ids)
+        infos.append({**info, "share": round(share, 6)})
+    info = {"source": source, "variant": "mixture", "split": split, "seed": seed, "n_samples": n_samples,
+            "seq_len": seq_len, "parts": infos, "starts": [s for part in infos for s in part["starts"]]}
+    return torch.cat(batches), info
+
+
+def _mixture_parts(source: str, n: int, what: str) -> list[tuple[int, str, float, int]]:
+    """(position, part, share, count) for the parts of a mixture that get at least one of ``n`` samples."""
+    try:
+        parts = parse_mixture(source)
+    except ValueError as exc:
+        raise UserError(f"{what} source: {exc}") from None
+    counts = split_count(n, [share for _, share in parts])
+    return [(i, name, share, k) for i, ((name, share), k) in enumerate(zip(parts, counts)) if k > 0]
 
 
 # ---------------------------------------------------------------------------- recovery texts
@@ -296,8 +342,15 @@ def recovery_texts(source: str = "ptb", n: int = 1000, seed: int = 42, split: st
                    min_words: int | None = None, data_dir: str | os.PathLike | None = None) -> list[str]:
     """`n` seeded training texts for LoRA recovery: instruction examples, or runs of sentences of >= min_words words.
 
-    `min_words` defaults to 1 for alpaca-cleaned (each example stands alone) and 64 for the corpora.
+    `min_words` defaults to 1 for alpaca-cleaned (each example stands alone) and 64 for the corpora. A mixture
+    gives each part its share of the `n` texts (drawn with a seed derived from `seed` and the part's position),
+    shuffled together.
     """
+    if is_mixture(source):
+        texts = [t for i, name, _, count in _mixture_parts(source, n, "recovery")
+                 for t in recovery_texts(name, count, part_seed(seed, i), split, min_words, data_dir)]
+        random.Random(seed).shuffle(texts)
+        return texts
     text = load_text(source, split, data_dir)
     if min_words is None:
         min_words = 1 if text.source == "alpaca-cleaned" else 64
