@@ -4,7 +4,8 @@ Prunes the embedded SmolLM2 once per (budget, seed) with the default allocator (
 ``--cache``), then per variant repairs and/or recovers a copy and measures perplexity on PTB test and WikiText-2
 test (evenly spaced windows, the same for every row), PTB and pd-books validation (for choosing), and optionally
 zero-shot accuracy on a fair sample (a domain no calibration or recovery text comes from). Every repair and
-recovery text is pd-books (public-domain books, neither PTB nor WikiText-2) unless ``--text`` says otherwise.
+recovery text is pd-books (public-domain books, neither PTB nor WikiText-2) unless ``--text`` says otherwise (any
+source prunekit reads, or a mixture such as ``pd-books+ptb``).
 
     python -m prunekit.benchmarks.studies.recovery_table --budgets ratio:0.25 params:0.25 --seeds 0 1 2 \\
         --variants none refit lora@32768 distill@32768 refit+distill@32768 --out rows.jsonl --cache /tmp/rt
