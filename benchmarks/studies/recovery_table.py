@@ -255,8 +255,9 @@ def summarize(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Perplexity (mean over seeds) against recovery tokens, one line per repair + trainer, one panel per test
-    corpus, dense as a dashed line: what each token of recovery buys inside and outside the texts' domains."""
+    """Perplexity (mean over seeds) against recovery tokens, one line per repair + trainer + learning rate + run
+    length (a run's learning-curve points share its line), starting from the same seeds' untrained model; one panel
+    per test corpus and one for the recovery text's own validation books; dense as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,32 +265,33 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     dense = next((r for r in rows if r["variant"] == "dense"), None)
     pruned = [r for r in rows if r["variant"] != "dense"]
-    lrs = sorted({r["lr"] for r in pruned if "lr" in r} or {DEFAULT_LR})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, corpus in zip(axes, TEST):
-        for budget in dict.fromkeys(r["budget"] for r in pruned):
-            for refit_first in (False, True):
-                for trainer in ("lora", "distill"):
-                    for lr in lrs:
-                        points: dict[int, list[tuple[float, float]]] = {}  # nominal tokens -> (trained, ppl)
-                        for r in pruned:
-                            with_refit, name, tokens = parse_variant(r["variant"])
-                            if r["budget"] != budget or with_refit != refit_first or name not in (trainer, "none"):
-                                continue
-                            if name == trainer and r.get("lr", DEFAULT_LR) != lr:
-                                continue
-                            points.setdefault(tokens, []).append((r.get("trained_tokens") or 0, r[corpus]))
-                        if len(points) > 1:
-                            xs = sorted(points)
-                            label = f"{budget} {'refit + ' if refit_first else ''}{trainer}" + \
-                                (f" lr {lr:g}" if len(lrs) > 1 else "")
-                            ax.plot([statistics.mean(t for t, _ in points[x]) for x in xs],
-                                    [statistics.mean(v for _, v in points[x]) for x in xs], marker="o", label=label)
+    curves: dict[tuple, list[dict]] = {}
+    for r in pruned:
+        with_refit, trainer, _ = parse_variant(r["variant"])
+        if trainer != "none":
+            run_length = parse_variant(r["variant"].partition(":")[0])[2]
+            curves.setdefault((r["budget"], with_refit, trainer, r.get("lr", DEFAULT_LR), run_length), []).append(r)
+    corpora = [*TEST, "pdbooks_validation"]
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4.2))
+    for ax, corpus in zip(axes, corpora):
+        for (budget, with_refit, trainer, lr, run_length), trained in curves.items():
+            seeds = {r["seed"] for r in trained}
+            start = [r[corpus] for r in pruned if r["budget"] == budget and r["seed"] in seeds
+                     and parse_variant(r["variant"]) == (with_refit, "none", 0)]
+            points: dict[int, list[tuple[float, float]]] = {}  # tokens asked -> (trained, perplexity) per seed
+            for r in trained:
+                points.setdefault(parse_variant(r["variant"])[2], []).append((r.get("trained_tokens") or 0, r[corpus]))
+            xs = sorted(points)
+            x = ([0.0] if start else []) + [statistics.mean(t for t, _ in points[k]) for k in xs]
+            y = ([statistics.mean(start)] if start else []) + [statistics.mean(v for _, v in points[k]) for k in xs]
+            label = f"{budget} {'refit + ' if with_refit else ''}{trainer} lr {lr:g}, {run_length // 1024}k-token run"
+            ax.plot(x, y, marker="o", label=label)
         if dense:
             ax.axhline(dense[corpus], linestyle="--", color="grey", label="dense")
-        ax.set(title=corpus, xlabel="recovery tokens (pd-books)", ylabel="perplexity")
+        ax.set(title=corpus, xlabel="recovery tokens (the recovery text)", ylabel="perplexity")
         ax.set_xscale("symlog", linthresh=8192)
-    axes[0].legend(fontsize=7)
+        ax.set_xlim(left=0)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
