@@ -184,6 +184,12 @@ def test_bf16_student_and_teacher_train_without_float32_copies():
     assert not teacher.get_decoder()._forward_hooks and not student.get_decoder()._forward_hooks
 
 
+def test_default_learning_rate_depends_on_what_is_trained():
+    assert DistillOptions().lr == 1e-3 and DistillOptions(adapter="full").lr == 1e-4
+    assert DistillOptions(lr=5e-4).lr == 5e-4 and DistillOptions(adapter="full", lr=1e-5).lr == 1e-5
+    assert DistillOptions().model_dump()["lr"] == 1e-3  # run.json records the rate used
+
+
 def test_a_missing_or_mismatched_teacher_is_a_user_error():
     student, tokenizer = pruned_tiny(), make_tiny_tokenizer()
     with pytest.raises(UserError, match=r"^recovery.options.teacher: distill needs a teacher"):

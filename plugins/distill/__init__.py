@@ -21,7 +21,7 @@ import functools
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from prunekit import hookimpl
 from prunekit.builtin.distill.loss import kd_loss, reference_kd_loss, shifted
@@ -34,6 +34,8 @@ __all__ = ["DistillOptions", "DistillRecovery", "Distiller", "kd_loss", "mean_kl
            "reference_kd_loss", "shifted"]
 
 LORA_ONLY = ("r", "lora_alpha", "dropout", "target_modules")
+# lora's 1e-4 barely moves a distilled student: at 1e-3 the KL moves it further on every text (docs/recovery.md)
+DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
 
 
 class _Adapter(BaseModel):
@@ -46,6 +48,9 @@ class _Adapter(BaseModel):
 class DistillOptions(AdapterShape, _Adapter, TrainOptions):
     """Distillation settings: the loss, what is trained, the teacher; the rest is ``lora``'s."""
 
+    lr: float = Field(default=None, gt=0, validate_default=False,  # type: ignore[assignment]
+                      description="AdamW peak learning rate; default 1e-3 with LoRA adapters (chosen on validation "
+                                  "text, docs/recovery.md), 1e-4 with adapter: full (not measured)")
     temperature: float = Field(default=2.0, gt=0, description="softens both distributions; the KL term is "
                                                                "scaled by T² so its gradients keep their size")
     alpha: float = Field(default=1.0, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs the LM "
@@ -56,6 +61,12 @@ class DistillOptions(AdapterShape, _Adapter, TrainOptions):
     teacher: str | None = Field(default=None, description="teacher model folder or hub id; default: the dense "
                                                           "model of the run (prunekit recover: the source model "
                                                           "in the checkpoint's run.json)")
+
+    @model_validator(mode="after")
+    def _default_lr(self) -> "DistillOptions":
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.adapter]
+        return self
 
     @field_validator("teacher")
     @classmethod
