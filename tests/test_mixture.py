@@ -61,8 +61,11 @@ def test_recovery_texts_mix_the_parts_and_shuffle_them():
     assert texts == recovery_texts("pd-books+ptb", n=10, seed=3)
 
 
-def test_options_accept_mixtures_and_name_the_bad_part():
+def test_options_accept_mixtures_and_local_text_and_name_the_bad_part(tmp_path):
     assert LoraOptions(source="pd-books+ptb").source == "pd-books+ptb"
+    folder = _corpus(tmp_path / "corpus")
+    assert LoraOptions(source=str(folder)).source == str(folder)  # recovery reads local text like calibration
+    assert len(recovery_texts(str(folder), n=1, seed=0, min_words=1)) == 1
     assert RefitOptions(source="0.8*pd-books+0.2*ptb").source == "0.8*pd-books+0.2*ptb"
     with pytest.raises(ValueError, match="'nope' is neither a named source"):
         LoraOptions(source="pd-books+nope")
