@@ -10,12 +10,15 @@ pytestmark = pytest.mark.study
 def test_variants_and_budgets_parse():
     from prunekit.benchmarks.studies.recovery_table import budget_kwargs, parse_variant
 
-    assert parse_variant("none") == (False, "none", 0)
-    assert parse_variant("refit") == (True, "none", 0)
-    assert parse_variant("refit+distill@16384") == (True, "distill", 16384)
-    assert parse_variant("lora@32768") == (False, "lora", 32768)
-    with pytest.raises(SystemExit):
-        parse_variant("bias+lora@10")
+    assert parse_variant("none") == ("none", "none", 0)
+    assert parse_variant("refit") == ("refit", "none", 0)
+    assert parse_variant("bias") == ("bias", "none", 0)
+    assert parse_variant("refit+distill@16384") == ("refit", "distill", 16384)
+    assert parse_variant("bias+lora@10") == ("bias", "lora", 10)
+    assert parse_variant("lora@32768") == ("none", "lora", 32768)
+    for bad in ("lsq+lora@10", "refit+bias", "refit+tune@10"):
+        with pytest.raises(SystemExit):
+            parse_variant(bad)
     assert budget_kwargs("ratio:0.25") == {"ratio": 0.25}
     assert budget_kwargs("params:0.25") == {"allocation": {"name": "measured", "params_removed": 0.25}}
 
@@ -42,7 +45,7 @@ def test_summary_gives_means_ratios_to_dense_and_seed_ranges(tmp_path):
 def test_learning_curve_points_and_learning_rates_are_their_own_rows():
     from prunekit.benchmarks.studies.recovery_table import key, parse_variant, summarize
 
-    assert parse_variant("refit+lora@524288:131072") == (True, "lora", 131072)
+    assert parse_variant("refit+lora@524288:131072") == ("refit", "lora", 131072)
     assert key({"budget": "b", "seed": 0, "variant": "lora@10"}) == ("b", 0, "lora@10", 1e-4)  # older rows: 1e-4
     assert key({"budget": "b", "seed": 0, "variant": "refit", "lr": 3e-4}) == ("b", 0, "refit", None)
     row = {"budget": "b", "seed": 0, "ptb_test": 1.0, "wikitext2_test": 1.0, "ptb_validation": 1.0,

@@ -35,20 +35,24 @@ DEFAULT_LR = 1e-4  # rows written before the learning rate was recorded used it
 TEST = {"ptb_test": ("ptb", "test"), "wikitext2_test": ("wikitext2", "test")}
 
 
-def parse_variant(spec: str) -> tuple[bool, str, int]:
-    """``refit+distill@32768`` → (refit first, trainer, recovery tokens); a learning-curve point
-    ``refit+lora@524288:131072`` (131072 tokens into a 524288-token run) gives its tokens so far."""
+REPAIRS = ("refit", "bias")
+
+
+def parse_variant(spec: str) -> tuple[str, str, int]:
+    """``refit+distill@32768`` → (repair first: none, refit or bias; trainer; recovery tokens); a learning-curve
+    point ``refit+lora@524288:131072`` (131072 tokens into a 524288-token run) gives its tokens so far."""
     spec, _, point = spec.partition(":")
     if point:
-        with_refit, trainer, _ = parse_variant(spec)
-        return with_refit, trainer, int(point)
+        repair, trainer, _ = parse_variant(spec)
+        return repair, trainer, int(point)
     repair, _, rest = spec.rpartition("+")
     trainer, _, tokens = rest.partition("@")
-    if repair not in ("", "refit") or trainer not in ("none", "refit", "lora", "distill"):
-        raise SystemExit(f"--variants: {spec!r} is not [refit+]{{none|lora|distill}}[@TOKENS]")
-    if trainer == "refit":
-        return True, "none", 0
-    return repair == "refit", trainer, int(tokens or 0)
+    if repair not in ("", *REPAIRS) or trainer not in ("none", *REPAIRS, "lora", "distill") \
+            or (repair and trainer in REPAIRS):
+        raise SystemExit(f"--variants: {spec!r} is not [refit+|bias+]{{none|lora|distill}}[@TOKENS], refit or bias")
+    if trainer in REPAIRS:
+        return trainer, "none", 0
+    return repair or "none", trainer, int(tokens or 0)
 
 
 def budget_kwargs(spec: str) -> dict:
@@ -142,9 +146,6 @@ def recover(model, dense, tokenizer, trainer: str, tokens: int, text: str, cutof
 
 def run(args: argparse.Namespace) -> None:
     import prunekit
-    from prunekit.builtin.repair import RefitOptions, refit
-    from prunekit.data.sources import calibration_batches
-    from prunekit.plugin.registry import get_registry
 
     done = {key(r) for r in read_rows(args.out)}
     dense, tokenizer, _ = prunekit.load_model()
@@ -159,25 +160,20 @@ def run(args: argparse.Namespace) -> None:
             if not todo:
                 continue
             pruned, columns, removed = pruned_model(dense, tokenizer, budget, seed, args.cache)
-            refitted: tuple | None = None  # (model, seconds): refit is deterministic per (budget, seed), fit it once
+            repaired: dict[str, tuple] = {}  # repair -> (model, seconds): deterministic per (budget, seed), fit once
             for spec, lr in todo:
-                with_refit, trainer, tokens = parse_variant(spec)
+                repair, trainer, tokens = parse_variant(spec)
                 row = {"budget": budget, "seed": seed, "variant": spec, "params_removed": removed, "text": args.text,
                        "recovery_tokens": tokens, "repair_s": 0.0, "recover_s": 0.0}
                 if trainer != "none":
                     row["lr"] = lr
-                if with_refit:
-                    if refitted is None:
+                if repair != "none":
+                    if repair not in repaired:
                         model = copy.deepcopy(pruned)
-                        o = RefitOptions(source=args.text)
-                        ids, _ = calibration_batches(tokenizer, source=o.source, n_samples=o.n_samples,
-                                                     seq_len=o.seq_len, seed=seed + 2)
-                        started = time.perf_counter()
-                        refit(model, dense, get_registry().adapter_for(model), list(ids.split(8)), ridge=o.ridge,
-                              columns=columns, inputs=o.inputs, anchor=o.anchor)
-                        refitted = (model, round(time.perf_counter() - started, 1))
-                    row["repair_s"] = refitted[1]
-                    model = copy.deepcopy(refitted[0])
+                        repaired[repair] = (model, repair_model(repair, model, dense, tokenizer, columns, seed,
+                                                                args.text))
+                    row["repair_s"] = repaired[repair][1]
+                    model = copy.deepcopy(repaired[repair][0])
                 else:
                     model = copy.deepcopy(pruned)
                 if trainer != "none":
@@ -200,6 +196,23 @@ def run(args: argparse.Namespace) -> None:
                 row.update(load())
                 write(args.out, row)
                 del model
+
+
+def repair_model(repair: str, model, dense, tokenizer, columns: dict, seed: int, text: str) -> float:
+    """Repair ``model`` in place with ``refit`` or ``bias`` (each with its defaults, fitted on ``text``); seconds."""
+    from prunekit.builtin.repair import BiasOptions, RefitOptions, bias_compensate, refit
+    from prunekit.data.sources import calibration_batches
+    from prunekit.plugin.registry import get_registry
+
+    o = (RefitOptions if repair == "refit" else BiasOptions)(source=text)
+    ids, _ = calibration_batches(tokenizer, source=o.source, n_samples=o.n_samples, seq_len=o.seq_len, seed=seed + 2)
+    batches, adapter = list(ids.split(8)), get_registry().adapter_for(model)
+    started = time.perf_counter()
+    if repair == "refit":
+        refit(model, dense, adapter, batches, ridge=o.ridge, columns=columns, inputs=o.inputs, anchor=o.anchor)
+    else:
+        bias_compensate(model, dense, adapter, batches, columns=columns, inputs=o.inputs, which=o.which)
+    return round(time.perf_counter() - started, 1)
 
 
 def key(row: dict) -> tuple:
@@ -267,24 +280,25 @@ def plot(rows: list[dict], path: Path) -> Path:
     pruned = [r for r in rows if r["variant"] != "dense"]
     curves: dict[tuple, list[dict]] = {}
     for r in pruned:
-        with_refit, trainer, _ = parse_variant(r["variant"])
+        repair, trainer, _ = parse_variant(r["variant"])
         if trainer != "none":
             run_length = parse_variant(r["variant"].partition(":")[0])[2]
-            curves.setdefault((r["budget"], with_refit, trainer, r.get("lr", DEFAULT_LR), run_length), []).append(r)
+            curves.setdefault((r["budget"], repair, trainer, r.get("lr", DEFAULT_LR), run_length), []).append(r)
     corpora = [*TEST, "pdbooks_validation"]
     fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4.2))
     for ax, corpus in zip(axes, corpora):
-        for (budget, with_refit, trainer, lr, run_length), trained in curves.items():
+        for (budget, repair, trainer, lr, run_length), trained in curves.items():
             seeds = {r["seed"] for r in trained}
             start = [r[corpus] for r in pruned if r["budget"] == budget and r["seed"] in seeds
-                     and parse_variant(r["variant"]) == (with_refit, "none", 0)]
+                     and parse_variant(r["variant"]) == (repair, "none", 0)]
             points: dict[int, list[tuple[float, float]]] = {}  # tokens asked -> (trained, perplexity) per seed
             for r in trained:
                 points.setdefault(parse_variant(r["variant"])[2], []).append((r.get("trained_tokens") or 0, r[corpus]))
             xs = sorted(points)
             x = ([0.0] if start else []) + [statistics.mean(t for t, _ in points[k]) for k in xs]
             y = ([statistics.mean(start)] if start else []) + [statistics.mean(v for _, v in points[k]) for k in xs]
-            label = f"{budget} {'refit + ' if with_refit else ''}{trainer} lr {lr:g}, {run_length // 1024}k-token run"
+            first = "" if repair == "none" else f"{repair} + "
+            label = f"{budget} {first}{trainer} lr {lr:g}, {run_length // 1024}k-token run"
             ax.plot(x, y, marker="o", label=label)
         if dense:
             ax.axhline(dense[corpus], linestyle="--", color="grey", label="dense")
