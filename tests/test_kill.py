@@ -33,13 +33,20 @@ def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
+def _default_sigint() -> None:
+    """SIGINT as a terminal would deliver it: a suite started in the background (``cmd &``) inherits it ignored,
+    and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def paused_run(model: Path, out: Path, point: str, *extra: str) -> subprocess.Popen:
     """Start ``prunekit run`` in a subprocess and return once it waits at ``point``."""
     flag = out.parent / f"paused-{point.replace(':', '-')}"
     flag.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PRUNEKIT_TEST_PAUSE": f"{point}={flag}"}
     proc = subprocess.Popen([sys.executable, "-m", "prunekit.cli", *RUN, "--model", str(model), "--output", str(out),
-                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 180
     while not flag.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
