@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> None:
                     started = time.perf_counter()
                     paused = [0.0]  # seconds spent evaluating learning-curve points, not training
 
-                    def point(trained, so_far, spec=spec, row=row, started=started, paused=paused):  # noqa: B023
+                    def point(trained, so_far, spec=spec, row=row, started=started, paused=paused):
                         began = time.perf_counter()
                         write(args.out, {**row, "variant": f"{spec}:{so_far}", "trained_tokens": so_far,
                                          "recover_s": round(began - started - paused[0], 1),
