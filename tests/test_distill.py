@@ -39,9 +39,10 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _held_out(tokenizer, n: int = 8) -> list[dict[str, torch.Tensor]]:
-    """PTB texts that are not among the training texts of seed 0 (TINY's 8 examples)."""
-    train = set(recovery_texts("ptb", n=TINY["max_examples"], seed=0))
-    texts = [t for t in recovery_texts("ptb", n=3 * n, seed=1) if t not in train][:n]
+    """Texts of the default recovery source that are not among the training texts of seed 0 (TINY's 8 examples)."""
+    source = DistillOptions().source
+    train = set(recovery_texts(source, n=TINY["max_examples"], seed=0))
+    texts = [t for t in recovery_texts(source, n=3 * n, seed=1) if t not in train][:n]
     assert len(texts) == n
     return batches(encode(tokenizer, texts, TINY["cutoff_len"]), 4, tokenizer.pad_token_id, list(range(n)))
 

@@ -366,6 +366,8 @@ CASES: list[Case] = [
               "recovery.options.seed"),
     yaml_case("yaml-lora-offline-hub", "recovery:\n  method: lora\n  options: {source: alpaca-cleaned}\n",
               "recovery.options.source: data source 'alpaca-cleaned' is not available offline"),
+    yaml_case("yaml-calib-mixture-offline-hub", "calibration:\n  source: pd-books+c4\n",
+              "calibration.source: data source 'c4' is not available offline", method="taylor"),
     yaml_case("yaml-calib-wikitext-train-offline", "calibration:\n  source: wikitext2\n",
               "calibration.source: data source 'wikitext2' is not available offline", method="taylor"),
     yaml_case("yaml-lora-source", "recovery:\n  method: lora\n  options: {source: nowhere}\n",

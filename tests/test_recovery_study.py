@@ -8,7 +8,7 @@ pytestmark = pytest.mark.study
 
 
 def test_variants_and_budgets_parse():
-    from prunekit.benchmarks.studies.recovery_table import budget_kwargs, parse_variant
+    from prunekit.benchmarks.studies.recovery_table import budget_kwargs, cache_name, parse_variant
 
     assert parse_variant("none") == ("none", "none", 0)
     assert parse_variant("refit") == ("refit", "none", 0)
@@ -21,6 +21,9 @@ def test_variants_and_budgets_parse():
             parse_variant(bad)
     assert budget_kwargs("ratio:0.25") == {"ratio": 0.25}
     assert budget_kwargs("params:0.25") == {"allocation": {"name": "measured", "params_removed": 0.25}}
+    assert budget_kwargs("ratio:0.25@pd-books+ptb") == {"ratio": 0.25, "calibration": {"source": "pd-books+ptb"}}
+    assert cache_name("params:0.25@0.5*pd-books+0.5*ptb", 1) == "params-0.25@0.5xpd-books+0.5xptb-seed1"
+    assert cache_name("ratio:0.25", 0) == "ratio-0.25-seed0"  # the folders cached before calibration was a choice
 
 
 def test_summary_gives_means_ratios_to_dense_and_seed_ranges(tmp_path):

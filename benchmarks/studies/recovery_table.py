@@ -5,7 +5,8 @@ Prunes the embedded SmolLM2 once per (budget, seed) with the default allocator (
 test (evenly spaced windows, the same for every row), PTB and pd-books validation (for choosing), and optionally
 zero-shot accuracy on a fair sample (a domain no calibration or recovery text comes from). Every repair and
 recovery text is pd-books (public-domain books, neither PTB nor WikiText-2) unless ``--text`` says otherwise (any
-source prunekit reads, or a mixture such as ``pd-books+ptb``).
+source prunekit reads, or a mixture such as ``pd-books+ptb``). A budget may name the pruning's own calibration text
+(scores and the allocator's probe; prunekit's default is PTB): ``ratio:0.25@pd-books+ptb``.
 
     python -m prunekit.benchmarks.studies.recovery_table --budgets ratio:0.25 params:0.25 --seeds 0 1 2 \\
         --variants none refit lora@32768 distill@32768 refit+distill@32768 --out rows.jsonl --cache /tmp/rt
@@ -56,13 +57,21 @@ def parse_variant(spec: str) -> tuple[str, str, int]:
 
 
 def budget_kwargs(spec: str) -> dict:
-    """``ratio:0.25`` (LLM-Pruner's per-layer ratio: 15.79 % of SmolLM2) or ``params:0.25`` (a parameter fraction)."""
+    """``ratio:0.25`` (LLM-Pruner's per-layer ratio: 15.79 % of SmolLM2) or ``params:0.25`` (a parameter fraction),
+    optionally ``@SOURCE``: the text the scores and the allocator's probe are calibrated on (default: prunekit's)."""
+    spec, _, source = spec.partition("@")
     kind, _, value = spec.partition(":")
+    extra = {"calibration": {"source": source}} if source else {}
     if kind == "ratio":
-        return {"ratio": float(value)}
+        return {"ratio": float(value), **extra}
     if kind == "params":
-        return {"allocation": {"name": "measured", "params_removed": float(value)}}
-    raise SystemExit(f"--budgets: {spec!r} is not ratio:R or params:F")
+        return {"allocation": {"name": "measured", "params_removed": float(value)}, **extra}
+    raise SystemExit(f"--budgets: {spec!r} is not ratio:R or params:F, optionally @SOURCE")
+
+
+def cache_name(budget: str, seed: int) -> str:
+    """The cache folder of one (budget, seed): ``ratio:0.25@0.5*pd-books+0.5*ptb`` → ``ratio-0.25@0.5x...``."""
+    return f"{budget.replace(':', '-').replace('*', 'x').replace('/', '_')}-seed{seed}"
 
 
 def pruned_model(dense, tokenizer, budget: str, seed: int, cache: Path | None):
@@ -70,7 +79,7 @@ def pruned_model(dense, tokenizer, budget: str, seed: int, cache: Path | None):
     import prunekit
     from prunekit.builtin.repair import kept_columns
 
-    folder = cache / f"{budget.replace(':', '-')}-seed{seed}" if cache else None
+    folder = cache / cache_name(budget, seed) if cache else None
     if folder is not None and (folder / "columns.pt").exists():
         model, _, _ = prunekit.load_model(str(folder))
         info = json.loads((folder / "run.json").read_text())

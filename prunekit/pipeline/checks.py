@@ -115,8 +115,13 @@ def _check_offline(field: str, source: str, split: str) -> None:
     import os
 
     import prunekit.data.sources as data
+    from prunekit.data.mixture import is_mixture, parse_mixture
 
-    if source not in data.SOURCE_SPLITS:  # a local file or folder (checked by the config)
+    if is_mixture(source):
+        for part, _ in parse_mixture(source):
+            _check_offline(field, part, split)
+        return
+    if source not in data.SOURCE_SPLITS or source == "pd-books":  # local, or shipped with prunekit
         return
     if source in ("ptb", "ptb-train"):
         try:
