@@ -19,8 +19,9 @@ def test_variants_and_budgets_parse():
     for bad in ("lsq+lora@10", "refit+bias", "refit+tune@10"):
         with pytest.raises(SystemExit):
             parse_variant(bad)
-    assert budget_kwargs("ratio:0.25") == {"ratio": 0.25}
-    assert budget_kwargs("params:0.25") == {"allocation": {"name": "measured", "params_removed": 0.25}}
+    ptb = {"calibration": {"source": "ptb"}}  # the rows without @ were pruned on PTB, whatever prunekit's default
+    assert budget_kwargs("ratio:0.25") == {"ratio": 0.25, **ptb}
+    assert budget_kwargs("params:0.25") == {"allocation": {"name": "measured", "params_removed": 0.25}, **ptb}
     assert budget_kwargs("ratio:0.25@pd-books+ptb") == {"ratio": 0.25, "calibration": {"source": "pd-books+ptb"}}
     assert cache_name("params:0.25@0.5*pd-books+0.5*ptb", 1) == "params-0.25@0.5xpd-books+0.5xptb-seed1"
     assert cache_name("ratio:0.25", 0) == "ratio-0.25-seed0"  # the folders cached before calibration was a choice

@@ -6,7 +6,7 @@ test (evenly spaced windows, the same for every row), PTB and pd-books validatio
 zero-shot accuracy on a fair sample (a domain no calibration or recovery text comes from). Every repair and
 recovery text is pd-books (public-domain books, neither PTB nor WikiText-2) unless ``--text`` says otherwise (any
 source prunekit reads, or a mixture such as ``pd-books+ptb``). A budget may name the pruning's own calibration text
-(scores and the allocator's probe; prunekit's default is PTB): ``ratio:0.25@pd-books+ptb``.
+(scores and the allocator's probe; without ``@``, PTB): ``ratio:0.25@pd-books+ptb``.
 
     python -m prunekit.benchmarks.studies.recovery_table --budgets ratio:0.25 params:0.25 --seeds 0 1 2 \\
         --variants none refit lora@32768 distill@32768 refit+distill@32768 --out rows.jsonl --cache /tmp/rt
@@ -58,10 +58,11 @@ def parse_variant(spec: str) -> tuple[str, str, int]:
 
 def budget_kwargs(spec: str) -> dict:
     """``ratio:0.25`` (LLM-Pruner's per-layer ratio: 15.79 % of SmolLM2) or ``params:0.25`` (a parameter fraction),
-    optionally ``@SOURCE``: the text the scores and the allocator's probe are calibrated on (default: prunekit's)."""
+    optionally ``@SOURCE``: the text the scores and the allocator's probe are calibrated on (default: ``ptb``, the
+    text every row without ``@`` was pruned with)."""
     spec, _, source = spec.partition("@")
     kind, _, value = spec.partition(":")
-    extra = {"calibration": {"source": source}} if source else {}
+    extra = {"calibration": {"source": source or "ptb"}}
     if kind == "ratio":
         return {"ratio": float(value), **extra}
     if kind == "params":
