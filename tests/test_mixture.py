@@ -74,17 +74,15 @@ def test_options_accept_mixtures_and_local_text_and_name_the_bad_part(tmp_path):
 
 
 def test_run_calibrates_on_a_mixture_and_records_its_parts(tiny_model_dir, tmp_path, capsys):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("selection:\n  layers: [0, 4]\ncalibration:\n  source: pd-books+ptb\n  n_samples: 4\n"
-                   "  seq_len: 16\n")
+    cfg = tmp_path / "c.yaml"  # --calibration sets the source and keeps the file's other calibration settings
+    cfg.write_text("selection:\n  layers: [0, 4]\ncalibration:\n  source: ptb\n  n_samples: 4\n  seq_len: 16\n")
     out = tmp_path / "out"
     assert main(["run", "--no-eval", "--method", "taylor", "--ratio", "0.34", "--model", str(tiny_model_dir),
-                 "--output", str(out), "--config", str(cfg)]) == 0
+                 "--output", str(out), "--config", str(cfg), "--calibration", "pd-books+ptb"]) == 0
     calibration = json.loads((out / "run.json").read_text())["calibration"]
     assert [(p["source"], p["n_samples"]) for p in calibration["parts"]] == [("pd-books", 2), ("ptb", 2)]
-    cfg.write_text("calibration:\n  source: pd-books+2*nope\n")
     assert main(["run", "--no-eval", "--method", "taylor", "--model", str(tiny_model_dir),
-                 "--output", str(tmp_path / "o2"), "--config", str(cfg)]) == 2
+                 "--output", str(tmp_path / "o2"), "--calibration", "pd-books+2*nope"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("prunekit: error: calibration.source:") and "'nope' is neither a named source" in last
     assert not (tmp_path / "o2").exists()

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="fraction of ALL parameters to remove (met from below; overrides --ratio as the budget)")
     run.add_argument("--allocator", help="where the removal goes: measured (default), uniform, global "
                                          "(see docs/allocation.md)")
+    run.add_argument("--calibration", metavar="SOURCE",
+                     help="text the scores and the allocator's probe are calibrated on: a named source (pd-books, "
+                          "ptb, ...), a local file or folder of *.txt, or a mixture (0.7*my/texts/+0.3*pd-books)")
     run.add_argument("--repair", help="repair the kept weights after pruning: none (default), bias, refit "
                                       "(see docs/repair.md)")
     run.add_argument("--recovery", help="fine-tune after pruning and repair: none (default), lora, distill (from the "
@@ -138,8 +141,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {"method": args.method, "model": args.model, "ratio": args.ratio, "output": args.output,
                  "seed": args.seed, "device": args.device, "dtype": args.dtype, "overwrite": args.overwrite,
                  "stability": args.stability, "compute_dtype": args.compute_dtype, **_device_overrides(args)}
-    if args.gradient_checkpointing:
-        overrides["calibration"] = {**file_values.get("calibration", {}), "gradient_checkpointing": True}
+    if args.gradient_checkpointing or args.calibration:
+        overrides["calibration"] = {**file_values.get("calibration", {}),
+                                    **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
+                                    **({"source": args.calibration} if args.calibration else {})}
     if args.option:
         overrides["method_options"] = {**file_values.get("method_options", {}), **_parse_options(args.option)}
     if args.params_removed is not None or args.allocator or args.no_allocation_cache:
