@@ -66,7 +66,8 @@ def test_milestones_fire_once_each_at_their_share_of_the_steps():
     from prunekit.benchmarks.studies.recovery_table import milestone_callback
 
     seen = []
-    callback = milestone_callback([100, 250, 1000], total=1000, on_milestone=lambda model, t: seen.append((model, t)))
+    callback = milestone_callback([100, 250, 1000], total=1000, on_milestone=lambda *point: seen.append(point))
     for step in range(1, 11):
         callback.on_step_end(None, SimpleNamespace(global_step=step, max_steps=10), None, model="m")
-    assert seen == [("m", 100), ("m", 300)]  # 250 is reached after step 3 of 10; the run's end is the row itself
+    # 250 is reached after step 3 of 10 (300 tokens); the run's end is the row itself
+    assert seen == [("m", 100, 100), ("m", 250, 300)]

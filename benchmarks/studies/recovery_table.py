@@ -115,9 +115,9 @@ def evaluate(model, tokenizer, windows: int, zero_shot: list[str], limit: int) -
 
 
 def milestone_callback(milestones: list[int], total: int, on_milestone):
-    """A TrainerCallback calling ``on_milestone(model, tokens)`` once each milestone's share of the run's steps
-    is done (``tokens`` = that share of ``total``, the run's tokens; examples are shuffled, so it is the expected
-    count, within about one example of the true one)."""
+    """A TrainerCallback calling ``on_milestone(model, milestone, tokens)`` once each milestone's share of the run's
+    steps is done (``tokens`` = the share of ``total``, the run's tokens, done at that step; examples are shuffled,
+    so it is the expected count, within about one example of the true one)."""
     from transformers import TrainerCallback
 
     class Milestones(TrainerCallback):
@@ -127,8 +127,7 @@ def milestone_callback(milestones: list[int], total: int, on_milestone):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             seen = total * state.global_step / state.max_steps
             while self.pending and seen >= self.pending[0]:
-                self.pending.pop(0)
-                on_milestone(model, round(seen))
+                on_milestone(model, self.pending.pop(0), round(seen))
 
     return Milestones()
 
@@ -136,7 +135,7 @@ def milestone_callback(milestones: list[int], total: int, on_milestone):
 def recover(model, dense, tokenizer, trainer: str, tokens: int, text: str, cutoff: int, seed: int, lr: float,
             milestones: list[int] = (), on_milestone=None) -> dict:
     """Recovery through the registered trainer, ``tokens`` tokens of ``text`` in one epoch; ``on_milestone(model,
-    tokens_so_far)`` is called (with the model being trained) at each of ``milestones``."""
+    milestone, tokens_so_far)`` is called (with the model being trained) at each of ``milestones``."""
     from prunekit.core.config import RunConfig
     from prunekit.plugin.registry import get_registry
 
@@ -190,9 +189,9 @@ def run(args: argparse.Namespace) -> None:
                     started = time.perf_counter()
                     paused = [0.0]  # seconds spent evaluating learning-curve points, not training
 
-                    def point(trained, so_far, spec=spec, row=row, started=started, paused=paused):
+                    def point(trained, milestone, so_far, spec=spec, row=row, started=started, paused=paused):
                         began = time.perf_counter()
-                        write(args.out, {**row, "variant": f"{spec}:{so_far}", "trained_tokens": so_far,
+                        write(args.out, {**row, "variant": f"{spec}:{milestone}", "trained_tokens": so_far,
                                          "recover_s": round(began - started - paused[0], 1),
                                          **evaluate(trained, tokenizer, args.windows, args.zero_shot,
                                                     args.zero_shot_limit), **load()})
