@@ -50,14 +50,17 @@ def test_learning_curve_points_and_learning_rates_are_their_own_rows():
     from prunekit.benchmarks.studies.recovery_table import key, parse_variant, summarize
 
     assert parse_variant("refit+lora@524288:131072") == ("refit", "lora", 131072)
-    assert key({"budget": "b", "seed": 0, "variant": "lora@10"}) == ("b", 0, "lora@10", 1e-4)  # older rows: 1e-4
-    assert key({"budget": "b", "seed": 0, "variant": "refit", "lr": 3e-4}) == ("b", 0, "refit", None)
+    # older rows: lr 1e-4 and text pd-books; what "none" means depends on neither
+    assert key({"budget": "b", "seed": 0, "variant": "lora@10"}) == ("b", 0, "lora@10", 1e-4, "pd-books")
+    assert key({"budget": "b", "seed": 0, "variant": "refit", "lr": 3e-4}) == ("b", 0, "refit", None, "pd-books")
+    assert key({"budget": "b", "seed": 0, "variant": "lora@10", "text": "ptb"}) == ("b", 0, "lora@10", 1e-4, "ptb")
+    assert key({"budget": "b", "seed": 0, "variant": "none", "text": "ptb"}) == ("b", 0, "none", None, None)
     row = {"budget": "b", "seed": 0, "ptb_test": 1.0, "wikitext2_test": 1.0, "ptb_validation": 1.0,
            "pdbooks_validation": 1.0, "repair_s": 0.0, "recover_s": 1.0}
     lines = summarize([{**row, "variant": "lora@10", "lr": 1e-4}, {**row, "variant": "lora@10", "lr": 1e-3},
-                       {**row, "variant": "lora@10:5", "lr": 1e-3}])
+                       {**row, "variant": "lora@10:5", "lr": 1e-3}, {**row, "variant": "lora@10", "text": "ptb"}])
     assert [line.split(" | ")[1] for line in lines[2:]] == ["lora@10 lr 0.0001", "lora@10 lr 0.001",
-                                                            "lora@10:5 lr 0.001"]
+                                                            "lora@10:5 lr 0.001", "lora@10 lr 0.0001 on ptb"]
 
 
 def test_milestones_fire_once_each_at_their_share_of_the_steps():

@@ -33,6 +33,7 @@ import torch
 from prunekit.benchmarks.studies.rows import read_rows
 
 DEFAULT_LR = 1e-4  # rows written before the learning rate was recorded used it
+DEFAULT_TEXT = "pd-books"  # the repair and recovery text unless --text says otherwise
 TEST = {"ptb_test": ("ptb", "test"), "wikitext2_test": ("wikitext2", "test")}
 
 
@@ -165,7 +166,8 @@ def run(args: argparse.Namespace) -> None:
     for budget in args.budgets:
         for seed in args.seeds:
             todo = list(dict.fromkeys((v, lr_of(v, lr)) for v in args.variants for lr in args.lr
-                                      if (budget, seed, v, lr_of(v, lr)) not in done))
+                                      if key({"budget": budget, "seed": seed, "variant": v, "lr": lr,
+                                              "text": args.text}) not in done))
             if not todo:
                 continue
             pruned, columns, removed = pruned_model(dense, tokenizer, budget, seed, args.cache)
@@ -225,8 +227,19 @@ def repair_model(repair: str, model, dense, tokenizer, columns: dict, seed: int,
 
 
 def key(row: dict) -> tuple:
-    """What makes a row unique: budget, seed, variant and, for trained variants, the learning rate."""
-    return row["budget"], row["seed"], row["variant"], lr_of(row["variant"], row.get("lr", DEFAULT_LR))
+    """What makes a row unique: budget, seed, variant and, for trained variants, the learning rate; for repaired or
+    trained ones, their text."""
+    budget, variant, lr, text = group(row)
+    return budget, row["seed"], variant, lr, text
+
+
+def group(row: dict) -> tuple:
+    """What the seeds of one table row share: budget, variant, learning rate (trained variants), text (repaired or
+    trained ones; rows written before the text was recorded used pd-books)."""
+    variant = row["variant"]
+    lr = lr_of(variant, row.get("lr", DEFAULT_LR))
+    text = None if variant in ("dense", "none") else row.get("text", DEFAULT_TEXT)
+    return row["budget"], variant, lr, text
 
 
 def lr_of(variant: str, lr: float) -> float | None:
@@ -256,9 +269,8 @@ def summarize(rows: list[dict]) -> list[str]:
     if dense:
         out.append("| dense | – | – | " + " | ".join(f"{dense[c]:.2f}" for c in cols) +
                    (f" | {dense.get('zero_shot_mean', float('nan')):.3f}" if has_zs else "") + " | – | – |")
-    for group in dict.fromkeys((r["budget"], r["variant"], lr_of(r["variant"], r.get("lr", DEFAULT_LR)))
-                               for r in rows if r["variant"] != "dense"):
-        mine = [r for r in rows if (r["budget"], r["variant"], lr_of(r["variant"], r.get("lr", DEFAULT_LR))) == group]
+    for shared in dict.fromkeys(group(r) for r in rows if r["variant"] != "dense"):
+        mine = [r for r in rows if group(r) == shared]
         cells = []
         for c in cols:
             vals = [r[c] for r in mine]
@@ -269,8 +281,10 @@ def summarize(rows: list[dict]) -> list[str]:
         if has_zs:
             vals = [r["zero_shot_mean"] for r in mine if "zero_shot_mean" in r]
             zs = f" | {statistics.mean(vals):.3f}" if vals else " | –"
-        label = group[1] + (f" lr {group[2]:g}" if group[2] is not None else "")
-        out.append(f"| {group[0]} | {label} | {len(mine)} | " + " | ".join(cells) + zs +
+        budget, variant, lr, text = shared
+        label = variant + (f" lr {lr:g}" if lr is not None else "") + \
+            (f" on {text}" if text not in (None, DEFAULT_TEXT) else "")
+        out.append(f"| {budget} | {label} | {len(mine)} | " + " | ".join(cells) + zs +
                    f" | {statistics.median(r['repair_s'] for r in mine):.0f} "
                    f"| {statistics.median(r['recover_s'] for r in mine):.0f} |")
     return out
@@ -292,14 +306,16 @@ def plot(rows: list[dict], path: Path) -> Path:
         repair, trainer, _ = parse_variant(r["variant"])
         if trainer != "none":
             run_length = parse_variant(r["variant"].partition(":")[0])[2]
-            curves.setdefault((r["budget"], repair, trainer, r.get("lr", DEFAULT_LR), run_length), []).append(r)
+            curves.setdefault((r["budget"], repair, trainer, r.get("lr", DEFAULT_LR), run_length,
+                               r.get("text", DEFAULT_TEXT)), []).append(r)
     corpora = [*TEST, "pdbooks_validation"]
     fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4.2))
     for ax, corpus in zip(axes, corpora):
-        for (budget, repair, trainer, lr, run_length), trained in curves.items():
+        for (budget, repair, trainer, lr, run_length, text), trained in curves.items():
             seeds = {r["seed"] for r in trained}
             start = [r[corpus] for r in pruned if r["budget"] == budget and r["seed"] in seeds
-                     and parse_variant(r["variant"]) == (repair, "none", 0)]
+                     and parse_variant(r["variant"]) == (repair, "none", 0)
+                     and (repair == "none" or r.get("text", DEFAULT_TEXT) == text)]
             points: dict[int, list[tuple[float, float]]] = {}  # tokens asked -> (trained, perplexity) per seed
             for r in trained:
                 points.setdefault(parse_variant(r["variant"])[2], []).append((r.get("trained_tokens") or 0, r[corpus]))
@@ -307,7 +323,8 @@ def plot(rows: list[dict], path: Path) -> Path:
             x = ([0.0] if start else []) + [statistics.mean(t for t, _ in points[k]) for k in xs]
             y = ([statistics.mean(start)] if start else []) + [statistics.mean(v for _, v in points[k]) for k in xs]
             first = "" if repair == "none" else f"{repair} + "
-            label = f"{budget} {first}{trainer} lr {lr:g}, {run_length // 1024}k-token run"
+            on = "" if text == DEFAULT_TEXT else f" on {text}"
+            label = f"{budget} {first}{trainer}{on} lr {lr:g}, {run_length // 1024}k-token run"
             ax.plot(x, y, marker="o", label=label)
         if dense:
             ax.axhline(dense[corpus], linestyle="--", color="grey", label="dense")
