@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> None:
     done = {key(r) for r in read_rows(args.out)}
     dense, tokenizer, _ = prunekit.load_model()
     dense.requires_grad_(False)
-    if ("dense", -1, "dense", None) not in done and args.dense:
+    if key({"budget": "dense", "seed": -1, "variant": "dense"}) not in done and args.dense:
         write(args.out, {"budget": "dense", "seed": -1, "variant": "dense", "params_removed": 0.0,
                          **evaluate(dense, tokenizer, args.windows, args.zero_shot, args.zero_shot_limit)})
     for budget in args.budgets:
