@@ -309,9 +309,9 @@ def plot(rows: list[dict], path: Path) -> Path:
             curves.setdefault((r["budget"], repair, trainer, r.get("lr", DEFAULT_LR), run_length,
                                r.get("text", DEFAULT_TEXT)), []).append(r)
     corpora = [*TEST, "pdbooks_validation"]
-    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4.2))
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 6.5))
     for ax, corpus in zip(axes, corpora):
-        for (budget, repair, trainer, lr, run_length, text), trained in curves.items():
+        for i, ((budget, repair, trainer, lr, run_length, text), trained) in enumerate(curves.items()):
             seeds = {r["seed"] for r in trained}
             start = [r[corpus] for r in pruned if r["budget"] == budget and r["seed"] in seeds
                      and parse_variant(r["variant"]) == (repair, "none", 0)
@@ -325,14 +325,16 @@ def plot(rows: list[dict], path: Path) -> Path:
             first = "" if repair == "none" else f"{repair} + "
             on = "" if text == DEFAULT_TEXT else f" on {text}"
             label = f"{budget} {first}{trainer}{on} lr {lr:g}, {run_length // 1024}k-token run"
-            ax.plot(x, y, marker="o", label=label)
+            ax.plot(x, y, marker="o" if budget.startswith("ratio") else "s", color=plt.cm.tab20(i % 20),
+                    linestyle="-" if text == DEFAULT_TEXT else ":", label=label)
         if dense:
             ax.axhline(dense[corpus], linestyle="--", color="grey", label="dense")
         ax.set(title=corpus, xlabel="recovery tokens (the recovery text)", ylabel="perplexity")
         ax.set_xscale("symlog", linthresh=8192)
         ax.set_xlim(left=0)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 + 0.022 * ((len(labels) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=120)
     return path
 

@@ -63,9 +63,9 @@ class TrainOptions(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="forward passes per optimizer step")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward (less memory)")
     max_examples: int = Field(default=64, ge=1, description="training texts drawn from `source` (CPU-sized default)")
-    source: str = Field(default="pd-books", description="offline: pd-books (not an evaluation corpus), ptb, "
-                                                           "wikitext2, a local file or folder; online: alpaca-cleaned "
-                                                           "(the reference); or a mixture (pd-books+ptb)")
+    source: str = Field(default="ptb", description="offline: ptb (chosen on validation text, docs/recovery.md), "
+                                                      "pd-books, wikitext2, a local file or folder; online: "
+                                                      "alpaca-cleaned (the reference); or a mixture (pd-books+ptb)")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1,
                              description="adapter init, dropout and shuffling; default: the run's seed")
     fsdp: bool | str | list[str] = Field(default=False, description="TrainingArguments.fsdp: true (configure it in "
