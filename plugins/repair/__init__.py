@@ -1,6 +1,6 @@
 """The built-in repairs ``refit`` and ``bias`` (the ``repair`` stage, docs/repair.md): layer-wise ridge
 least-squares re-fit and FLAP bias compensation of the pruned output projections (``o_proj``, ``down_proj``)
-against an untouched dense copy, fitted on ``pd-books`` text unless told otherwise.
+against an untouched dense copy, fitted on PTB train text unless told otherwise (the choice: docs/recovery.md).
 
 The maths as plain functions (the stage hands the pruned model, the dense copy made before pruning, the
 pruned model's adapter and repair-text token batches)::
@@ -33,8 +33,8 @@ class RepairOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    source: str = Field(default="pd-books", description="repair text: a named source or a local file/folder "
-                                                         "(pd-books: public-domain books, neither PTB nor WikiText-2)")
+    source: str = Field(default="ptb", description="repair text: a named source (ptb, pd-books, ...), a local "
+                                                    "file/folder or a mixture; ptb was chosen on validation text")
     n_samples: int = Field(default=128, ge=1, description="windows of repair text")
     seq_len: int = Field(default=128, ge=2, description="tokens per window")
     which: tuple[Literal["attention", "mlp"], ...] = Field(default=("attention", "mlp"), min_length=1,
